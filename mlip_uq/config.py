@@ -1,0 +1,113 @@
+"""Run configurations: YAML files plus ``key=value`` overrides on the command line.
+
+A configuration has the top-level sections ``method``, ``seed``, ``data``, ``model``, ``training`` and
+``evaluate``; see ``configs/*.yaml`` for documented examples. Relative data paths are resolved against the
+folder of the configuration file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import yaml
+
+SECTIONS = {"name", "method", "seed", "data", "model", "training", "evaluate"}
+METHODS = ("map",)
+
+DEFAULTS: Dict[str, Any] = {
+    "method": "map",
+    "seed": 0,
+    "data": {
+        "path": None,
+        "test_path": None,
+        "keys": {"energy": "energy", "forces": "forces", "stress": "stress"},
+        "energy_references": "fit",
+        "filter": {"max_energy_per_atom": None, "max_force": None},
+        "split": {"kind": "random", "val_fraction": 0.1, "test_fraction": 0.1},
+        "n_train": None,
+        "n_val": None,
+        "n_test": None,
+        "min_distance": 0.5,
+        "store": None,
+    },
+    "model": {},
+    "training": {},
+    "evaluate": {"batch_size": 16},
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(config: Dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``5``, ``1e-3``, ``[a, b]``)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value (e.g. training.max_epochs=5)")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(f"override {override!r}: unknown section {parts[0]!r}; sections: {sorted(SECTIONS)}")
+    node = config
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Read a YAML configuration (path or dict), fill defaults, apply overrides and resolve data paths."""
+    base_dir = Path.cwd()
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"configuration file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"configuration file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"configuration file {path} must hold a mapping of sections")
+        base_dir = path.resolve().parent
+    unknown = set(raw) - SECTIONS
+    if unknown:
+        raise ConfigError(f"unknown configuration section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
+    config = _merge(DEFAULTS, raw)
+    for override in overrides:
+        apply_override(config, override)
+    if config["method"] not in METHODS:
+        raise ConfigError(f"method {config['method']!r} is not available; available: {list(METHODS)}")
+    data = config["data"]
+    if not data.get("path"):
+        raise ConfigError("data.path is required (the file of labelled structures to train on)")
+    for key in ("path", "test_path", "store"):
+        if data.get(key):
+            data[key] = str(_resolve(data[key], base_dir))
+    return config
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def dump_config(config: Dict[str, Any], path: Optional[Path]) -> str:
+    text = yaml.safe_dump(config, sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text

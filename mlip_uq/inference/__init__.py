@@ -1,0 +1,1 @@
+"""Training methods; each returns a :class:`~mlip_uq.posterior.Posterior`."""

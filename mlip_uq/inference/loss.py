@@ -1,0 +1,65 @@
+"""Training objective on energies per atom, forces and stress.
+
+For a batch, each term is a mean over its items (frames for energy and stress, Cartesian force components
+for forces). With fixed noise the force term is the mean squared error; with the heteroscedastic noise head
+it is the Gaussian negative log-likelihood per component, ``0.5 * (e² / σ_i² + log σ_i²)`` (constant
+``0.5 * log 2π`` dropped), where σ_i is atom i's predicted force-noise std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+from nequip.data import AtomicDataDict
+
+from .._keys import PER_ATOM_LOG_SIGMA_KEY
+
+
+@dataclass
+class LossWeights:
+    """Weights of the loss terms (energy per atom in eV/atom, forces in eV/Å, stress in eV/Å³)."""
+
+    energy: float = 1.0
+    forces: float = 10.0
+    stress: float = 0.0
+
+
+def num_atoms_per_frame(batch: AtomicDataDict.Type) -> torch.Tensor:
+    """(F,) number of atoms of each frame of a (possibly unbatched) graph dict."""
+    if AtomicDataDict.NUM_NODES_KEY in batch:
+        return batch[AtomicDataDict.NUM_NODES_KEY].view(-1)
+    return torch.tensor([batch[AtomicDataDict.POSITIONS_KEY].shape[0]], device=batch[AtomicDataDict.POSITIONS_KEY].device)
+
+
+def loss_terms(out: AtomicDataDict.Type, batch: AtomicDataDict.Type, heteroscedastic: bool) -> Dict[str, torch.Tensor]:
+    """Per-term losses and plain error metrics of model output ``out`` against the labels in ``batch``.
+
+    Returns a dict with ``energy`` (MSE of energy per atom), ``forces`` (MSE or NLL, see module docstring),
+    ``stress`` (MSE over the frames that carry stress; absent when none do), and the detached metrics
+    ``energy_mae`` (eV/atom) and ``forces_mae`` (eV/Å).
+    """
+    n_atoms = num_atoms_per_frame(batch).to(out[AtomicDataDict.TOTAL_ENERGY_KEY].dtype)
+    e_err = (out[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1) - batch[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1)) / n_atoms
+    f_err = out[AtomicDataDict.FORCE_KEY] - batch[AtomicDataDict.FORCE_KEY]
+    terms = {"energy": e_err.square().mean()}
+    if heteroscedastic:
+        log_sigma = out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1)
+        terms["forces"] = (0.5 * f_err.square() * torch.exp(-2.0 * log_sigma) + log_sigma).mean()
+    else:
+        terms["forces"] = f_err.square().mean()
+    if AtomicDataDict.STRESS_KEY in batch:
+        s_err = out[AtomicDataDict.STRESS_KEY].view(-1, 9) - batch[AtomicDataDict.STRESS_KEY].view(-1, 9)
+        terms["stress"] = s_err.square().mean()
+    terms["energy_mae"] = e_err.detach().abs().mean()
+    terms["forces_mae"] = f_err.detach().abs().mean()
+    return terms
+
+
+def weighted_loss(terms: Dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+    """Σ weight · term over the terms present."""
+    total = weights.energy * terms["energy"] + weights.forces * terms["forces"]
+    if "stress" in terms and weights.stress:
+        total = total + weights.stress * terms["stress"]
+    return total

@@ -1,0 +1,196 @@
+"""Deterministic (MAP) training with Lightning: Adam, a plateau schedule, early stopping, checkpoints.
+
+The result is a :class:`~mlip_uq.posterior.Posterior` with one sample (K = 1). Lightning provides the loop,
+the progress bar, checkpointing with ``--resume`` and multi-device training.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from nequip.data import AtomicDataDict
+from nequip.nn import GraphModel
+from torch.utils.data import DataLoader
+
+from ..data import collate
+from .loss import LossWeights, loss_terms, weighted_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MAPSettings:
+    """Settings of deterministic training.
+
+    Args:
+        max_epochs: upper bound on epochs.
+        batch_size: frames per batch.
+        lr: initial Adam learning rate.
+        weight_decay: L2 penalty (Adam's ``weight_decay``), the MAP counterpart of a zero-centred Gaussian prior.
+        lr_factor: factor applied to the learning rate when the validation loss stops improving.
+        lr_patience: epochs without improvement before the learning rate is reduced.
+        min_lr: training stops when the learning rate falls below this.
+        patience: early stopping: epochs without validation improvement before training stops.
+        loss_weights: weights of the energy, forces and stress terms.
+        heteroscedastic: train the noise head with the Gaussian NLL of the forces (needs ``noise_head``).
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        devices: Lightning devices (``auto`` or a count).
+    """
+
+    max_epochs: int = 100
+    batch_size: int = 8
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    lr_factor: float = 0.5
+    lr_patience: int = 10
+    min_lr: float = 1e-6
+    patience: int = 30
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    heteroscedastic: bool = False
+    accelerator: str = "auto"
+    devices: str | int = "auto"
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "MAPSettings":
+        values = dict(values)
+        if "loss_weights" in values:
+            values["loss_weights"] = LossWeights(**values["loss_weights"])
+        return cls(**values)
+
+
+class PotentialModule(L.LightningModule):
+    """Lightning wrapper of a nequip ``GraphModel`` trained on energies, forces and stress."""
+
+    def __init__(self, model: GraphModel, settings: MAPSettings):
+        super().__init__()
+        self.model = model
+        self.settings = settings
+
+    def forward(self, batch: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        return self.model(batch)
+
+    def _step(self, batch: AtomicDataDict.Type, stage: str) -> torch.Tensor:
+        terms = loss_terms(self.model(batch), batch, self.settings.heteroscedastic)
+        loss = weighted_loss(terms, self.settings.loss_weights)
+        n_frames = AtomicDataDict.num_frames(batch)
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, batch_size=n_frames, prog_bar=True, on_step=on_step, on_epoch=True)
+        for name in ("energy_mae", "forces_mae"):
+            self.log(f"{stage}_{name}", terms[name], batch_size=n_frames, prog_bar=stage == "val", on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        # forces are gradients of the energy: validation needs autograd even though Lightning disables it
+        with torch.enable_grad():
+            return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        s = self.settings
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=s.lr_factor, patience=s.lr_patience, min_lr=s.min_lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+
+
+def loaders(train: List[AtomicDataDict.Type], val: List[AtomicDataDict.Type], batch_size: int, seed: int):
+    """Shuffled training and ordered validation DataLoaders over prepared graphs."""
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator),
+        DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate),
+    )
+
+
+def fit_map(
+    model: GraphModel,
+    train: List[AtomicDataDict.Type],
+    val: List[AtomicDataDict.Type],
+    settings: MAPSettings,
+    out_dir: Path,
+    seed: int = 0,
+    resume: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """Train ``model`` in place and return the state dict with the lowest validation loss.
+
+    Checkpoints go to ``out_dir/checkpoints`` (``last.ckpt`` every epoch, ``best.ckpt``); with ``resume``
+    training continues from ``last.ckpt`` (optimizer, schedule, early-stopping state and epoch included).
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    module = PotentialModule(model, settings)
+    interactive = sys.stderr.isatty()
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", save_top_k=1, save_last=True)
+    trainer = L.Trainer(
+        max_epochs=settings.max_epochs,
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        precision="64-true" if next(model.parameters()).dtype == torch.float64 else "32-true",
+        callbacks=[
+            best,
+            EarlyStopping(monitor="val_loss", patience=settings.patience),
+            _StopAtMinLR(settings.min_lr),
+            *([] if interactive else [_EpochLog()]),
+        ],
+        # a live progress bar on a terminal; one line per epoch in logs and CI
+        enable_progress_bar=interactive,
+        logger=CSVLogger(out_dir, name="logs", version=""),
+        inference_mode=False,
+        log_every_n_steps=1,
+        enable_model_summary=False,
+        deterministic=False,
+    )
+    train_loader, val_loader = loaders(train, val, settings.batch_size, seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        L.seed_everything(seed, verbose=False)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    return {name.removeprefix("model."): t for name, t in state.items()}
+
+
+class _StopAtMinLR(L.Callback):
+    """Stop when the plateau schedule has brought the learning rate down to its floor."""
+
+    def __init__(self, min_lr: float):
+        self.min_lr = min_lr
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if lr <= self.min_lr * (1 + 1e-9):
+            trainer.should_stop = True
+
+
+class _EpochLog(L.Callback):
+    """One progress line per epoch (epoch, losses, validation MAEs, learning rate, elapsed time)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        m = trainer.callback_metrics
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        log.info(
+            "epoch %d/%d  train_loss %.4g  val_loss %.4g  val_energy_mae %.4g eV/atom  val_forces_mae %.4g eV/Å  "
+            "lr %.2g  %.0f s",
+            trainer.current_epoch + 1, trainer.max_epochs, float(m.get("train_loss_epoch", float("nan"))),
+            float(m.get("val_loss", float("nan"))), float(m.get("val_energy_mae", float("nan"))),
+            float(m.get("val_forces_mae", float("nan"))), lr, time.perf_counter() - self.start,
+        )

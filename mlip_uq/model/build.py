@@ -1,0 +1,148 @@
+"""Build the NequIP model that every posterior sample shares.
+
+The backbone is nequip's own ``NequIPGNNModel`` (type embedding, Bessel/polynomial-cutoff radial basis,
+spherical harmonics, gated interaction blocks, per-atom energy readout with per-type scale and shift, and
+``ForceStressOutput`` for forces and stress by autograd). mlip_uq adds one optional block, the
+heteroscedastic noise head, which reads the same invariant node features as the energy readout and writes
+``atomic_log_sigma`` (log of the per-atom force-noise std, log eV/Å).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from nequip.data import AtomicDataDict
+from nequip.model import NequIPGNNModel
+from nequip.model.utils import model_builder
+from nequip.nn import GraphModel, PerTypeScaleShift, ScalarMLP
+
+from .._keys import PER_ATOM_LOG_SIGMA_KEY
+
+
+@dataclass
+class ModelConfig:
+    """Plain hyper-parameters of the model (JSON-serialisable; stored in every posterior file).
+
+    Args:
+        type_names: element symbols the model knows, in type-index order (e.g. ``["O", "Ti"]``).
+        r_max: cutoff radius (Å).
+        num_layers: number of interaction blocks.
+        l_max: maximum rotation order of the equivariant features.
+        num_features: feature multiplicity per irrep.
+        parity: whether to carry odd-parity features as well (slower, rarely more accurate).
+        radial_mlp_depth: hidden layers of each radial network.
+        radial_mlp_width: width of each radial network.
+        num_bessels: number of Bessel radial basis functions.
+        polynomial_cutoff_p: exponent of the polynomial cutoff envelope.
+        readout_hidden_width: width of one hidden layer in the energy readout (0: linear readout).
+        avg_num_neighbors: neighbour-sum normalisation, the training-set mean number of neighbours
+            (1.0: no normalisation; training fills it from the data when the config leaves it out).
+        energy_shifts: per-element energy shift (eV), normally the isolated-atom reference energies.
+        energy_scale: per-atom energy scale (eV), normally the training-set force RMS.
+        noise_head: add the per-atom log-σ head for a heteroscedastic force likelihood.
+        noise_sigma_init: initial per-atom force-noise std of the noise head (eV/Å).
+        seed: seed for parameter initialisation.
+        dtype: ``"float32"`` or ``"float64"``.
+    """
+
+    type_names: List[str]
+    r_max: float = 5.0
+    num_layers: int = 3
+    l_max: int = 1
+    num_features: int = 32
+    parity: bool = False
+    radial_mlp_depth: int = 1
+    radial_mlp_width: int = 64
+    num_bessels: int = 8
+    polynomial_cutoff_p: int = 6
+    readout_hidden_width: int = 0
+    avg_num_neighbors: float = 1.0
+    energy_shifts: Optional[Dict[str, float]] = None
+    energy_scale: float = 1.0
+    noise_head: bool = False
+    noise_sigma_init: float = 0.1
+    seed: int = 0
+    dtype: str = "float64"
+
+    def __post_init__(self):
+        self.type_names = list(self.type_names)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.r_max <= 0:
+            raise ValueError(f"r_max must be positive (Å), got {self.r_max}")
+        if self.energy_shifts is not None:
+            missing = set(self.type_names) - set(self.energy_shifts)
+            if missing:
+                raise ValueError(f"energy_shifts has no value for element(s) {sorted(missing)}")
+            self.energy_shifts = {t: float(self.energy_shifts[t]) for t in self.type_names}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@model_builder
+def _uq_nequip(noise_head: bool, noise_sigma_init: float, **kwargs) -> GraphModel:
+    # nested inside this builder, NequIPGNNModel returns its ForceStressOutput unwrapped, built under the
+    # seed and dtype set by the outer @model_builder
+    model = NequIPGNNModel(**kwargs)
+    if noise_head:
+        energy_model = model.func
+        readout = energy_model.per_atom_energy_readout
+        head = ScalarMLP(
+            output_dim=1,
+            field=AtomicDataDict.NODE_FEATURES_KEY,
+            out_field=PER_ATOM_LOG_SIGMA_KEY,
+            irreps_in=readout.irreps_in,
+        )
+        # a trainable per-element offset starts every atom at log(noise_sigma_init)
+        offset = PerTypeScaleShift(
+            type_names=kwargs["type_names"],
+            field=PER_ATOM_LOG_SIGMA_KEY,
+            out_field=PER_ATOM_LOG_SIGMA_KEY,
+            scales=None,
+            shifts={t: math.log(noise_sigma_init) for t in kwargs["type_names"]},
+            shifts_trainable=True,
+            irreps_in=head.irreps_out,
+        )
+        energy_model.insert("noise_head", head, after="per_atom_energy_readout")
+        energy_model.insert("noise_head_offset", offset, after="noise_head")
+        # declare the new output so that equivariance checks and the GraphModel wrapper see it
+        model.irreps_out[PER_ATOM_LOG_SIGMA_KEY] = offset.irreps_out[PER_ATOM_LOG_SIGMA_KEY]
+    return model
+
+
+def build_model(config: ModelConfig) -> GraphModel:
+    """Build the (deterministic) model of ``config``; parameters are initialised from ``config.seed``."""
+    shifts = config.energy_shifts or {t: 0.0 for t in config.type_names}
+    return _uq_nequip(
+        seed=config.seed,
+        model_dtype=config.dtype,
+        type_names=config.type_names,
+        r_max=config.r_max,
+        num_layers=config.num_layers,
+        l_max=config.l_max,
+        parity=config.parity,
+        num_features=config.num_features,
+        radial_mlp_depth=config.radial_mlp_depth,
+        radial_mlp_width=config.radial_mlp_width,
+        num_bessels=config.num_bessels,
+        polynomial_cutoff_p=config.polynomial_cutoff_p,
+        readout_mlp_hidden_layers_depth=1 if config.readout_hidden_width else 0,
+        readout_mlp_hidden_layers_width=config.readout_hidden_width or None,
+        avg_num_neighbors=config.avg_num_neighbors,
+        per_type_energy_shifts=shifts,
+        per_type_energy_scales={t: float(config.energy_scale) for t in config.type_names},
+        noise_head=config.noise_head,
+        noise_sigma_init=config.noise_sigma_init,
+    )

@@ -1,0 +1,202 @@
+"""``mlip-uq train``: data → splits → model → training method → posterior file, metrics and plots."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import yaml
+from ase.data import atomic_numbers
+from nequip.data import AtomicDataDict
+
+from .config import ConfigError, dump_config, load_config
+from .data import (
+    FrameStore,
+    LabelKeys,
+    cell_size_split,
+    cluster_split,
+    filter_frames,
+    fit_energy_references,
+    frames_fingerprint,
+    property_range_split,
+    random_split,
+    read_frames,
+    referenced_energy_per_atom,
+)
+from .evaluate import metrics_and_plots, predict_graphs, write_json
+from .inference.map import MAPSettings, fit_map
+from .model import ModelConfig, build_model
+from .posterior import Posterior
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Graphs of each split, the element list, energy references and the training-data fingerprint."""
+
+    type_names: List[str]
+    energy_references: Dict[str, float]
+    train: List[AtomicDataDict.Type]
+    val: List[AtomicDataDict.Type]
+    test: List[AtomicDataDict.Type]
+    indices: Dict[str, List[int]]
+    fingerprint: str
+    fitted_energies: Dict[str, float]
+
+
+def _split(frames, kept: np.ndarray, split: Dict, seed: int, has_test_file: bool) -> Dict[str, np.ndarray]:
+    split = dict(split)
+    kind = split.pop("kind", "random")
+    if has_test_file:
+        split["test_fraction"] = 0.0
+    sub = [frames[i] for i in kept]
+    if kind == "random":
+        local = random_split(len(sub), seed=seed, **split)
+    elif kind == "property_range":
+        local = property_range_split(np.array([a.get_potential_energy() / len(a) for a in sub]), seed=seed, **split)
+    elif kind in ("composition", "kmeans"):
+        local = cluster_split(sub, by=kind, seed=seed, **split)
+    elif kind == "cell_size":
+        local = cell_size_split(sub, seed=seed, **split)
+    else:
+        raise ConfigError(f"data.split.kind {kind!r} unknown; use random, property_range, composition, kmeans or cell_size")
+    return {name: kept[np.asarray(idx, dtype=int)] for name, idx in local.items()}
+
+
+def _subsample(indices: np.ndarray, n: Optional[int], rng: np.random.Generator) -> np.ndarray:
+    if n is None or n >= len(indices):
+        return indices
+    return np.sort(rng.choice(indices, size=n, replace=False))
+
+
+def prepare_data(config: Dict, out_dir: Path) -> PreparedData:
+    """Read, validate, filter and split the data of a run configuration; neighbour lists come from (and go
+    to) the HDF5 frame store, so a data set is prepared once."""
+    data, model_cfg, seed = config["data"], config["model"], int(config["seed"])
+    keys = LabelKeys(**data["keys"])
+    frames = read_frames(data["path"], keys=keys, type_names=model_cfg.get("type_names"), min_distance=data["min_distance"])
+    type_names = model_cfg.get("type_names") or sorted(
+        {s for a in frames for s in a.get_chemical_symbols()}, key=lambda s: atomic_numbers[s]
+    )
+    refs = data["energy_references"]
+    given_refs = isinstance(refs, dict)
+    filter_refs = refs if given_refs else fit_energy_references(frames, type_names)
+    _, keep = filter_frames(frames, filter_refs, **{k: v for k, v in data["filter"].items()})
+    kept = np.flatnonzero(keep)
+    if len(kept) < len(frames):
+        log.info("filter dropped %d of %d structures", len(frames) - len(kept), len(frames))
+    split = _split(frames, kept, data["split"], seed, has_test_file=bool(data.get("test_path")))
+    rng = np.random.default_rng(seed)
+    for name in ("train", "val", "test"):
+        if name in split:
+            split[name] = _subsample(split[name], data.get(f"n_{name}"), rng)
+    if len(split["train"]) == 0 or len(split.get("val", [])) == 0:
+        raise ConfigError(f"the split leaves {len(split['train'])} training and {len(split.get('val', []))} validation structures")
+    train_frames = [frames[i] for i in split["train"]]
+    references = {k: float(v) for k, v in refs.items()} if given_refs else fit_energy_references(train_frames, type_names)
+    fitted = fit_energy_references(train_frames, type_names)
+
+    r_max = float(model_cfg.get("r_max", ModelConfig.r_max))
+    dtype = getattr(torch, model_cfg.get("dtype", ModelConfig.dtype))
+    store_path = Path(data.get("store") or out_dir / "data.h5")
+    store = FrameStore.from_file(data["path"], store_path, type_names=type_names, r_max=r_max, keys=keys)
+    graphs = {name: store.graphs(idx.tolist(), dtype=dtype) for name, idx in split.items()}
+    if data.get("test_path"):
+        test_frames = read_frames(data["test_path"], keys=keys, type_names=type_names, min_distance=data["min_distance"])
+        test_idx = _subsample(np.arange(len(test_frames)), data.get("n_test"), rng)
+        test_store = FrameStore.from_file(data["test_path"], store_path.with_name(store_path.stem + "_test.h5"),
+                                          type_names=type_names, r_max=r_max, keys=keys)
+        graphs["test"] = test_store.graphs(test_idx.tolist(), dtype=dtype)
+        split["test"] = test_idx
+    return PreparedData(
+        type_names=type_names,
+        energy_references=references,
+        train=graphs["train"],
+        val=graphs["val"],
+        test=graphs.get("test", []),
+        indices={k: v.tolist() for k, v in split.items()},
+        fingerprint=frames_fingerprint(train_frames),
+        fitted_energies=fitted,
+    )
+
+
+def model_config_from_data(config: Dict, data: PreparedData) -> ModelConfig:
+    """The model configuration with dataset statistics filled in where the run configuration leaves them out.
+
+    ``model.energy_shifts``: ``fit`` (default) = per-element energies least-squares fitted on the training
+    structures, so the network learns only the deviations from a composition-linear baseline; ``references``
+    = the data's energy references (e.g. isolated-atom energies: exact isolated-atom limit, slower training);
+    or a mapping element → eV. Energy scale = training force RMS; ``avg_num_neighbors`` = training mean.
+    """
+    values = dict(config["model"])
+    values.setdefault("type_names", data.type_names)
+    shifts = values.get("energy_shifts", "fit")
+    if shifts == "fit":
+        values["energy_shifts"] = data.fitted_energies
+    elif shifts == "references":
+        values["energy_shifts"] = data.energy_references
+    elif not isinstance(shifts, dict):
+        raise ConfigError(f"model.energy_shifts must be 'fit', 'references' or a mapping element -> eV, got {shifts!r}")
+    if "energy_scale" not in values:
+        forces = torch.cat([g[AtomicDataDict.FORCE_KEY] for g in data.train])
+        values["energy_scale"] = float(forces.square().mean().sqrt())
+    if "avg_num_neighbors" not in values:
+        edges = sum(g[AtomicDataDict.EDGE_INDEX_KEY].shape[1] for g in data.train)
+        atoms = sum(g[AtomicDataDict.POSITIONS_KEY].shape[0] for g in data.train)
+        values["avg_num_neighbors"] = edges / atoms
+    values.setdefault("seed", int(config["seed"]))
+    return ModelConfig.from_dict(values)
+
+
+def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False) -> Path:
+    """Run a training configuration (path or dict) and return the output folder.
+
+    Writes ``posterior.h5``, ``metrics.json`` (test-set metrics, DESIGN.md names), ``parity.png`` and the
+    resolved ``config.yaml``; checkpoints go to ``checkpoints/``. With ``resume`` the run continues from its
+    last checkpoint; the configuration must be the one the run started with, but for ``training.max_epochs``.
+    """
+    cfg = load_config(config, overrides)
+    out = Path(out_dir or Path("runs") / cfg.get("name", cfg["method"]))
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no run (no config.yaml)")
+        started = yaml.safe_load(saved.read_text())
+        now = yaml.safe_load(dump_config(cfg, None))
+        for c in (started, now):
+            c["training"].pop("max_epochs", None)  # a resumed run may be given more epochs
+        if started != now:
+            raise ConfigError(f"--resume: the configuration differs from the one the run in {out} started with "
+                              "(only training.max_epochs may change)")
+    dump_config(cfg, saved)
+
+    data = prepare_data(cfg, out)
+    write_json(data.indices, out / "splits.json")
+    model_config = model_config_from_data(cfg, data)
+    model = build_model(model_config)
+    settings = MAPSettings.from_dict(cfg["training"])
+    if settings.heteroscedastic and not model_config.noise_head:
+        raise ConfigError("training.heteroscedastic needs model.noise_head: true")
+    state = fit_map(model, data.train, data.val, settings, out, seed=model_config.seed, resume=resume)
+    posterior = Posterior.from_state_dicts(
+        model_config,
+        [state],
+        method=cfg["method"],
+        hyperparameters=cfg["training"],
+        energy_references=data.energy_references,
+        data_fingerprint=data.fingerprint,
+    )
+    posterior.save(out / "posterior.h5")
+    eval_set = data.test or data.val
+    metrics = metrics_and_plots(
+        predict_graphs(posterior, eval_set, cfg["evaluate"]["batch_size"]), out, title=cfg.get("name")
+    )
+    metrics["evaluated_on"] = "test" if data.test else "val"
+    write_json(metrics, out / "metrics.json")
+    return out
