@@ -25,7 +25,6 @@ from .data import (
     property_range_split,
     random_split,
     read_frames,
-    referenced_energy_per_atom,
 )
 from .evaluate import metrics_and_plots, predict_graphs, write_json
 from .inference.map import MAPSettings, fit_map
@@ -104,13 +103,13 @@ def prepare_data(config: Dict, out_dir: Path) -> PreparedData:
     r_max = float(model_cfg.get("r_max", ModelConfig.r_max))
     dtype = getattr(torch, model_cfg.get("dtype", ModelConfig.dtype))
     store_path = Path(data.get("store") or out_dir / "data.h5")
-    store = FrameStore.from_file(data["path"], store_path, type_names=type_names, r_max=r_max, keys=keys)
+    store = FrameStore.for_frames(store_path, frames, type_names, r_max, source=data["path"])
     graphs = {name: store.graphs(idx.tolist(), dtype=dtype) for name, idx in split.items()}
     if data.get("test_path"):
         test_frames = read_frames(data["test_path"], keys=keys, type_names=type_names, min_distance=data["min_distance"])
         test_idx = _subsample(np.arange(len(test_frames)), data.get("n_test"), rng)
-        test_store = FrameStore.from_file(data["test_path"], store_path.with_name(store_path.stem + "_test.h5"),
-                                          type_names=type_names, r_max=r_max, keys=keys)
+        test_store = FrameStore.for_frames(store_path.with_name(store_path.stem + "_test.h5"), test_frames,
+                                           type_names, r_max, source=data["test_path"])
         graphs["test"] = test_store.graphs(test_idx.tolist(), dtype=dtype)
         split["test"] = test_idx
     return PreparedData(

@@ -34,7 +34,7 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 from nequip.data import AtomicDataDict
 
-from .frames import DataError, LabelKeys, frames_fingerprint, read_frames, validate_frames
+from .frames import DataError, frames_fingerprint, validate_frames
 from .graph import _cast, _structure_graph, atoms_to_graph
 
 FORMAT = "mlip_uq.FrameStore"
@@ -49,7 +49,7 @@ _LAYOUT = {
 
 
 class FrameStore:
-    """A prepared data set on disk; make one with :meth:`create` or :meth:`from_file`, read one with :meth:`open`.
+    """A prepared data set on disk; make one with :meth:`create` or :meth:`for_frames`, read one with :meth:`open`.
 
     Attributes:
         path: the HDF5 file.
@@ -146,40 +146,36 @@ class FrameStore:
         return cls(path)
 
     @classmethod
-    def from_file(
+    def for_frames(
         cls,
-        data_path: str | Path,
         store_path: str | Path,
+        frames: Sequence[ase.Atoms],
         type_names: Sequence[str],
         r_max: float,
         references: dict[str, float] | None = None,
-        keys: LabelKeys | None = None,
-        require: Sequence[str] = ("energy", "forces"),
-        min_distance: float = 0.5,
+        source: str | None = None,
     ) -> "FrameStore":
-        """The store of ``data_path`` at ``store_path``: reused when it matches, (re)built otherwise.
+        """The store of ``frames`` at ``store_path``: reused when it matches, (re)built otherwise.
 
-        The data file is read (:func:`read_frames`) and fingerprinted each time; an existing store is reused
-        when its fingerprint, ``r_max``, ``type_names`` and ``references`` all match, and rebuilt otherwise.
+        An existing store is reused when its fingerprint (of the frames and their labels), ``r_max``,
+        ``type_names`` and ``references`` all match; otherwise it is rebuilt with :meth:`create`.
 
         Args:
-            data_path: any ASE-readable file of labelled frames.
             store_path: the store's HDF5 file.
-            type_names, r_max, references: as in :meth:`create`.
-            keys, require, min_distance: as in :func:`read_frames`.
+            frames: labelled frames, as :func:`read_frames` returns them.
+            type_names, r_max, references, source: as in :meth:`create`.
 
         Raises:
-            DataError: bad data file, or ``store_path`` exists but is not a readable FrameStore (it is not
-                overwritten; delete it or choose another path).
+            DataError: ``store_path`` exists but is not a readable FrameStore (it is not overwritten; delete it
+                or choose another path).
         """
-        frames = read_frames(data_path, keys=keys, require=require, type_names=type_names, min_distance=min_distance)
         if Path(store_path).exists():
             store = cls.open(store_path)
             if (store.fingerprint, store.r_max, store.type_names, store.references) == (
                 frames_fingerprint(frames), float(r_max), list(type_names), references
             ):
                 return store
-        return cls.create(store_path, frames, type_names, r_max, references=references, source=str(data_path))
+        return cls.create(store_path, frames, type_names, r_max, references=references, source=source)
 
     def append(self, frames: Sequence[ase.Atoms]) -> None:
         """Add frames at the end; the whole store is rewritten to a temporary file that replaces the old one, so

@@ -1,6 +1,5 @@
 """FrameStore: round trips against atoms_to_graph, append, reuse, corrupt files, interrupted writes."""
 
-import ase.io
 import h5py
 import numpy as np
 import pytest
@@ -84,24 +83,21 @@ def test_append_keeps_old_frames(frames, tmp_path):
         store.append([molecule("CH4")])
 
 
-def test_from_file_reuses_and_rebuilds(frames, tmp_path, monkeypatch):
-    data = tmp_path / "data.extxyz"
-    ase.io.write(data, frames, format="extxyz")
+def test_for_frames_reuses_and_rebuilds(frames, tmp_path, monkeypatch):
     created = []
     original = FrameStore.create.__func__
     counting = classmethod(lambda cls, *args, **kwargs: created.append(args) or original(cls, *args, **kwargs))
     monkeypatch.setattr(FrameStore, "create", counting)
 
     path = tmp_path / "store.h5"
-    store = FrameStore.from_file(data, path, TYPES, 4.0)
-    assert len(created) == 1 and store.source == str(data)
+    store = FrameStore.for_frames(path, frames, TYPES, 4.0, source="data.extxyz")
+    assert len(created) == 1 and store.source == "data.extxyz"
     mtime = path.stat().st_mtime_ns
-    again = FrameStore.from_file(data, path, TYPES, 4.0)
+    again = FrameStore.for_frames(path, frames, TYPES, 4.0)
     assert len(created) == 1 and path.stat().st_mtime_ns == mtime and again.fingerprint == store.fingerprint
-    rebuilt = FrameStore.from_file(data, path, TYPES, 3.5)
+    rebuilt = FrameStore.for_frames(path, frames, TYPES, 3.5)
     assert len(created) == 2 and rebuilt.r_max == 3.5 == FrameStore.open(path).r_max
-    ase.io.write(data, frames[:5], format="extxyz")  # data changed
-    assert len(FrameStore.from_file(data, path, TYPES, 3.5)) == 5 and len(created) == 3
+    assert len(FrameStore.for_frames(path, frames[:5], TYPES, 3.5)) == 5 and len(created) == 3  # data changed
 
 
 def test_bad_store_files(frames, tmp_path):
@@ -120,20 +116,14 @@ def test_bad_store_files(frames, tmp_path):
         f["x"] = np.arange(3)
     with pytest.raises(DataError, match=r"foreign\.h5: not a FrameStore \(format attribute None"):
         FrameStore.open(foreign)
-    with pytest.raises(DataError, match="not a FrameStore"):  # never overwritten by from_file
-        FrameStore.from_file(_data_file(frames, tmp_path), foreign, TYPES, 4.0)
+    with pytest.raises(DataError, match="not a FrameStore"):  # never overwritten by for_frames
+        FrameStore.for_frames(foreign, frames[:3], TYPES, 4.0)
     with h5py.File(good, "a") as f:
         f.attrs["format_version"] = 99
     with pytest.raises(DataError, match="format version 99"):
         FrameStore.open(good)
     with pytest.raises(DataError, match="FrameStore file not found"):
         FrameStore.open(tmp_path / "missing.h5")
-
-
-def _data_file(frames, folder):
-    path = folder / "data.extxyz"
-    ase.io.write(path, frames[:3], format="extxyz")
-    return path
 
 
 def test_interrupted_write_keeps_old_store(frames, tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import molecule
-from nequip.data import AtomicDataDict
 from nequip.utils import torch_default_dtype
 from nequip.utils.test import assert_AtomicData_equivariant
 
