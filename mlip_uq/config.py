@@ -1,20 +1,21 @@
 """Run configurations: YAML files plus ``key=value`` overrides on the command line.
 
-A configuration has the top-level sections ``method``, ``seed``, ``data``, ``model``, ``training`` and
-``evaluate``; see ``configs/*.yaml`` for documented examples. Relative data paths are resolved against the
-folder of the configuration file.
+A configuration has the top-level sections ``method``, ``seed``, ``data``, ``model``, ``training`` (MAP),
+``sgmcmc`` and ``evaluate``; see ``configs/*.yaml`` for documented examples. Relative paths (data files,
+store, pre-trained weights) are resolved against the folder of the configuration file.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 import yaml
 
-SECTIONS = {"name", "method", "seed", "data", "model", "training", "evaluate"}
-METHODS = ("map",)
+SECTIONS = {"name", "method", "seed", "data", "model", "training", "sgmcmc", "evaluate"}
+METHODS = ("map", "sgmcmc")
 
 DEFAULTS: Dict[str, Any] = {
     "method": "map",
@@ -34,12 +35,28 @@ DEFAULTS: Dict[str, Any] = {
     },
     "model": {},
     "training": {},
+    "sgmcmc": {},
     "evaluate": {"batch_size": 16},
 }
 
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats, so that ``1e-4`` is a number, not the string '1e-4'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -65,7 +82,7 @@ def apply_override(config: Dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = _yaml(raw)
 
 
 def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
@@ -78,7 +95,7 @@ def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"configuration file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"configuration file {path} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):
@@ -98,6 +115,11 @@ def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
     for key in ("path", "test_path", "store"):
         if data.get(key):
             data[key] = str(_resolve(data[key], base_dir))
+    sgmcmc = config["sgmcmc"]
+    if sgmcmc.get("init"):
+        sgmcmc["init"] = str(_resolve(sgmcmc["init"], base_dir))
+    if isinstance(sgmcmc.get("prior"), dict) and sgmcmc["prior"].get("center"):
+        sgmcmc["prior"]["center"] = str(_resolve(sgmcmc["prior"]["center"], base_dir))
     return config
 
 

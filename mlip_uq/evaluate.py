@@ -22,7 +22,9 @@ from .uq.plots import calibration_plot, error_vs_std_plot, parity_plot
 class Predictions:
     """Predictive means and stds over a data set, next to the reference labels (numpy, float64).
 
-    Energies are per atom (eV/atom) per structure; forces per component (eV/Å) for all atoms. Stds are
+    Energies are per atom (eV/atom) per structure, relative to the posterior's energy references where it has
+    them ((E − Σ_i E_ref(Z_i)) / N, so that structures of different composition share one scale; errors are
+    unchanged); forces per component (eV/Å) for all atoms. Stds are
     None for a single deterministic model; otherwise they include the aleatoric part where the model has a
     noise head, and the posterior's calibration factors.
     """
@@ -41,13 +43,18 @@ def predict_graphs(posterior: Posterior, graphs: List[AtomicDataDict.Type], batc
     """Predict every labelled graph with every posterior sample, in batches of ``batch_size`` frames."""
     cols: Dict[str, list] = {k: [] for k in ("n", "et", "ep", "ev", "ft", "fp", "fve", "fva")}
     device = posterior.device
+    refs = torch.tensor([posterior.energy_references.get(t, 0.0) for t in posterior.config.type_names],
+                        dtype=torch.float64, device=device)
     for start in range(0, len(graphs), batch_size):
         batch = AtomicDataDict.to_(collate(graphs[start : start + batch_size]), device)
         pred = predict_samples(posterior, batch)
         n = batch[AtomicDataDict.NUM_NODES_KEY].view(-1).to(pred.energy)
+        offset = torch.zeros_like(n).index_add_(
+            0, batch[AtomicDataDict.BATCH_KEY], refs[batch[AtomicDataDict.ATOM_TYPE_KEY]].to(n)
+        )
         cols["n"].append(n)
-        cols["et"].append(batch[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1) / n)
-        cols["ep"].append(pred.mean(pred.energy) / n)
+        cols["et"].append((batch[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1) - offset) / n)
+        cols["ep"].append((pred.mean(pred.energy) - offset) / n)
         cols["ev"].append(pred.epistemic_var(pred.energy) / n**2)
         cols["ft"].append(batch[AtomicDataDict.FORCE_KEY])
         cols["fp"].append(pred.mean(pred.forces))

@@ -28,6 +28,7 @@ from .data import (
 )
 from .evaluate import metrics_and_plots, predict_graphs, write_json
 from .inference.map import MAPSettings, fit_map
+from .inference.sampling import SGMCMCSettings, run_sgmcmc
 from .model import ModelConfig, build_model
 from .posterior import Posterior
 
@@ -153,7 +154,8 @@ def model_config_from_data(config: Dict, data: PreparedData) -> ModelConfig:
 
 
 def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False) -> Path:
-    """Run a training configuration (path or dict) and return the output folder.
+    """Run a training configuration (path or dict) with its method (``map`` or ``sgmcmc``) and return the
+    output folder.
 
     Writes ``posterior.h5``, ``metrics.json`` (test-set metrics, DESIGN.md names), ``parity.png`` and the
     resolved ``config.yaml``; checkpoints go to ``checkpoints/``. With ``resume`` the run continues from its
@@ -178,20 +180,19 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
     data = prepare_data(cfg, out)
     write_json(data.indices, out / "splits.json")
     model_config = model_config_from_data(cfg, data)
-    model = build_model(model_config)
-    settings = MAPSettings.from_dict(cfg["training"])
-    if settings.heteroscedastic and not model_config.noise_head:
-        raise ConfigError("training.heteroscedastic needs model.noise_head: true")
-    state = fit_map(model, data.train, data.val, settings, out, seed=model_config.seed, resume=resume)
-    posterior = Posterior.from_state_dicts(
-        model_config,
-        [state],
-        method=cfg["method"],
-        hyperparameters=cfg["training"],
-        energy_references=data.energy_references,
-        data_fingerprint=data.fingerprint,
-    )
-    posterior.save(out / "posterior.h5")
+    metadata = dict(energy_references=data.energy_references, data_fingerprint=data.fingerprint)
+    if cfg["method"] == "map":
+        settings = MAPSettings.from_dict(cfg["training"])
+        if settings.heteroscedastic and not model_config.noise_head:
+            raise ConfigError("training.heteroscedastic needs model.noise_head: true")
+        state = fit_map(build_model(model_config), data.train, data.val, settings, out, seed=model_config.seed,
+                        resume=resume)
+        posterior = Posterior.from_state_dicts(model_config, [state], method="map",
+                                               hyperparameters=cfg["training"], **metadata)
+        posterior.save(out / "posterior.h5")
+    else:
+        posterior = run_sgmcmc(model_config, data.train, SGMCMCSettings(**cfg["sgmcmc"]), out, resume=resume,
+                               metadata=metadata)
     eval_set = data.test or data.val
     metrics = metrics_and_plots(
         predict_graphs(posterior, eval_set, cfg["evaluate"]["batch_size"]), out, title=cfg.get("name")

@@ -25,3 +25,21 @@ def shared_data() -> Path:
 def tio2_path() -> Path:
     """The bundled 1,000-structure aenet TiO2 subset (MIT, shipped in data/)."""
     return BUNDLED_TIO2
+
+
+def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, **sections) -> dict:
+    """A run configuration on a few structures of the bundled TiO2 subset with a very small model; ``sections``
+    (``method``, ``training``, ``sgmcmc``, ...) are added as given."""
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "data": {
+            "path": str(tio2_path),
+            "energy_references": {"O": -432.503149303, "Ti": -1604.604515075},
+            "filter": {"max_energy_per_atom": -5.0, "max_force": 20.0},
+            "split": {"kind": "random", "val_fraction": 0.1, "test_fraction": 0.1},
+            "n_train": n_train, "n_val": n_eval, "n_test": n_eval,
+        },
+        "model": {"r_max": 4.0, "num_layers": 2, "l_max": 1, "num_features": 8, "radial_mlp_width": 16},
+        **sections,
+    }

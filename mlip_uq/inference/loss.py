@@ -8,6 +8,7 @@ it is the Gaussian negative log-likelihood per component, ``0.5 * (e² / σ_i² 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict
 
@@ -63,3 +64,47 @@ def weighted_loss(terms: Dict[str, torch.Tensor], weights: LossWeights) -> torch
     if "stress" in terms and weights.stress:
         total = total + weights.stress * terms["stress"]
     return total
+
+
+@dataclass
+class NoiseModel:
+    """Observation noise of the Gaussian likelihood (standard deviations).
+
+    Attributes:
+        energy: std of the energy per atom (eV/atom).
+        forces: std of each force component (eV/Å); replaced per atom by the noise head when heteroscedastic.
+        stress: std of each stress component (eV/Å³).
+        heteroscedastic: take the force std of each atom from the model's noise head.
+    """
+
+    energy: float = 0.01
+    forces: float = 0.1
+    stress: float = 0.01
+    heteroscedastic: bool = False
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _gaussian_nll(err: torch.Tensor, log_sigma) -> torch.Tensor:
+    return 0.5 * err.square() * torch.exp(-2.0 * torch.as_tensor(log_sigma)) + log_sigma + _HALF_LOG_2PI
+
+
+def neg_log_likelihood(out: AtomicDataDict.Type, batch: AtomicDataDict.Type, noise: NoiseModel) -> torch.Tensor:
+    """(F,) negative log-likelihood of each frame's labels: energy per atom, every force component, and the
+    nine stress components where the batch has stress; natural units, normalisation constants included.
+
+    A sampler's potential is ``N · mean(neg_log_likelihood) − log prior`` for a data set of N frames.
+    """
+    n_atoms = num_atoms_per_frame(batch).to(out[AtomicDataDict.TOTAL_ENERGY_KEY].dtype)
+    e_err = (out[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1) - batch[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1)) / n_atoms
+    nll = _gaussian_nll(e_err, math.log(noise.energy))
+    f_err = out[AtomicDataDict.FORCE_KEY] - batch[AtomicDataDict.FORCE_KEY]
+    log_sigma = out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1) if noise.heteroscedastic else math.log(noise.forces)
+    per_atom = _gaussian_nll(f_err, log_sigma).sum(-1)
+    frame = batch.get(AtomicDataDict.BATCH_KEY, torch.zeros_like(per_atom, dtype=torch.long))
+    nll = nll + torch.zeros_like(nll).index_add_(0, frame, per_atom)
+    if AtomicDataDict.STRESS_KEY in batch:
+        s_err = out[AtomicDataDict.STRESS_KEY].view(-1, 9) - batch[AtomicDataDict.STRESS_KEY].view(-1, 9)
+        nll = nll + _gaussian_nll(s_err, math.log(noise.stress)).sum(-1)
+    return nll

@@ -34,6 +34,7 @@ class MAPSettings:
 
     Args:
         max_epochs: upper bound on epochs.
+        max_time_minutes: wall-clock budget; training stops after the epoch that exceeds it (None: no budget).
         batch_size: frames per batch.
         lr: initial Adam learning rate.
         weight_decay: L2 penalty (Adam's ``weight_decay``), the MAP counterpart of a zero-centred Gaussian prior.
@@ -48,6 +49,7 @@ class MAPSettings:
     """
 
     max_epochs: int = 100
+    max_time_minutes: float | None = None
     batch_size: int = 8
     lr: float = 5e-3
     weight_decay: float = 0.0
@@ -139,6 +141,7 @@ def fit_map(
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", save_top_k=1, save_last=True)
     trainer = L.Trainer(
         max_epochs=settings.max_epochs,
+        max_time=None if settings.max_time_minutes is None else {"minutes": settings.max_time_minutes},
         accelerator=settings.accelerator,
         devices=settings.devices,
         precision="64-true" if next(model.parameters()).dtype == torch.float64 else "32-true",

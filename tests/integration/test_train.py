@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_tio2_config
+
 from mlip_uq.cli import main
 from mlip_uq.data import FrameStore
 from mlip_uq.evaluate import predict_graphs
@@ -20,20 +22,8 @@ DESIGN_KEYS = {"energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "n_stru
 
 
 def small_config(tio2_path, **training):
-    return {
-        "name": "tiny",
-        "seed": 0,
-        "data": {
-            "path": str(tio2_path),
-            "energy_references": {"O": -432.503149303, "Ti": -1604.604515075},
-            "filter": {"max_energy_per_atom": -5.0, "max_force": 20.0},
-            "split": {"kind": "random", "val_fraction": 0.1, "test_fraction": 0.1},
-            "n_train": 60, "n_val": 12, "n_test": 12,
-        },
-        "model": {"r_max": 4.0, "num_layers": 2, "l_max": 1, "num_features": 8, "radial_mlp_width": 16},
-        "training": {"max_epochs": 8, "batch_size": 6, "lr": 0.01, "loss_weights": {"energy": 1.0, "forces": 1.0},
-                     **training},
-    }
+    return tiny_tio2_config(tio2_path, 60, 12, training={
+        "max_epochs": 8, "batch_size": 6, "lr": 0.01, "loss_weights": {"energy": 1.0, "forces": 1.0}, **training})
 
 
 def epoch_metrics(out):

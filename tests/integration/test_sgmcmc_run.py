@@ -1,0 +1,138 @@
+"""``method: sgmcmc`` end to end: phases, several chains, partial posteriors, priors, resume, divergence."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_tio2_config
+
+import mlip_uq.inference.sampling as sampling
+from mlip_uq.inference.priors import select_stochastic
+from mlip_uq.model import build_model
+from mlip_uq.posterior import load_posterior
+from mlip_uq.train import train
+
+READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
+
+
+def config(tio2_path, **sgmcmc):
+    return tiny_tio2_config(tio2_path, 40, 8, method="sgmcmc", sgmcmc={
+        "lr": 2e-4, "batch_size": 8, "burnin_steps": 30, "preheat_steps": 6, "n_samples": 4, "thinning": 3,
+        "n_chains": 2, "checkpoint_every": 10, "trace_every": 2, "noise": {"energy": 0.02, "forces": 0.2}, **sgmcmc})
+
+
+@pytest.fixture(scope="module")
+def full_run(tio2_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sgmcmc")
+    return train(config(tio2_path), out_dir=out)
+
+
+def test_full_posterior_has_every_sample_of_every_chain(full_run):
+    post = load_posterior(full_run / "posterior.h5")
+    assert post.method == "sgmcmc" and post.n_samples == 8
+    assert post.hyperparameters["sample_chains"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert set(post.samples) == set(select_stochastic(build_model(post.config), "all"))
+    w = post.samples[READOUT]
+    assert all(not torch.equal(w[i], w[j]) for i in range(8) for j in range(i))
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert metrics["n_samples"] == 8 and np.isfinite(metrics["forces_nll"]) and metrics["forces_sharpness"] > 0
+    diag = json.loads((full_run / "sgmcmc" / "diagnostics.json").read_text())
+    assert diag["n_chains"] == 2 and diag["draws_per_chain"] == 4
+    assert {"ess_median", "rhat_max"} <= set(diag["layers"]["heads"])
+    assert (full_run / "sgmcmc" / "trace.png").stat().st_size > 5000
+
+
+def test_trace_records_the_phases_and_temperature_ramp(full_run):
+    import csv
+
+    rows = list(csv.DictReader(open(full_run / "sgmcmc" / "trace_chain0.csv")))
+    phases = [r["phase"] for r in rows]
+    assert phases[0] == "burnin" and "preheat" in phases and phases[-1] == "sampling"
+    temps = [float(r["temperature"]) for r in rows]
+    assert all(t == 0 for t, p in zip(temps, phases) if p == "burnin")
+    assert temps[-1] == 1.0 and all(0 < t <= 1 for t, p in zip(temps, phases) if p == "preheat")
+    burn = [float(r["median_step_size"]) for r in rows if r["phase"] != "burnin"]
+    assert len(set(burn)) == 1  # preconditioner frozen after burn-in: effective step sizes constant
+
+
+def test_killed_run_resumes_to_the_same_samples(tio2_path, full_run, tmp_path, monkeypatch):
+    original = sampling._Chain.save
+    calls = {"n": 0}
+
+    def save_then_die(self, path=None):
+        original(self, path)
+        calls["n"] += 1
+        if calls["n"] == 7:  # chain 0 killed at its 7th checkpoint: after its 3rd sample (step 45 of 48)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling._Chain, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tio2_path), out_dir=tmp_path)
+    monkeypatch.undo()
+    partial = load_posterior(tmp_path / "posterior.h5")
+    assert 0 < partial.n_samples < 8
+    train(config(tio2_path), out_dir=tmp_path, resume=True)
+    resumed, reference = load_posterior(tmp_path / "posterior.h5"), load_posterior(full_run / "posterior.h5")
+    assert resumed.hyperparameters["sample_chains"] == reference.hyperparameters["sample_chains"]
+    for name, t in reference.samples.items():
+        torch.testing.assert_close(resumed.samples[name], t, rtol=0, atol=0)
+
+
+def test_partially_bayesian_run_samples_only_the_heads_and_shares_the_rest(tio2_path, tmp_path):
+    out = train(config(tio2_path, stochastic={"last_layers": 1}), out_dir=tmp_path)
+    post = load_posterior(out / "posterior.h5")
+    assert set(post.samples) == {READOUT}
+    assert "model.func.layer0_convnet.conv.linear_1.weight" in post.shared
+    assert post.n_samples == 8 and post.hyperparameters["partial"]
+    w = post.samples[READOUT]
+    assert not torch.equal(w[0], w[4])  # chains differ in the stochastic part only
+
+
+def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, full_run, tmp_path, monkeypatch):
+    source = load_posterior(full_run / "posterior.h5")
+    seen = {}
+    original = sampling._prior
+
+    def spy(spec, model, stochastic):
+        prior = original(spec, model, stochastic)
+        seen["prior"] = prior
+        return prior
+
+    monkeypatch.setattr(sampling, "_prior", spy)
+    cfg = config(tio2_path, n_chains=1, prior={"scale": 0.05, "center": str(full_run / "posterior.h5")},
+                 init=str(full_run / "posterior.h5"))
+    train(cfg, out_dir=tmp_path)
+    prior = seen["prior"]
+    expected = (source.weights[:, None, None] * source.samples[READOUT]).sum(0)
+    torch.testing.assert_close(prior.centers[READOUT], expected)
+    assert set(prior.centers) == set(source.samples)
+
+
+def test_divergence_stops_the_chain_and_keeps_its_samples(tio2_path, tmp_path, monkeypatch, caplog):
+    original = sampling.neg_log_likelihood
+    calls = {"n": 0}
+
+    def poisoned(out, batch, noise):
+        calls["n"] += 1
+        nll = original(out, batch, noise)
+        return nll * float("nan") if calls["n"] == 43 else nll  # chain 0 at step 42: after its samples at 38, 41
+
+    monkeypatch.setattr(sampling, "neg_log_likelihood", poisoned)
+    train(config(tio2_path), out_dir=tmp_path)
+    post = load_posterior(tmp_path / "posterior.h5")
+    chains = post.hyperparameters["sample_chains"]
+    assert chains.count(0) == 2 and chains.count(1) == 4
+    assert "chain 0 diverged at step 42" in caplog.text
+
+
+def test_bad_sgmcmc_options_are_reported(tio2_path, tmp_path):
+    with pytest.raises(ValueError, match="last_layers must be between 1 and"):
+        train(config(tio2_path, stochastic={"last_layers": 99}), out_dir=tmp_path)
+    with pytest.raises(ValueError, match="match no parameter"):
+        train(config(tio2_path, stochastic={"patterns": ["*nothing*"]}), out_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match="unknown sgmcmc.prior option"):
+        train(config(tio2_path, prior={"sigma": 1.0}), out_dir=tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(config(tio2_path, prior={"center": str(tmp_path / "none.h5")}), out_dir=tmp_path / "d")
