@@ -8,6 +8,7 @@ store, pre-trained weights) are resolved against the folder of the configuration
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -121,6 +122,15 @@ def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
     if isinstance(sgmcmc.get("prior"), dict) and sgmcmc["prior"].get("center"):
         sgmcmc["prior"]["center"] = str(_resolve(sgmcmc["prior"]["center"], base_dir))
     return config
+
+
+def settings_from(cls, values: Dict[str, Any], section: str):
+    """``cls(**values)`` for a settings dataclass, naming unknown options of configuration ``section``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown {section} option(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
 
 
 def _resolve(path: str, base_dir: Path) -> Path:

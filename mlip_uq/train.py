@@ -13,7 +13,7 @@ import yaml
 from ase.data import atomic_numbers
 from nequip.data import AtomicDataDict
 
-from .config import ConfigError, dump_config, load_config
+from .config import ConfigError, dump_config, load_config, settings_from
 from .data import (
     FrameStore,
     LabelKeys,
@@ -25,6 +25,7 @@ from .data import (
     property_range_split,
     random_split,
     read_frames,
+    referenced_energy_per_atom,
 )
 from .evaluate import metrics_and_plots, predict_graphs, write_json
 from .inference.map import MAPSettings, fit_map
@@ -49,7 +50,8 @@ class PreparedData:
     fitted_energies: Dict[str, float]
 
 
-def _split(frames, kept: np.ndarray, split: Dict, seed: int, has_test_file: bool) -> Dict[str, np.ndarray]:
+def _split(frames, kept: np.ndarray, split: Dict, seed: int, has_test_file: bool,
+           references: Dict[str, float]) -> Dict[str, np.ndarray]:
     split = dict(split)
     kind = split.pop("kind", "random")
     if has_test_file:
@@ -58,7 +60,8 @@ def _split(frames, kept: np.ndarray, split: Dict, seed: int, has_test_file: bool
     if kind == "random":
         local = random_split(len(sub), seed=seed, **split)
     elif kind == "property_range":
-        local = property_range_split(np.array([a.get_potential_energy() / len(a) for a in sub]), seed=seed, **split)
+        # referenced energies per atom, comparable across compositions
+        local = property_range_split(referenced_energy_per_atom(sub, references), seed=seed, **split)
     elif kind in ("composition", "kmeans"):
         local = cluster_split(sub, by=kind, seed=seed, **split)
     elif kind == "cell_size":
@@ -78,7 +81,7 @@ def prepare_data(config: Dict, out_dir: Path) -> PreparedData:
     """Read, validate, filter and split the data of a run configuration; neighbour lists come from (and go
     to) the HDF5 frame store, so a data set is prepared once."""
     data, model_cfg, seed = config["data"], config["model"], int(config["seed"])
-    keys = LabelKeys(**data["keys"])
+    keys = settings_from(LabelKeys, data["keys"], "data.keys")
     frames = read_frames(data["path"], keys=keys, type_names=model_cfg.get("type_names"), min_distance=data["min_distance"])
     type_names = model_cfg.get("type_names") or sorted(
         {s for a in frames for s in a.get_chemical_symbols()}, key=lambda s: atomic_numbers[s]
@@ -86,11 +89,14 @@ def prepare_data(config: Dict, out_dir: Path) -> PreparedData:
     refs = data["energy_references"]
     given_refs = isinstance(refs, dict)
     filter_refs = refs if given_refs else fit_energy_references(frames, type_names)
-    _, keep = filter_frames(frames, filter_refs, **{k: v for k, v in data["filter"].items()})
+    unknown = set(data["filter"]) - {"max_energy_per_atom", "max_force"}
+    if unknown:
+        raise ConfigError(f"unknown data.filter option(s) {sorted(unknown)}; known: max_energy_per_atom, max_force")
+    _, keep = filter_frames(frames, filter_refs, **data["filter"])
     kept = np.flatnonzero(keep)
     if len(kept) < len(frames):
         log.info("filter dropped %d of %d structures", len(frames) - len(kept), len(frames))
-    split = _split(frames, kept, data["split"], seed, has_test_file=bool(data.get("test_path")))
+    split = _split(frames, kept, data["split"], seed, bool(data.get("test_path")), filter_refs)
     rng = np.random.default_rng(seed)
     for name in ("train", "val", "test"):
         if name in split:
@@ -98,8 +104,8 @@ def prepare_data(config: Dict, out_dir: Path) -> PreparedData:
     if len(split["train"]) == 0 or len(split.get("val", [])) == 0:
         raise ConfigError(f"the split leaves {len(split['train'])} training and {len(split.get('val', []))} validation structures")
     train_frames = [frames[i] for i in split["train"]]
-    references = {k: float(v) for k, v in refs.items()} if given_refs else fit_energy_references(train_frames, type_names)
     fitted = fit_energy_references(train_frames, type_names)
+    references = {k: float(v) for k, v in refs.items()} if given_refs else fitted
 
     r_max = float(model_cfg.get("r_max", ModelConfig.r_max))
     dtype = getattr(torch, model_cfg.get("dtype", ModelConfig.dtype))
@@ -175,6 +181,13 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
         if started != now:
             raise ConfigError(f"--resume: the configuration differs from the one the run in {out} started with "
                               "(only training.max_epochs may change)")
+    # settings first, so that a mistyped option is reported before the data are prepared
+    if cfg["method"] == "map":
+        settings = MAPSettings.from_dict(cfg["training"])
+        if settings.heteroscedastic and not cfg["model"].get("noise_head"):
+            raise ConfigError("training.heteroscedastic needs model.noise_head: true")
+    else:
+        settings = settings_from(SGMCMCSettings, cfg["sgmcmc"], "sgmcmc")
     dump_config(cfg, saved)
 
     data = prepare_data(cfg, out)
@@ -182,17 +195,13 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
     model_config = model_config_from_data(cfg, data)
     metadata = dict(energy_references=data.energy_references, data_fingerprint=data.fingerprint)
     if cfg["method"] == "map":
-        settings = MAPSettings.from_dict(cfg["training"])
-        if settings.heteroscedastic and not model_config.noise_head:
-            raise ConfigError("training.heteroscedastic needs model.noise_head: true")
         state = fit_map(build_model(model_config), data.train, data.val, settings, out, seed=model_config.seed,
                         resume=resume)
         posterior = Posterior.from_state_dicts(model_config, [state], method="map",
                                                hyperparameters=cfg["training"], **metadata)
         posterior.save(out / "posterior.h5")
     else:
-        posterior = run_sgmcmc(model_config, data.train, SGMCMCSettings(**cfg["sgmcmc"]), out, resume=resume,
-                               metadata=metadata)
+        posterior = run_sgmcmc(model_config, data.train, settings, out, resume=resume, metadata=metadata)
     eval_set = data.test or data.val
     metrics = metrics_and_plots(
         predict_graphs(posterior, eval_set, cfg["evaluate"]["batch_size"]), out, title=cfg.get("name")

@@ -64,10 +64,12 @@ class MAPSettings:
 
     @classmethod
     def from_dict(cls, values: Dict) -> "MAPSettings":
+        from ..config import settings_from
+
         values = dict(values)
         if "loss_weights" in values:
-            values["loss_weights"] = LossWeights(**values["loss_weights"])
-        return cls(**values)
+            values["loss_weights"] = settings_from(LossWeights, values["loss_weights"], "training.loss_weights")
+        return settings_from(cls, values, "training")
 
 
 class PotentialModule(L.LightningModule):

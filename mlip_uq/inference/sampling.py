@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from nequip.data import AtomicDataDict
 
+from ..config import settings_from
 from ..data import collate
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
@@ -223,7 +224,7 @@ def run_sgmcmc(
     out_dir = Path(out_dir)
     work = out_dir / "sgmcmc"
     work.mkdir(parents=True, exist_ok=True)
-    noise = NoiseModel(**settings.noise)
+    noise = settings_from(NoiseModel, settings.noise, "sgmcmc.noise")
     if noise.heteroscedastic and not config.noise_head:
         raise ValueError("sgmcmc.noise.heteroscedastic needs model.noise_head: true")
     template = build_model(config)
@@ -239,13 +240,12 @@ def run_sgmcmc(
         chain = _Chain(c, config, settings, stochastic, prior, len(train), work)
         if resume and chain.checkpoint_path.is_file():
             chain.load(chain.checkpoint_path)
-            store.keep(c, chain.n_drawn)
         elif partial and shared_burnin.is_file():
             # one burn-in for all chains: the fixed parameters are the same in every sample
             chain.load(shared_burnin)
             chain.optimizer.reseed(chain.seed)
-        else:
-            store.keep(c, 0)
+        # samples written after the chain's last checkpoint are dropped: the chain draws them again
+        store.keep(c, chain.n_drawn)
         if chain.status == "running":
             _run_chain(chain, train, settings, noise, store, shared_burnin if partial else None)
     if not store.samples:
@@ -277,11 +277,12 @@ _TRACE_FIELDS = ["step", "phase", "temperature", "neg_log_likelihood", "neg_log_
 
 def _run_chain(chain: _Chain, train, settings: SGMCMCSettings, noise: NoiseModel, store: _SampleSet,
                shared_burnin: Optional[Path]) -> None:
-    new_trace = not chain.trace_path.is_file() or chain.step == 0
-    trace_file = open(chain.trace_path, "w" if new_trace else "a", newline="")
+    # rows after the checkpoint being resumed from are written again
+    kept = [r for r in csv.DictReader(open(chain.trace_path))] if chain.trace_path.is_file() else []
+    trace_file = open(chain.trace_path, "w", newline="")
     writer = csv.DictWriter(trace_file, fieldnames=_TRACE_FIELDS)
-    if new_trace:
-        writer.writeheader()
+    writer.writeheader()
+    writer.writerows(r for r in kept if int(r["step"]) < chain.step)
     start = time.perf_counter()
     n = len(train)
     try:

@@ -134,5 +134,9 @@ def test_bad_sgmcmc_options_are_reported(tio2_path, tmp_path):
         train(config(tio2_path, stochastic={"patterns": ["*nothing*"]}), out_dir=tmp_path / "b")
     with pytest.raises(ValueError, match="unknown sgmcmc.prior option"):
         train(config(tio2_path, prior={"sigma": 1.0}), out_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match=r"unknown sgmcmc option\(s\) \['step_size'\]"):
+        train(config(tio2_path, step_size=1.0), out_dir=tmp_path / "e")
+    with pytest.raises(ValueError, match=r"unknown sgmcmc.noise option\(s\) \['force'\]"):
+        train(config(tio2_path, noise={"force": 0.1}), out_dir=tmp_path / "f")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(config(tio2_path, prior={"center": str(tmp_path / "none.h5")}), out_dir=tmp_path / "d")
