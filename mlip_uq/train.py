@@ -184,10 +184,13 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
     # settings first, so that a mistyped option is reported before the data are prepared
     if cfg["method"] == "map":
         settings = MAPSettings.from_dict(cfg["training"])
-        if settings.heteroscedastic and not cfg["model"].get("noise_head"):
-            raise ConfigError("training.heteroscedastic needs model.noise_head: true")
+        heteroscedastic, option = settings.heteroscedastic, "training.heteroscedastic"
     else:
         settings = settings_from(SGMCMCSettings, cfg["sgmcmc"], "sgmcmc")
+        heteroscedastic, option = settings.noise.get("heteroscedastic", False), "sgmcmc.noise.heteroscedastic"
+    # the noise head's σ is reported as aleatoric uncertainty, so it exists only where the likelihood trains it
+    if bool(heteroscedastic) != bool(cfg["model"].get("noise_head", False)):
+        raise ConfigError(f"model.noise_head and {option} go together: set both to true or leave both out")
     dump_config(cfg, saved)
 
     data = prepare_data(cfg, out)

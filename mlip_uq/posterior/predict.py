@@ -2,8 +2,8 @@
 
 Predictive mean = weighted mean over samples. Predictive variance = epistemic (weighted variance over
 samples of the predicted mean) + aleatoric (weighted mean over samples of the noise head's σ², for forces,
-where the model has a noise head). Standard deviations are multiplied by the posterior's calibration
-factor of their quantity when it has one.
+where the model has a noise head). Recalibration factors are applied by the consumers of these moments
+(:func:`mlip_uq.evaluate.predict_graphs`).
 """
 
 from __future__ import annotations

@@ -120,3 +120,15 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "key=value" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "none.h5"), str(good)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_noise_head_trained_jointly_gives_aleatoric_force_uncertainty(tio2_path, tmp_path):
+    cfg = small_config(tio2_path, max_epochs=3, heteroscedastic=True)
+    cfg["model"]["noise_head"] = True
+    out = train(cfg, out_dir=tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_samples"] == 1 and np.isfinite(metrics["forces_nll"]) and metrics["forces_sharpness"] > 0
+    assert "energy_nll" not in metrics  # one sample and no energy noise head: no energy uncertainty
+    cfg["model"]["noise_head"] = False
+    with pytest.raises(ValueError, match="model.noise_head and training.heteroscedastic go together"):
+        train(cfg, out_dir=tmp_path / "other")
