@@ -124,6 +124,8 @@ class Posterior:
         if self._model is None:
             model = build_model(self.config)
             model.load_state_dict(self.state_dict(0), strict=True)
+            # prediction only: no parameter needs a gradient (autograd then keeps no inputs for weight gradients)
+            model.requires_grad_(False)
             self._model = model.eval().to(self.device)
         return self._model
 
