@@ -115,16 +115,14 @@ class _Chain:
     """One chain's model, optimiser and files."""
 
     def __init__(self, chain: int, config: ModelConfig, settings: SGMCMCSettings, stochastic: List[str],
-                 prior: GaussianPrior, num_data: int, out: Path):
+                 prior: GaussianPrior, num_data: int, out: Path, start: Dict[str, torch.Tensor]):
         self.chain, self.settings, self.stochastic, self.prior = chain, settings, stochastic, prior
         self.seed = config.seed + 7919 * chain
         self.model = build_model(ModelConfig.from_dict({**config.to_dict(), "seed": self.seed})).train()
         self.params = dict(self.model.named_parameters())
-        if settings.init:
-            start = pretrained_weights(settings.init, list(self.params), {n: p.shape for n, p in self.params.items()})
-            with torch.no_grad():
-                for name, value in start.items():
-                    self.params[name].copy_(value)
+        with torch.no_grad():
+            for name, value in start.items():  # pre-trained starting point (settings.init), if any
+                self.params[name].copy_(value)
         groups = {}
         for name, p in self.params.items():
             key = (prior.scale_of(name), layer_of(name))
@@ -235,9 +233,11 @@ def run_sgmcmc(
                        dict(metadata or {}))
     if resume:
         store.load()
+    shapes = {n: p.shape for n, p in template.named_parameters()}
+    start = pretrained_weights(settings.init, list(shapes), shapes) if settings.init else {}  # read once
     shared_burnin = work / "burnin.ckpt"
     for c in range(settings.n_chains):
-        chain = _Chain(c, config, settings, stochastic, prior, len(train), work)
+        chain = _Chain(c, config, settings, stochastic, prior, len(train), work, start)
         if resume and chain.checkpoint_path.is_file():
             chain.load(chain.checkpoint_path)
         elif partial and shared_burnin.is_file():
