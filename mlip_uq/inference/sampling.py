@@ -1,4 +1,5 @@
-"""The SG-MCMC driver: burn-in, pre-heat, thinned sampling, several chains, checkpoints and diagnostics.
+"""The SG-MCMC driver: burn-in, pre-heat, thinned or cyclical sampling, chains in sequence or in parallel
+processes, warm-start continuation, checkpoints and diagnostics.
 
 The update itself is :class:`~mlip_uq.inference.sgmcmc.AdaptiveSGHMC`; this module owns everything around it
 (kernel and driver kept apart, as in BlackJAX):
@@ -7,20 +8,33 @@ The update itself is :class:`~mlip_uq.inference.sgmcmc.AdaptiveSGHMC`; this modu
    parameters while the preconditioner adapts. Then the preconditioner is frozen, and in a partially
    Bayesian model the non-stochastic parameters are fixed at their burn-in values.
 2. **pre-heat** — the temperature ramps linearly from 0 to its target.
-3. **sampling** — one sample every ``thinning`` steps.
+3. **sampling** — one sample every ``thinning`` steps; or, with ``cycle_steps``, cyclical step sizes
+   (cosine cycles with restarts, after Zhang et al., ICLR 2020): each cycle starts with a noise-free
+   exploration part at large steps and ends with a sampling part at small steps.
 
 Each chain has its own seed (and, in a fully Bayesian model, its own initialisation and burn-in; a partially
-Bayesian model shares one burn-in so that the fixed parameters are the same in every sample). Every sample is
-added to ``posterior.h5`` at once (atomic rewrite) and the chain is checkpointed with it, so a killed run
-resumes from its last checkpoint without losing or repeating samples. A NaN/inf stops the chain with a message
-and keeps the samples drawn before it.
+Bayesian model shares one burn-in so that the fixed parameters are the same in every sample). Chains run one
+after the other, or in ``n_processes`` processes (devices) launched by Lightning Fabric (``ddp_spawn``), chain
+``c`` on process ``c % n_processes``; a chain's samples do not depend on where it ran.
+
+Each chain's samples go to ``sgmcmc/samples_chain<c>.h5`` as they are drawn, the chain is checkpointed with
+each, and ``posterior.h5`` is re-assembled from the chain files (all writes atomic), so a killed run resumes
+from its last checkpoints without losing or repeating samples. A NaN/inf stops the chain with a message and
+keeps the samples drawn before it.
+
+:func:`continue_sgmcmc` warm-starts every chain of a finished run on a new (e.g. grown) training set: a
+re-equilibration at the target temperature with the frozen preconditioner, then new samples that replace the
+old ones ("rounds"); it is idempotent, so a killed continuation is resumed by calling it again.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,15 +61,22 @@ class SGMCMCSettings:
     """Settings of the adaptive SGHMC run (steps are minibatch steps).
 
     Args:
-        lr: step size η of the velocity update (see AdaptiveSGHMC).
+        lr: step size η of the velocity update (see AdaptiveSGHMC); the maximum of a cycle with ``cycle_steps``.
         friction: friction α per step.
         temperature: target temperature (1 = the Bayesian posterior; < 1 a cold posterior).
         batch_size: frames per minibatch.
         burnin_steps: noise-free steps while the preconditioner adapts.
         preheat_steps: steps over which the temperature ramps from 0 to ``temperature``.
         n_samples: samples per chain.
-        thinning: steps between samples.
-        n_chains: number of chains (run one after the other).
+        thinning: steps between samples (within the sampling part of a cycle, with ``cycle_steps``).
+        n_chains: number of chains.
+        cycle_steps: None = constant step size; else the sampling phase is made of cosine cycles of this many
+            steps, η_t = lr · (1 + cos(π t / cycle_steps)) / 2 restarting at lr every cycle.
+        exploration_fraction: with ``cycle_steps``, the first part of each cycle runs noise-free (exploration);
+            samples are drawn in the rest.
+        n_processes: chains run in this many processes (Lightning Fabric, ``ddp_spawn``; one device each with
+            a GPU accelerator); 1 = one after the other in this process.
+        accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         stochastic: which parameters are sampled: ``all``, ``{last_layers: N}`` or ``{patterns: [...]}``.
         init: start every chain from pre-trained weights (a posterior file or checkpoint, matched as prior
             centres are) instead of a fresh initialisation; None: fresh.
@@ -77,6 +98,10 @@ class SGMCMCSettings:
     n_samples: int = 20
     thinning: int = 100
     n_chains: int = 1
+    cycle_steps: Optional[int] = None
+    exploration_fraction: float = 0.5
+    n_processes: int = 1
+    accelerator: str = "auto"
     stochastic: Union[str, Dict] = "all"
     init: Optional[str] = None
     prior: Dict = field(default_factory=lambda: {"scale": 1.0})
@@ -86,20 +111,112 @@ class SGMCMCSettings:
     beta2: float = 0.999
     eps: float = 1e-8
 
+    def __post_init__(self):
+        for name in ("batch_size", "n_samples", "thinning", "n_chains", "n_processes", "checkpoint_every",
+                     "trace_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"sgmcmc.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.burnin_steps < 1 or self.preheat_steps < 0:
+            raise ValueError("sgmcmc.burnin_steps must be >= 1 and sgmcmc.preheat_steps >= 0")
+        if self.accelerator not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"sgmcmc.accelerator must be auto, cpu or cuda, got {self.accelerator!r}")
+        if self.cycle_steps is not None:
+            if not 0 <= self.exploration_fraction < 1:
+                raise ValueError(f"sgmcmc.exploration_fraction must be in [0, 1), got {self.exploration_fraction}")
+            if self.schedule().per_cycle < 1:
+                raise ValueError(
+                    f"sgmcmc.cycle_steps={self.cycle_steps} leaves no room for a sample: the sampling part of a "
+                    f"cycle ({self.cycle_steps - self.schedule().exploration_steps} steps) is shorter than "
+                    f"thinning={self.thinning}"
+                )
+
+    def schedule(self, start: int = 0, settle_steps: int = 0, n_samples: Optional[int] = None) -> "Schedule":
+        """The step plan of a chain: from step 0 with burn-in and pre-heat (a run), or, for a warm start, from
+        ``start`` with ``settle_steps`` at the target temperature and ``n_samples`` samples (a continuation)."""
+        first_run = start == 0
+        burnin_end = self.burnin_steps if first_run else start
+        preheat_end = burnin_end + (self.preheat_steps if first_run else 0)
+        exploration = 0 if self.cycle_steps is None else int(math.ceil(self.exploration_fraction * self.cycle_steps))
+        return Schedule(start=start, burnin_end=burnin_end, preheat_end=preheat_end,
+                        sampling_start=preheat_end + settle_steps,
+                        n_samples=self.n_samples if n_samples is None else n_samples, thinning=self.thinning,
+                        temperature=self.temperature, cycle_steps=self.cycle_steps, exploration_steps=exploration)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Phase, temperature, step-size factor and sample index of every step of one chain segment.
+
+    Steps ``[start, burnin_end)``: burn-in (T = 0, preconditioner adapting); ``[burnin_end, preheat_end)``:
+    the temperature ramps to its target; ``[preheat_end, sampling_start)``: settling at the target
+    temperature (warm starts); from ``sampling_start``: sampling, a sample after every ``thinning``-th step,
+    or in cycles of ``cycle_steps`` whose first ``exploration_steps`` are noise-free.
+    """
+
+    start: int
+    burnin_end: int
+    preheat_end: int
+    sampling_start: int
+    n_samples: int
+    thinning: int
+    temperature: float
+    cycle_steps: Optional[int] = None
+    exploration_steps: int = 0
+
     @property
-    def total_steps(self) -> int:
-        return self.burnin_steps + self.preheat_steps + self.n_samples * self.thinning
+    def per_cycle(self) -> int:
+        return (self.cycle_steps - self.exploration_steps) // self.thinning
+
+    @property
+    def end(self) -> int:
+        """The step after the last sample."""
+        if self.cycle_steps is None:
+            return self.sampling_start + self.n_samples * self.thinning
+        cycle, j = divmod(self.n_samples - 1, self.per_cycle)
+        return self.sampling_start + cycle * self.cycle_steps + self.exploration_steps + (j + 1) * self.thinning
+
+    def _position(self, step: int) -> int:
+        return (step - self.sampling_start) % self.cycle_steps
+
+    def phase(self, step: int) -> str:
+        if step < self.burnin_end:
+            return "burnin"
+        if step < self.preheat_end:
+            return "preheat"
+        if step < self.sampling_start:
+            return "settle"
+        if self.cycle_steps is not None and self._position(step) < self.exploration_steps:
+            return "exploration"
+        return "sampling"
 
     def temperature_at(self, step: int) -> float:
-        if step < self.burnin_steps:
+        phase = self.phase(step)
+        if phase in ("burnin", "exploration"):
             return 0.0
-        if step < self.burnin_steps + self.preheat_steps:
-            return self.temperature * (step - self.burnin_steps + 1) / self.preheat_steps
+        if phase == "preheat":
+            return self.temperature * (step - self.burnin_end + 1) / (self.preheat_end - self.burnin_end)
         return self.temperature
 
-    def is_sample_step(self, step: int) -> bool:
-        k = step + 1 - self.burnin_steps - self.preheat_steps
-        return k > 0 and k % self.thinning == 0
+    def lr_factor(self, step: int) -> float:
+        """1 outside cycles; (1 + cos(π t / cycle_steps)) / 2 at position t of a cycle."""
+        if self.cycle_steps is None or step < self.sampling_start:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * self._position(step) / self.cycle_steps))
+
+    def sample_index(self, step: int) -> Optional[int]:
+        """The index of the sample taken after ``step`` (0-based), or None when no sample is taken there."""
+        if step < self.sampling_start:
+            return None
+        k = step - self.sampling_start
+        if self.cycle_steps is None:
+            index = (k + 1) // self.thinning - 1 if (k + 1) % self.thinning == 0 else None
+        else:
+            cycle, position = divmod(k, self.cycle_steps)
+            j = position - self.exploration_steps + 1
+            if j <= 0 or j % self.thinning or j // self.thinning > self.per_cycle:
+                return None
+            index = cycle * self.per_cycle + j // self.thinning - 1
+        return index if index is not None and index < self.n_samples else None
 
 
 def minibatch(graphs: List[AtomicDataDict.Type], batch_size: int, seed: int, step: int) -> AtomicDataDict.Type:
@@ -112,13 +229,15 @@ def minibatch(graphs: List[AtomicDataDict.Type], batch_size: int, seed: int, ste
 
 
 class _Chain:
-    """One chain's model, optimiser and files."""
+    """One chain's model, optimiser, schedule and files."""
 
     def __init__(self, chain: int, config: ModelConfig, settings: SGMCMCSettings, stochastic: List[str],
-                 prior: GaussianPrior, num_data: int, out: Path, start: Dict[str, torch.Tensor]):
+                 prior: GaussianPrior, num_data: int, work: Path, start: Dict[str, torch.Tensor],
+                 device: torch.device):
         self.chain, self.settings, self.stochastic, self.prior = chain, settings, stochastic, prior
         self.seed = config.seed + 7919 * chain
-        self.model = build_model(ModelConfig.from_dict({**config.to_dict(), "seed": self.seed})).train()
+        self.model = build_model(ModelConfig.from_dict({**config.to_dict(), "seed": self.seed})).to(device).train()
+        self.device = device
         self.params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in start.items():  # pre-trained starting point (settings.init), if any
@@ -136,11 +255,14 @@ class _Chain:
             lr=settings.lr, num_data=num_data, temperature=0.0, friction=settings.friction,
             beta2=settings.beta2, eps=settings.eps, seed=self.seed,
         )
-        self.checkpoint_path = out / f"chain{chain}.ckpt"
-        self.trace_path = out / f"trace_chain{chain}.csv"
+        self.checkpoint_path = work / f"chain{chain}.ckpt"
+        self.trace_path = work / f"trace_chain{chain}.csv"
+        self.samples_path = work / f"samples_chain{chain}.h5"
         self.step = 0
         self.n_drawn = 0
         self.status = "running"
+        self.round = 0
+        self.round_start = 0
 
     def fix_shared(self) -> None:
         """After burn-in: freeze the preconditioner and fix the non-stochastic parameters."""
@@ -148,9 +270,21 @@ class _Chain:
         for name, p in self.params.items():
             p.requires_grad_(name in self.stochastic)
 
+    def start_round(self, round_: int, num_data: int) -> None:
+        """Begin warm-start round ``round_`` from the current state on a training set of ``num_data``."""
+        self.round, self.round_start, self.n_drawn, self.status = round_, self.step, 0, "running"
+        for group in self.optimizer.param_groups:
+            group["num_data"] = num_data
+
+    def schedule(self, rounds: Dict) -> Schedule:
+        if self.round == 0:
+            return self.settings.schedule()
+        return self.settings.schedule(start=self.round_start, settle_steps=rounds["settle_steps"],
+                                      n_samples=rounds["n_samples"])
+
     def state(self) -> Dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "n_drawn": self.n_drawn, "status": self.status}
+                "n_drawn": self.n_drawn, "status": self.status, "round": self.round, "round_start": self.round_start}
 
     def save(self, path: Optional[Path] = None) -> None:
         path = path or self.checkpoint_path
@@ -159,50 +293,100 @@ class _Chain:
         tmp.replace(path)
 
     def load(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.n_drawn, self.status = state["step"], state["n_drawn"], state["status"]
+        self.round, self.round_start = state.get("round", 0), state.get("round_start", 0)
         if self.step >= self.settings.burnin_steps:
             self.fix_shared()
 
 
-class _SampleSet:
-    """The samples drawn so far (all chains) and the posterior file that holds them."""
+@dataclass
+class _Job:
+    """Everything a process needs to run its chains (picklable, for spawned processes)."""
 
-    def __init__(self, config: ModelConfig, stochastic: List[str], path: Path, hyper: Dict, metadata: Dict):
-        self.config, self.stochastic, self.path, self.hyper, self.metadata = config, stochastic, path, hyper, metadata
-        self.samples: List[Dict[str, torch.Tensor]] = []
-        self.chains: List[int] = []
-        self.shared: Optional[Dict[str, torch.Tensor]] = None
+    config: ModelConfig
+    train: List[AtomicDataDict.Type]
+    settings: SGMCMCSettings
+    stochastic: List[str]
+    prior: GaussianPrior
+    start: Dict[str, torch.Tensor]
+    out_dir: Path
+    hyper: Dict
+    metadata: Dict
+    resume: bool
+    rounds: Dict  # the warm-start round: {"round": r, "settle_steps", "n_samples", ...}; round 0 = the first run
 
-    def load(self) -> None:
-        """Samples of a killed run, from its posterior file."""
-        if self.path.is_file():
-            previous = load_posterior(self.path)
-            self.chains = list(previous.hyperparameters["sample_chains"])
-            self.samples = [previous.sample_parameters(k) for k in range(previous.n_samples)]
-            self.shared = dict(previous.shared)
+    @property
+    def work(self) -> Path:
+        return self.out_dir / "sgmcmc"
 
-    def keep(self, chain: int, n: int) -> None:
-        """Keep only the first ``n`` samples of ``chain`` (those its checkpoint knows about)."""
-        idx = [i for i, c in enumerate(self.chains) if c == chain]
-        drop = set(idx[n:])
-        self.samples = [s for i, s in enumerate(self.samples) if i not in drop]
-        self.chains = [c for i, c in enumerate(self.chains) if i not in drop]
+    @property
+    def partial(self) -> bool:
+        return bool(self.hyper["partial"])
 
-    def add(self, chain: "_Chain") -> None:
-        if self.shared is None:
-            self.shared = {n: t.detach().clone() for n, t in chain.model.state_dict().items() if n not in self.stochastic}
-        self.samples.append({n: chain.params[n].detach().clone() for n in self.stochastic})
-        self.chains.append(chain.chain)
-        self.posterior().save(self.path)
+    def chain(self, c: int, device: torch.device) -> _Chain:
+        return _Chain(c, self.config, self.settings, self.stochastic, self.prior, len(self.train), self.work,
+                      self.start, device)
 
-    def posterior(self) -> Posterior:
-        return Posterior(
-            self.config, self.shared, {n: torch.stack([s[n] for s in self.samples]) for n in self.stochastic},
-            method="sgmcmc", hyperparameters={**self.hyper, "sample_chains": self.chains}, **self.metadata,
-        )
+
+def _chain_samples(path: Path, round_: int) -> Optional[Posterior]:
+    """A chain's sample file, if it holds samples of round ``round_``."""
+    if not path.is_file():
+        return None
+    samples = load_posterior(path)
+    return samples if samples.hyperparameters.get("round", 0) == round_ else None
+
+
+def _write_chain_samples(chain: _Chain, job: _Job) -> None:
+    """Write ``chain.samples`` (its samples of this round) to the chain's sample file, atomically."""
+    if not chain.samples:
+        chain.samples_path.unlink(missing_ok=True)
+        return
+    shared = {n: t.detach().cpu().clone() for n, t in chain.model.state_dict().items() if n not in job.stochastic}
+    stacked = {n: torch.stack([s[n] for s in chain.samples]) for n in job.stochastic}
+    Posterior(job.config, shared, stacked, method="sgmcmc", hyperparameters={"round": chain.round, "chain": chain.chain},
+              **job.metadata).save(chain.samples_path)
+
+
+def assemble_posterior(job: _Job) -> Optional[Posterior]:
+    """The posterior of all chains' samples of the current round (chain order), written to ``posterior.h5``;
+    None while no chain has a sample."""
+    parts = [(c, _chain_samples(job.work / f"samples_chain{c}.h5", job.rounds["round"]))
+             for c in range(job.settings.n_chains)]
+    parts = [(c, p) for c, p in parts if p is not None]
+    if not parts:
+        return None
+    chains = [c for c, p in parts for _ in range(p.n_samples)]
+    samples = {n: torch.cat([p.samples[n] for _, p in parts]) for n in job.stochastic}
+    posterior = Posterior(job.config, parts[0][1].shared, samples, method="sgmcmc",
+                          hyperparameters={**job.hyper, "sample_chains": chains, "round": job.rounds["round"]},
+                          **job.metadata)
+    posterior.save(job.out_dir / "posterior.h5")
+    return posterior
+
+
+def _device(accelerator: str) -> torch.device:
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(accelerator)
+
+
+def _make_job(config: ModelConfig, train: List[AtomicDataDict.Type], settings: SGMCMCSettings, out_dir: Path,
+              metadata: Optional[Dict], resume: bool, rounds: Dict) -> _Job:
+    noise = settings_from(NoiseModel, settings.noise, "sgmcmc.noise")
+    if noise.heteroscedastic and not config.noise_head:
+        raise ValueError("sgmcmc.noise.heteroscedastic needs model.noise_head: true")
+    template = build_model(config)
+    stochastic = select_stochastic(template, settings.stochastic)
+    partial = len(stochastic) < sum(1 for p in template.parameters() if p.requires_grad)
+    prior = _prior(settings.prior, template, stochastic)
+    shapes = {n: p.shape for n, p in template.named_parameters()}
+    start = pretrained_weights(settings.init, list(shapes), shapes) if settings.init else {}  # read once
+    (Path(out_dir) / "sgmcmc").mkdir(parents=True, exist_ok=True)
+    return _Job(config, train, settings, stochastic, prior, start, Path(out_dir), {**asdict(settings), "partial": partial},
+                dict(metadata or {}), resume, rounds)
 
 
 def run_sgmcmc(
@@ -216,44 +400,128 @@ def run_sgmcmc(
     """Sample the posterior of ``config``'s parameters given the ``train`` graphs; returns the Posterior and
     keeps ``out_dir/posterior.h5`` up to date with every sample drawn.
 
-    Files: ``out_dir/sgmcmc/chain<c>.ckpt`` (checkpoints), ``trace_chain<c>.csv`` (potential terms, step
-    sizes, gradient norms), ``diagnostics.json`` (ESS per layer, split-R̂ across chains), ``trace.png``.
+    Files in ``out_dir/sgmcmc``: ``chain<c>.ckpt`` (checkpoints), ``samples_chain<c>.h5`` (each chain's
+    samples), ``trace_chain<c>.csv`` (potential terms, step sizes, gradient norms), ``diagnostics.json`` (ESS
+    per layer, split-R̂ across chains), ``trace.png``. With ``resume``, chains continue from their checkpoints.
     """
-    out_dir = Path(out_dir)
-    work = out_dir / "sgmcmc"
-    work.mkdir(parents=True, exist_ok=True)
-    noise = settings_from(NoiseModel, settings.noise, "sgmcmc.noise")
-    if noise.heteroscedastic and not config.noise_head:
-        raise ValueError("sgmcmc.noise.heteroscedastic needs model.noise_head: true")
-    template = build_model(config)
-    stochastic = select_stochastic(template, settings.stochastic)
-    partial = len(stochastic) < sum(1 for p in template.parameters() if p.requires_grad)
-    prior = _prior(settings.prior, template, stochastic)
-    store = _SampleSet(config, stochastic, out_dir / "posterior.h5", {**asdict(settings), "partial": partial},
-                       dict(metadata or {}))
-    if resume:
-        store.load()
-    shapes = {n: p.shape for n, p in template.named_parameters()}
-    start = pretrained_weights(settings.init, list(shapes), shapes) if settings.init else {}  # read once
-    shared_burnin = work / "burnin.ckpt"
-    for c in range(settings.n_chains):
-        chain = _Chain(c, config, settings, stochastic, prior, len(train), work, start)
-        if resume and chain.checkpoint_path.is_file():
-            chain.load(chain.checkpoint_path)
-        elif partial and shared_burnin.is_file():
-            # one burn-in for all chains: the fixed parameters are the same in every sample
-            chain.load(shared_burnin)
-            chain.optimizer.reseed(chain.seed)
-        # samples written after the chain's last checkpoint are dropped: the chain draws them again
-        store.keep(c, chain.n_drawn)
-        if chain.status == "running":
-            _run_chain(chain, train, settings, noise, store, shared_burnin if partial else None)
-    if not store.samples:
-        raise RuntimeError(f"no SG-MCMC sample was drawn; see the traces in {work}")
-    posterior = store.posterior()
-    posterior.save(store.path)
-    write_diagnostics(posterior, work)
+    work = Path(out_dir) / "sgmcmc"
+    if not resume and work.is_dir():  # a fresh run: nothing of an earlier run in this folder is reused
+        for stale in [*work.glob("*.ckpt"), *work.glob("samples_chain*.h5"), work / "rounds.json"]:
+            stale.unlink(missing_ok=True)
+    job = _make_job(config, train, settings, out_dir, metadata, resume, {"round": 0})
+    return _run_job(job)
+
+
+def continue_sgmcmc(
+    config: ModelConfig,
+    train: List[AtomicDataDict.Type],
+    settings: SGMCMCSettings,
+    out_dir: Path,
+    n_steps: int,
+    n_samples: int,
+    metadata: Optional[Dict] = None,
+) -> Posterior:
+    """Warm start: continue every chain of the run in ``out_dir`` on a new training set (e.g. one grown by
+    active learning) and return the new posterior.
+
+    Each chain goes on from its last checkpoint with ``num_data = len(train)``, takes ``n_steps`` steps at the
+    target temperature with its frozen preconditioner (re-equilibration to the new posterior), then draws
+    ``n_samples`` samples (thinning and cycles as in ``settings``, which must be the run's). The new samples
+    replace the old ones in ``posterior.h5`` (they belong to another posterior). Diverged chains stay stopped.
+
+    Idempotent: a continuation is identified by its data and arguments, so calling it again after a kill
+    resumes it, and calling it again after it finished returns its posterior without sampling.
+    """
+    work = Path(out_dir) / "sgmcmc"
+    if not any(work.glob("chain*.ckpt")):
+        raise FileNotFoundError(f"{work} holds no SG-MCMC chain to continue; run the sampler first")
+    if n_steps < 0 or n_samples < 1:
+        raise ValueError(f"continue_sgmcmc needs n_steps >= 0 and n_samples >= 1, got {n_steps}, {n_samples}")
+    key = _data_key(train, n_steps, n_samples)
+    rounds_path = work / "rounds.json"
+    rounds = json.loads(rounds_path.read_text()) if rounds_path.is_file() else {"round": 0, "key": None}
+    if rounds["key"] != key:
+        rounds = {"round": rounds["round"] + 1, "key": key, "settle_steps": n_steps, "n_samples": n_samples,
+                  "num_data": len(train)}
+        tmp = rounds_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rounds, indent=1))
+        tmp.replace(rounds_path)
+    job = _make_job(config, train, settings, out_dir, metadata, True, rounds)
+    return _run_job(job)
+
+
+def _data_key(train: List[AtomicDataDict.Type], n_steps: int, n_samples: int) -> str:
+    digest = hashlib.sha256(f"{len(train)} {n_steps} {n_samples}".encode())
+    for g in train:
+        for key in (AtomicDataDict.POSITIONS_KEY, AtomicDataDict.ATOM_TYPE_KEY, AtomicDataDict.FORCE_KEY):
+            digest.update(g[key].detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _run_job(job: _Job) -> Posterior:
+    if job.partial and job.rounds["round"] == 0:
+        _shared_burnin(job, _device(job.settings.accelerator))
+    n_processes = min(job.settings.n_processes, job.settings.n_chains)
+    if n_processes == 1:
+        _run_chains(job, 0, 1, _device(job.settings.accelerator))
+    else:
+        from lightning.fabric import Fabric
+
+        accelerator = _device(job.settings.accelerator).type
+        log.info("running %d chains in %d processes (%s)", job.settings.n_chains, n_processes, accelerator)
+        Fabric(accelerator=accelerator, devices=n_processes, strategy="ddp_spawn").launch(_fabric_worker, job)
+    posterior = assemble_posterior(job)
+    if posterior is None:
+        raise RuntimeError(f"no SG-MCMC sample was drawn; see the traces in {job.work}")
+    write_diagnostics(posterior, job.work)
     return posterior
+
+
+def _fabric_worker(fabric, job: _Job) -> None:
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()
+    if fabric.device.type == "cpu":  # share the cores between the processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // fabric.world_size))
+    _run_chains(job, fabric.global_rank, fabric.world_size, fabric.device)
+
+
+def _shared_burnin(job: _Job, device: torch.device) -> None:
+    """One burn-in for every chain of a partially Bayesian model (``burnin.ckpt``): the fixed parameters are
+    then the same in every sample. Run by chain 0's model; resumable from ``burnin_running.ckpt``."""
+    done = job.work / "burnin.ckpt"
+    if done.is_file():
+        return
+    chain = job.chain(0, device)
+    chain.checkpoint_path = job.work / "burnin_running.ckpt"
+    if job.resume and chain.checkpoint_path.is_file():
+        chain.load(chain.checkpoint_path)
+    _run_chain(chain, job, stop=job.settings.burnin_steps)
+    chain.save(done)
+
+
+def _run_chains(job: _Job, rank: int, world: int, device: torch.device) -> None:
+    """Run chains ``rank, rank + world, ...`` of ``job``."""
+    round_ = job.rounds["round"]
+    for c in range(rank, job.settings.n_chains, world):
+        chain = job.chain(c, device)
+        if job.resume and chain.checkpoint_path.is_file():
+            chain.load(chain.checkpoint_path)
+        elif round_ > 0:
+            raise FileNotFoundError(f"chain {c} has no checkpoint in {job.work} to continue from")
+        elif job.partial:
+            chain.load(job.work / "burnin.ckpt")
+            chain.optimizer.reseed(chain.seed)
+        if chain.round < round_ and chain.status != "diverged":
+            chain.start_round(round_, len(job.train))
+        # samples written after the chain's last checkpoint are dropped: the chain draws them again
+        on_file = _chain_samples(chain.samples_path, chain.round)
+        chain.samples = [on_file.sample_parameters(k) for k in range(chain.n_drawn)] if on_file else []
+        _write_chain_samples(chain, job)
+        if chain.status == "running":
+            _run_chain(chain, job, stop=chain.schedule(job.rounds).end)
+        elif chain.round < round_:
+            log.warning("chain %d diverged in an earlier round and is not continued", c)
 
 
 def _prior(spec: Dict, model: torch.nn.Module, stochastic: List[str]) -> GaussianPrior:
@@ -275,8 +543,10 @@ _TRACE_FIELDS = ["step", "phase", "temperature", "neg_log_likelihood", "neg_log_
                  "median_step_size"]
 
 
-def _run_chain(chain: _Chain, train, settings: SGMCMCSettings, noise: NoiseModel, store: _SampleSet,
-               shared_burnin: Optional[Path]) -> None:
+def _run_chain(chain: _Chain, job: _Job, stop: int) -> None:
+    """Step ``chain`` until step ``stop``, drawing the samples its schedule asks for."""
+    settings, schedule = job.settings, chain.schedule(job.rounds)
+    noise = settings_from(NoiseModel, settings.noise, "sgmcmc.noise")
     # rows after the checkpoint being resumed from are written again
     kept = [r for r in csv.DictReader(open(chain.trace_path))] if chain.trace_path.is_file() else []
     trace_file = open(chain.trace_path, "w", newline="")
@@ -284,14 +554,14 @@ def _run_chain(chain: _Chain, train, settings: SGMCMCSettings, noise: NoiseModel
     writer.writeheader()
     writer.writerows(r for r in kept if int(r["step"]) < chain.step)
     start = time.perf_counter()
-    n = len(train)
+    n = len(job.train)
     try:
-        while chain.step < settings.total_steps:
+        while chain.step < stop:
             step = chain.step
-            temperature = settings.temperature_at(step)
+            temperature, lr = schedule.temperature_at(step), settings.lr * schedule.lr_factor(step)
             for group in chain.optimizer.param_groups:
-                group["temperature"] = temperature
-            batch = minibatch(train, settings.batch_size, chain.seed, step)
+                group["temperature"], group["lr"] = temperature, lr
+            batch = AtomicDataDict.to_(minibatch(job.train, settings.batch_size, chain.seed, step), chain.device)
             nll = neg_log_likelihood(chain.model(batch), batch, noise).mean()
             chain.optimizer.zero_grad(set_to_none=True)
             try:
@@ -305,44 +575,38 @@ def _run_chain(chain: _Chain, train, settings: SGMCMCSettings, noise: NoiseModel
                           chain.chain, step, e, chain.n_drawn)
                 break
             chain.step = step + 1
-            if chain.step == settings.burnin_steps:
+            if chain.step == schedule.burnin_end > schedule.start:
                 chain.fix_shared()
-                if shared_burnin is not None and not shared_burnin.is_file():
-                    chain.save(shared_burnin)
             if step % settings.trace_every == 0:
-                writer.writerow(_trace_row(chain, step, temperature, n * nll.item(), settings))
-            if settings.is_sample_step(step):
+                writer.writerow(_trace_row(chain, schedule, step, n * nll.item()))
+            if schedule.sample_index(step) is not None:
                 chain.n_drawn += 1
-                store.add(chain)
+                chain.samples.append({name: chain.params[name].detach().cpu().clone() for name in job.stochastic})
+                _write_chain_samples(chain, job)
+                assemble_posterior(job)
                 chain.save()
                 log.info("chain %d: sample %d/%d at step %d (%.0f s)", chain.chain, chain.n_drawn,
-                         settings.n_samples, chain.step, time.perf_counter() - start)
+                         schedule.n_samples, chain.step, time.perf_counter() - start)
             elif chain.step % settings.checkpoint_every == 0:
                 chain.save()
                 log.info("chain %d: step %d/%d, %s, T %.3g, N*nll %.5g (%.0f s)", chain.chain, chain.step,
-                         settings.total_steps, _phase(settings, step), temperature, n * nll.item(),
-                         time.perf_counter() - start)
-        else:
+                         schedule.end, schedule.phase(step), temperature, n * nll.item(), time.perf_counter() - start)
+        if chain.step >= schedule.end:
             chain.status = "done"
         chain.save()
     finally:
         trace_file.close()
 
 
-def _phase(settings: SGMCMCSettings, step: int) -> str:
-    if step < settings.burnin_steps:
-        return "burnin"
-    return "preheat" if step < settings.burnin_steps + settings.preheat_steps else "sampling"
-
-
-def _trace_row(chain: _Chain, step: int, temperature: float, neg_log_lik: float, settings: SGMCMCSettings) -> Dict:
+def _trace_row(chain: _Chain, schedule: Schedule, step: int, neg_log_lik: float) -> Dict:
     stochastic = {n: chain.params[n] for n in chain.stochastic}
     grads = [p.grad for p in chain.params.values() if p.grad is not None]
-    step_sizes = torch.cat([(settings.lr * chain.optimizer.preconditioner(p)).flatten() for p in stochastic.values()])
+    lr = chain.optimizer.param_groups[0]["lr"]
+    step_sizes = torch.cat([(lr * chain.optimizer.preconditioner(p)).flatten() for p in stochastic.values()])
     return {
         "step": step,
-        "phase": _phase(settings, step),
-        "temperature": temperature,
+        "phase": schedule.phase(step),
+        "temperature": schedule.temperature_at(step),
         "neg_log_likelihood": neg_log_lik,
         "neg_log_prior": chain.prior.neg_log_prob({n: p.detach() for n, p in stochastic.items()}).item(),
         "grad_norm": float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) if grads else 0.0,

@@ -140,3 +140,74 @@ def test_bad_sgmcmc_options_are_reported(tio2_path, tmp_path):
         train(config(tio2_path, noise={"force": 0.1}), out_dir=tmp_path / "f")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(config(tio2_path, prior={"center": str(tmp_path / "none.h5")}), out_dir=tmp_path / "d")
+
+
+def test_chains_in_parallel_processes_draw_the_samples_of_sequential_chains(tio2_path, full_run, tmp_path):
+    # two chains in two processes (Lightning Fabric, ddp_spawn): a chain's samples do not depend on where it ran
+    train(config(tio2_path, n_processes=2, accelerator="cpu"), out_dir=tmp_path)
+    parallel, sequential = load_posterior(tmp_path / "posterior.h5"), load_posterior(full_run / "posterior.h5")
+    assert parallel.hyperparameters["sample_chains"] == sequential.hyperparameters["sample_chains"]
+    for name, t in sequential.samples.items():
+        torch.testing.assert_close(parallel.samples[name], t, rtol=0, atol=0)
+
+
+def test_cyclical_step_sizes_sample_at_the_end_of_each_cycle(tio2_path, tmp_path):
+    import csv
+
+    out = train(config(tio2_path, n_chains=1, preheat_steps=0, n_samples=4, thinning=2, cycle_steps=8,
+                       exploration_fraction=0.5, trace_every=1), out_dir=tmp_path)
+    post = load_posterior(out / "posterior.h5")
+    assert post.n_samples == 4
+    rows = list(csv.DictReader(open(out / "sgmcmc" / "trace_chain0.csv")))
+    cycle = [r for r in rows if 30 <= int(r["step"]) < 38]
+    assert [r["phase"] for r in cycle] == ["exploration"] * 4 + ["sampling"] * 4
+    assert [float(r["temperature"]) for r in cycle] == [0.0] * 4 + [1.0] * 4
+    steps = [float(r["median_step_size"]) for r in cycle]
+    assert all(a > b for a, b in zip(steps, steps[1:]))  # cosine decay within the cycle
+    assert float(rows[38]["median_step_size"]) == pytest.approx(steps[0])  # restart
+
+
+def test_warm_start_continues_the_chains_on_more_data(tio2_path, full_run, tmp_path, monkeypatch):
+    import shutil
+
+    from mlip_uq.data import FrameStore
+    from mlip_uq.inference.sampling import SGMCMCSettings, continue_sgmcmc
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    first = load_posterior(run / "posterior.h5")
+    splits = json.loads((run / "splits.json").read_text())
+    grown = FrameStore.open(run / "data.h5").graphs(splits["train"] + splits["val"])
+    settings = SGMCMCSettings(**config(tio2_path)["sgmcmc"])
+    post = continue_sgmcmc(first.config, grown, settings, run, n_steps=5, n_samples=2)
+    assert post.n_samples == 4 and post.hyperparameters["sample_chains"] == [0, 0, 1, 1]
+    assert post.hyperparameters["round"] == 1
+    assert not torch.equal(post.samples[READOUT][0], first.samples[READOUT][3])
+    chain0 = torch.load(run / "sgmcmc" / "chain0.ckpt", weights_only=True)
+    assert chain0["step"] == 48 + 5 + 2 * 3 and chain0["round"] == 1
+    assert all(g["num_data"] == len(grown) for g in chain0["optimizer"]["param_groups"])
+    # idempotent: the same continuation again draws nothing and returns the same posterior
+    monkeypatch.setattr(sampling, "_run_chain", lambda *a, **k: pytest.fail("sampled again"))
+    again = continue_sgmcmc(first.config, grown, settings, run, n_steps=5, n_samples=2)
+    torch.testing.assert_close(again.samples[READOUT], post.samples[READOUT], rtol=0, atol=0)
+    monkeypatch.undo()
+
+    # a continuation killed half-way is resumed by calling it again, to the same samples
+    killed = tmp_path / "killed"
+    shutil.copytree(full_run, killed)
+    original = sampling._Chain.save
+    calls = {"n": 0}
+
+    def save_then_die(self, path=None):
+        original(self, path)
+        calls["n"] += 1
+        if calls["n"] == 2:  # chain 0 after the first sample of the round (checkpoints at step 50, 56)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling._Chain, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        continue_sgmcmc(first.config, grown, settings, killed, n_steps=5, n_samples=2)
+    monkeypatch.undo()
+    resumed = continue_sgmcmc(first.config, grown, settings, killed, n_steps=5, n_samples=2)
+    for name, t in post.samples.items():
+        torch.testing.assert_close(resumed.samples[name], t, rtol=0, atol=0)

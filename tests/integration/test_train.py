@@ -48,7 +48,9 @@ def test_training_writes_posterior_metrics_plot_and_lowers_validation_error(trai
     val = store.graphs(json.loads((out / "splits.json").read_text())["val"])
     untrained = Posterior.from_state_dicts(post.config, [build_model(post.config).state_dict()])
     before, after = predict_graphs(untrained, val), predict_graphs(post, val)
-    mae = lambda p: np.abs(p.forces_pred - p.forces_true).mean()
+    def mae(p):
+        return np.abs(p.forces_pred - p.forces_true).mean()
+
     assert mae(after) < 0.75 * mae(before)
     metrics = json.loads((out / "metrics.json").read_text())
     assert DESIGN_KEYS <= set(metrics) and metrics["n_structures"] == 12 and metrics["n_samples"] == 1
