@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 
@@ -29,6 +30,48 @@ def _evaluate(args) -> int:
     metrics = evaluate_file(args.posterior, args.data, out=args.out, plots_dir=args.plots, keys=keys,
                             batch_size=args.batch_size, device=args.device)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .data import LabelKeys
+    from .evaluate import calibrate_file
+
+    keys = LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key)
+    report = calibrate_file(args.posterior, args.data, isotonic=args.isotonic, out=args.out, plots_dir=args.plots,
+                            keys=keys, batch_size=args.batch_size, device=args.device)
+    print(f"calibration written into {args.posterior}: {report['calibration']}")
+    for name in ("energy_nll", "energy_miscal_area", "forces_nll", "forces_miscal_area"):
+        if name in report["before"]:
+            print(f"  {name:20s} before {report['before'][name]:10.4f}   after {report['after'][name]:10.4f}")
+    return 0
+
+
+def _md(args) -> int:
+    import ase.io
+
+    from .calculator import UQCalculator
+    from .md import ForceStdRule, run_md
+
+    atoms = ase.io.read(args.structure, args.index)
+    rule = None
+    if args.max_force_std is not None:
+        rule = ForceStdRule(args.max_force_std, relative=args.relative, consecutive=args.consecutive)
+    calc = UQCalculator(args.posterior, device=args.device, dtype=args.dtype)
+    result = run_md(atoms, calc, steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
+                    ensemble=args.ensemble, out_dir=args.out, stop_rule=rule, log_every=args.log_every,
+                    friction=args.friction, seed=args.seed, pressure_GPa=args.pressure)
+    print(f"{result.steps_done} steps" + (f"; stopped: {result.stop_reason}" if result.stopped else ""))
+    print(f"trajectory: {result.trajectory_path}\nlog:        {result.log_path}\nplot:       {result.plot_path}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import compare
+
+    out = args.out or f"runs/{Path(args.config).stem}" + (f"_{args.budget}" if args.budget else "")
+    compare(args.config, out, budget=args.budget)
+    print(f"results: {Path(out) / 'results.md'} (tables), {Path(out) / 'results.json'}; plots: {out}/*.png")
     return 0
 
 
@@ -56,6 +99,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit std recalibration on validation structures; writes it into the posterior")
+    p.add_argument("posterior", help="posterior.h5 (updated in place, atomically)")
+    p.add_argument("data", help="labelled validation structures, any ASE-readable file")
+    p.add_argument("--isotonic", action="store_true", help="isotonic maps instead of one scalar factor per quantity")
+    p.add_argument("--out", help="write the before/after metrics to this JSON file")
+    p.add_argument("--plots", help="write the recalibrated calibration plots into this folder")
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--stress-key", default="stress")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("md", help="uncertainty-aware MD; writes trajectory.extxyz, md_log.csv, uncertainty.png")
+    p.add_argument("posterior", help="posterior.h5")
+    p.add_argument("structure", help="starting structure, any ASE-readable file (xyz, extxyz, cif, ...)")
+    p.add_argument("--index", default="0", help="frame of the structure file (ASE index, default 0)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--temperature", type=float, default=300.0, help="K")
+    p.add_argument("--timestep", type=float, default=1.0, help="fs")
+    p.add_argument("--ensemble", default="langevin", choices=["nve", "langevin", "npt"])
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction (1/fs)")
+    p.add_argument("--pressure", type=float, default=0.0, help="npt pressure (GPa)")
+    p.add_argument("--max-force-std", type=float, help="stop when the largest per-atom force std exceeds this "
+                   "(eV/Å; with --relative a fraction of |F_i| + 0.1 eV/Å)")
+    p.add_argument("--relative", action="store_true", help="threshold relative to each atom's force magnitude")
+    p.add_argument("--consecutive", type=int, default=1, help="steps in a row above the threshold before stopping")
+    p.add_argument("--log-every", type=int, default=1, help="record/log/write a frame every this many steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="md_out", help="output folder (default md_out)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="model precision (default: the posterior's)")
+    p.set_defaults(func=_md)
+
+    p = sub.add_parser("compare", help="one data set, several methods, regimes and splits: one table and plots")
+    p.add_argument("config", help="comparison configuration (e.g. configs/tio2_compare.yaml)")
+    p.add_argument("--budget", help="a budget of the configuration's compare.budgets, e.g. cpu")
+    p.add_argument("--out", help="output folder (default runs/<config name>[_<budget>]); finished runs are reused")
+    p.set_defaults(func=_compare)
     return parser
 
 

@@ -1,0 +1,93 @@
+"""``mlip-uq compare``: the study pipeline end to end on a tiny TiO2 subset (two methods, two splits)."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from ase.io import read
+
+from conftest import tiny_tio2_config
+
+import mlip_uq.compare as compare_module
+from mlip_uq.cli import main
+from mlip_uq.compare import load_compare_config
+
+DEFICIENT = ["O7Ti4", "O15Ti8", "O31Ti16", "O63Ti32"]
+
+
+def study_file(tio2_path, tmp_path):
+    base = tiny_tio2_config(tio2_path, 24, 8, training={"max_epochs": 2, "batch_size": 6})
+    base["data"].pop("split")
+    base["compare"] = {
+        "regimes": {"full": {}},
+        "splits": {
+            "composition": {"kind": "composition", "test_clusters": DEFICIENT, "val_fraction": 0.1},
+            "cell_size": {"kind": "cell_size", "max_train_atoms": 24, "val_fraction": 0.1},
+        },
+        "methods": {
+            "map": {"method": "map"},
+            "sgmcmc": {"method": "sgmcmc", "sgmcmc": {"lr": 2e-4, "batch_size": 6, "burnin_steps": 12,
+                                                       "preheat_steps": 2, "n_samples": 3, "thinning": 2,
+                                                       "noise": {"energy": 0.02, "forces": 0.2}}},
+        },
+        "budgets": {"tiny": {"overrides": ["data.n_train=16"], "splits": ["cell_size"]}},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tio2_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    path = study_file(tio2_path, tmp)
+    assert main(["compare", str(path), "--out", str(tmp / "out")]) == 0
+    return path, tmp / "out"
+
+
+def test_every_run_is_evaluated_before_and_after_recalibration(study):
+    _, out = study
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["split"], r["method"]): r for r in results["runs"]}
+    assert set(runs) == {(s, m) for s in ("composition", "cell_size") for m in ("map", "sgmcmc")}
+    for (split, method), r in runs.items():
+        assert r["n_train"] == 24 and r["train_seconds"] > 0 and r["inference_seconds_per_structure"] > 0
+        assert np.isfinite(r["before"]["forces_mae"])
+        if method == "map":
+            assert r["n_samples"] == 1 and r["after"] is None
+        else:
+            assert r["n_samples"] == 3 and r["calibration"]["forces"] > 0
+            # recalibration by the validation factor: NLL is computed with the rescaled std, sharpness scales
+            assert r["after"]["forces_sharpness"] == pytest.approx(
+                r["calibration"]["forces"] * r["before"]["forces_sharpness"], rel=1e-9)
+    table = (out / "results.md").read_text()
+    assert "### full data, composition split" in table and "| sgmcmc | 3 |" in table and " → " in table
+    for png in ("calibration_full_composition.png", "calibration_full_cell_size.png", "bars_full.png"):
+        assert (out / png).stat().st_size > 5000
+
+
+def test_splits_hold_out_what_they_claim(study, tio2_path):
+    _, out = study
+    frames = read(tio2_path, ":")
+    for split, is_test in (
+        ("composition", lambda a: a.get_chemical_formula(empirical=True) in DEFICIENT),
+        ("cell_size", lambda a: len(a) > 24),
+    ):
+        idx = json.loads((out / "full" / split / "map" / "splits.json").read_text())
+        assert idx["test"] and all(is_test(frames[i]) for i in idx["test"])
+        assert not any(is_test(frames[i]) for i in idx["train"] + idx["val"])
+
+
+def test_finished_runs_are_reused_and_budgets_select(study, tmp_path, monkeypatch):
+    path, out = study
+    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    results = compare_module.compare(path, out)
+    assert len(results["runs"]) == 4
+    tiny = load_compare_config(path, budget="tiny")
+    assert list(tiny["splits"]) == ["cell_size"] and tiny["overrides"] == ["data.n_train=16"]
+    config = compare_module.run_config(tiny, "full", "cell_size", "sgmcmc")
+    assert config["method"] == "sgmcmc" and config["data"]["n_train"] == 16
+    assert config["data"]["split"]["kind"] == "cell_size"
+    with pytest.raises(ValueError, match="budget 'gpu' is not in compare.budgets"):
+        load_compare_config(path, budget="gpu")
