@@ -4,7 +4,7 @@ A comparison configuration is a training configuration (``data``, ``model``, ``e
 method shares) plus a ``compare`` section::
 
     compare:
-      regimes: {full: {}, small: {data.n_train: 700}}          # name -> overrides
+      regimes: {full: {}, small: {data.n_train: 700}}          # name -> overrides (only_splits: [...])
       splits:  {random: {kind: random, ...}, ...}              # name -> data.split
       methods: {map: {method: map, training: {...}}, ...}      # name -> sections merged into the base
       calibration: scalar                                      # or isotonic: fitted on each run's val set
@@ -107,7 +107,8 @@ def run_config(study: Dict, regime: str, split: str, method: str) -> Dict:
     config = _merge(base, study["methods"][method])
     config.setdefault("data", {})["split"] = dict(study["splits"][split])
     config["name"] = f"{regime}/{split}/{method}"
-    for override in study["overrides"] + [f"{k}={v}" for k, v in study["regimes"][regime].items()]:
+    regime_overrides = [f"{k}={v}" for k, v in study["regimes"][regime].items() if k != "only_splits"]
+    for override in study["overrides"] + regime_overrides:
         apply_override(config, override)
     return config
 
@@ -117,7 +118,8 @@ def compare(config_path, out_dir, budget: Optional[str] = None) -> Dict:
     study = load_compare_config(config_path, budget)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [(r, s, m) for r in study["regimes"] for s in study["splits"] for m in study["methods"]]
+    runs = [(r, s, m) for r, regime in study["regimes"].items() for s in study["splits"]
+            if s in regime.get("only_splits", study["splits"]) for m in study["methods"]]
     rows: List[Dict] = []
     started = time.perf_counter()
     for i, (regime, split, method) in enumerate(runs, start=1):
@@ -127,9 +129,9 @@ def compare(config_path, out_dir, budget: Optional[str] = None) -> Dict:
     results = {"budget": study["budget"], "calibration": study["calibration"], "runs": rows}
     write_json(results, out / "results.json")
     (out / "results.md").write_text(results_markdown(rows))
+    for regime, split in dict.fromkeys((r, s) for r, s, _ in runs):
+        _plot_split(out, regime, split, list(study["methods"]))
     for regime in study["regimes"]:
-        for split in study["splits"]:
-            _plot_split(out, regime, split, list(study["methods"]))
         _plot_bars([r for r in rows if r["regime"] == regime], out / f"bars_{regime}.png")
     return results
 
