@@ -28,9 +28,19 @@ def _evaluate(args) -> int:
 
     keys = LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key)
     metrics = evaluate_file(args.posterior, args.data, out=args.out, plots_dir=args.plots, keys=keys,
-                            batch_size=args.batch_size, device=args.device)
+                            batch_size=args.batch_size, device=args.device, indices=_split(args))
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _split(args) -> Optional[List[int]]:
+    """The frame indices named by ``--split SPLITS.json --split-name NAME``, or None."""
+    if not args.split:
+        return None
+    splits = json.loads(Path(args.split).read_text())
+    if args.split_name not in splits:
+        raise ValueError(f"{args.split} has no split {args.split_name!r}; it has {sorted(splits)}")
+    return splits[args.split_name]
 
 
 def _calibrate(args) -> int:
@@ -38,8 +48,8 @@ def _calibrate(args) -> int:
     from .evaluate import calibrate_file
 
     keys = LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key)
-    report = calibrate_file(args.posterior, args.data, isotonic=args.isotonic, out=args.out, plots_dir=args.plots,
-                            keys=keys, batch_size=args.batch_size, device=args.device)
+    report = calibrate_file(args.posterior, args.data, isotonic=args.isotonic, indices=_split(args), out=args.out,
+                            plots_dir=args.plots, keys=keys, batch_size=args.batch_size, device=args.device)
     print(f"calibration written into {args.posterior}: {report['calibration']}")
     for name in ("energy_nll", "energy_miscal_area", "forces_nll", "forces_miscal_area"):
         if name in report["before"]:
@@ -63,6 +73,23 @@ def _md(args) -> int:
                     friction=args.friction, seed=args.seed, pressure_GPa=args.pressure)
     print(f"{result.steps_done} steps" + (f"; stopped: {result.stop_reason}" if result.stopped else ""))
     print(f"trajectory: {result.trajectory_path}\nlog:        {result.log_path}\nplot:       {result.plot_path}")
+    return 0
+
+
+def _active(args) -> int:
+    from .active import run_active
+
+    out = run_active(args.config, out_dir=args.out, overrides=args.overrides, resume=args.resume)
+    summary = json.loads((out / "summary.json").read_text())
+    calls, last = summary["calls"], (summary["history"] or [{}])[-1]
+    print(f"stopped:   {summary['stop_reason']}")
+    print(f"calls:     {calls['initial']} initial + {calls['explore']} during exploration ({calls['test']} for the test set)")
+    if "forces_mae" in last:
+        print(f"test:      forces MAE {1000 * last['forces_mae']:.1f} meV/Å after {summary['updates']} fits")
+    print(f"overhead:  {summary['overhead_s']:.1f} s of {summary['timings_s']['total']:.1f} s besides reference calls "
+          f"and updates ({summary['bookkeeping_s']:.1f} s bookkeeping)")
+    print(f"posterior: {out / summary['posterior']}")
+    print(f"log:       {out / 'decisions.jsonl'} (every decision), {out / 'summary.json'}")
     return 0
 
 
@@ -98,12 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stress-key", default="stress")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--split", help="a training run's splits.json: evaluate only the frames of DATA listed in it "
+                   "under --split-name (the run's test split by default)")
+    p.add_argument("--split-name", default="test")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("calibrate", help="fit std recalibration on validation structures; writes it into the posterior")
     p.add_argument("posterior", help="posterior.h5 (updated in place, atomically)")
     p.add_argument("data", help="labelled validation structures, any ASE-readable file")
     p.add_argument("--isotonic", action="store_true", help="isotonic maps instead of one scalar factor per quantity")
+    p.add_argument("--split", help="a training run's splits.json: use only the frames of DATA listed in it under "
+                   "--split-name (the run's validation split by default)")
+    p.add_argument("--split-name", default="val")
     p.add_argument("--out", help="write the before/after metrics to this JSON file")
     p.add_argument("--plots", help="write the recalibrated calibration plots into this folder")
     p.add_argument("--energy-key", default="energy")
@@ -134,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"], help="model precision (default: the posterior's)")
     p.set_defaults(func=_md)
 
+    p = sub.add_parser("active", help="uncertainty-triggered relabelling with a reference calculator (active learning)")
+    p.add_argument("config", help="active-learning configuration (e.g. configs/active_ethanol_xtb.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override configuration values, e.g. budget.max_calls=5")
+    p.add_argument("--out", help="output folder (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped (a new budget may be given)")
+    p.set_defaults(func=_active)
+
     p = sub.add_parser("compare", help="one data set, several methods, regimes and splits: one table and plots")
     p.add_argument("config", help="comparison configuration (e.g. configs/tio2_compare.yaml)")
     p.add_argument("--budget", help="a budget of the configuration's compare.budgets, e.g. cpu")
@@ -146,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     # overrides may follow options (`train CONFIG --out DIR key=value`), which argparse leaves unparsed
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "train" or any(e.startswith("-") or "=" not in e for e in extra)):
+    if extra and (args.command not in ("train", "active") or any(e.startswith("-") or "=" not in e for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra

@@ -14,7 +14,8 @@ A budget applies its ``overrides`` to every run and may select (a list of names)
 regimes, splits and methods.
 
 Every (regime, split, method) run goes to ``OUT/<regime>/<split>/<method>/`` through
-:func:`mlip_uq.train.train`; a finished run (its ``compare.json`` exists) is reused, so a killed study resumes.
+:func:`mlip_uq.train.train`; a finished run (its ``compare.json`` exists) is reused, so a killed study resumes,
+and a trained one (``train_seconds.json``) is only evaluated again (delete ``compare.json`` to re-evaluate).
 Each run is evaluated on its test set before and after recalibration on its validation set; the training
 wall-clock and the inference time per test structure are recorded. The study writes ``results.json``,
 ``results.md`` (tables) and PNG plots: calibration curves and error-vs-std per split, and per-method bars.
@@ -32,7 +33,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .config import ConfigError, _merge, _yaml, apply_override
+from .config import ConfigError, merge_sections, parse_yaml, apply_override
 from .data import FrameStore
 from .evaluate import Predictions, metrics_and_plots, predict_graphs, write_json
 from .posterior import load_posterior
@@ -60,7 +61,7 @@ def load_compare_config(path, budget: Optional[str] = None) -> Dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"comparison configuration {path} does not exist")
-    raw = _yaml(path.read_text()) or {}
+    raw = parse_yaml(path.read_text()) or {}
     if "compare" not in raw:
         raise ConfigError(f"{path} has no 'compare' section (regimes, splits, methods)")
     spec = raw.pop("compare")
@@ -104,7 +105,7 @@ def run_config(study: Dict, regime: str, split: str, method: str) -> Dict:
         value = base.get("data", {}).get(key)
         if value and not Path(value).expanduser().is_absolute():
             base["data"][key] = str((base_dir / value).resolve())
-    config = _merge(base, study["methods"][method])
+    config = merge_sections(base, study["methods"][method])
     config.setdefault("data", {})["split"] = dict(study["splits"][split])
     config["name"] = f"{regime}/{split}/{method}"
     regime_overrides = [f"{k}={v}" for k, v in study["regimes"][regime].items() if k != "only_splits"]
@@ -143,9 +144,12 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
         return json.loads(summary_path.read_text())
     config = run_config(study, regime, split, method)
     config["data"]["store"] = str(run_dir.parents[2] / "data.h5")  # neighbour lists built once for the study
-    start = time.perf_counter()
-    train(config, out_dir=run_dir)
-    train_seconds = time.perf_counter() - start
+    timing = run_dir / "train_seconds.json"  # written once training finished: evaluation may be redone alone
+    if not timing.is_file():
+        start = time.perf_counter()
+        train(config, out_dir=run_dir)
+        write_json({"train_seconds": time.perf_counter() - start}, timing)
+    train_seconds = json.loads(timing.read_text())["train_seconds"]
     posterior = load_posterior(run_dir / "posterior.h5")
     splits = json.loads((run_dir / "splits.json").read_text())
     store = FrameStore.open(config["data"]["store"])

@@ -1,8 +1,19 @@
 """Run configurations: YAML files plus ``key=value`` overrides on the command line.
 
-A configuration has the top-level sections ``method``, ``seed``, ``data``, ``model``, ``training`` (MAP),
-``sgmcmc`` and ``evaluate``; see ``configs/*.yaml`` for documented examples. Relative paths (data files,
-store, pre-trained weights) are resolved against the folder of the configuration file.
+A configuration has the top-level sections ``method``, ``seed``, ``data``, ``model``, ``training``, ``sgmcmc``,
+``vi``, ``ensemble``, ``dropout`` and ``evaluate``; see ``configs/*.yaml`` for documented examples. Relative
+paths (data files, store, pre-trained weights) are resolved against the folder of the configuration file.
+
+Which sections a method reads:
+
+- ``map``: ``training`` (:class:`~mlip_uq.inference.map.MAPSettings`).
+- ``sgmcmc``: ``sgmcmc`` (:class:`~mlip_uq.inference.sampling.SGMCMCSettings`).
+- ``ensemble``: ``ensemble`` (``n_members``, ``bootstrap``; :class:`~mlip_uq.inference.ensemble.EnsembleSettings`)
+  and ``training`` for every member.
+- ``vi``: ``vi`` (:class:`~mlip_uq.inference.vi.VISettings`; ``stochastic``, ``prior`` and ``noise`` shaped as in
+  ``sgmcmc``), and ``training`` for the MAP phase that initialises the means when ``vi.init`` is not set.
+- ``dropout``: ``training`` (MAP training with dropout active; the rate is ``model.dropout``) and ``dropout``
+  (``n_samples``, ``seed``; :class:`~mlip_uq.inference.dropout.DropoutSettings`).
 """
 
 from __future__ import annotations
@@ -15,8 +26,8 @@ from typing import Any, Dict, Iterable, Optional
 
 import yaml
 
-SECTIONS = {"name", "method", "seed", "data", "model", "training", "sgmcmc", "evaluate"}
-METHODS = ("map", "sgmcmc")
+SECTIONS = {"name", "method", "seed", "data", "model", "training", "sgmcmc", "vi", "ensemble", "dropout", "evaluate"}
+METHODS = ("map", "sgmcmc", "vi", "ensemble", "dropout")
 
 DEFAULTS: Dict[str, Any] = {
     "method": "map",
@@ -37,6 +48,9 @@ DEFAULTS: Dict[str, Any] = {
     "model": {},
     "training": {},
     "sgmcmc": {},
+    "vi": {},
+    "ensemble": {},
+    "dropout": {},
     "evaluate": {"batch_size": 16},
 }
 
@@ -56,15 +70,15 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str):
+def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+def merge_sections(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_sections(out[key], value)
         else:
             out[key] = value
     return out
@@ -83,7 +97,7 @@ def apply_override(config: Dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = _yaml(raw)
+    node[parts[-1]] = parse_yaml(raw)
 
 
 def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
@@ -96,7 +110,7 @@ def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"configuration file {path} does not exist")
         try:
-            raw = _yaml(path.read_text()) or {}
+            raw = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"configuration file {path} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):
@@ -105,7 +119,9 @@ def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
     unknown = set(raw) - SECTIONS
     if unknown:
         raise ConfigError(f"unknown configuration section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
-    config = _merge(DEFAULTS, raw)
+    config = merge_sections(DEFAULTS, raw)
+    if "split" in raw.get("data", {}):  # a split is taken whole: another kind has other options than the default's
+        config["data"]["split"] = copy.deepcopy(raw["data"]["split"])
     for override in overrides:
         apply_override(config, override)
     if config["method"] not in METHODS:
@@ -116,11 +132,11 @@ def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
     for key in ("path", "test_path", "store"):
         if data.get(key):
             data[key] = str(_resolve(data[key], base_dir))
-    sgmcmc = config["sgmcmc"]
-    if sgmcmc.get("init"):
-        sgmcmc["init"] = str(_resolve(sgmcmc["init"], base_dir))
-    if isinstance(sgmcmc.get("prior"), dict) and sgmcmc["prior"].get("center"):
-        sgmcmc["prior"]["center"] = str(_resolve(sgmcmc["prior"]["center"], base_dir))
+    for section in (config["sgmcmc"], config["vi"]):
+        if section.get("init"):
+            section["init"] = str(_resolve(section["init"], base_dir))
+        if isinstance(section.get("prior"), dict) and section["prior"].get("center"):
+            section["prior"]["center"] = str(_resolve(section["prior"]["center"], base_dir))
     return config
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -13,9 +14,13 @@ from nequip.data import AtomicDataDict
 
 from .data import LabelKeys, atoms_to_graph, collate, read_frames
 from .posterior import Posterior, load_posterior
-from .posterior.predict import predict_samples
+from .posterior.io import write_calibration
+from .posterior.predict import predict_samples, predictive_moments
 from .uq import evaluation_metrics
+from .uq.calibration import calibrated_std, check_calibration, describe, fit_calibration
 from .uq.plots import calibration_plot, error_vs_std_plot, parity_plot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,9 +29,10 @@ class Predictions:
 
     Energies are per atom (eV/atom) per structure, relative to the posterior's energy references where it has
     them ((E − Σ_i E_ref(Z_i)) / N, so that structures of different composition share one scale; errors are
-    unchanged); forces per component (eV/Å) for all atoms. Stds are
-    None for a single deterministic model; otherwise they include the aleatoric part where the model has a
-    noise head, and the posterior's calibration factors.
+    unchanged); forces per component (eV/Å) for all atoms. Stds are None for a single deterministic model;
+    otherwise they include the aleatoric part where the model has a noise head. ``energy_std`` and
+    ``forces_std`` carry ``calibration`` (the posterior's recalibration, ``{}``: none); the ``_uncalibrated``
+    fields are the raw stds.
     """
 
     n_atoms: np.ndarray
@@ -37,45 +43,53 @@ class Predictions:
     forces_pred: np.ndarray
     forces_std: Optional[np.ndarray]
     n_samples: int
+    energy_std_uncalibrated: Optional[np.ndarray] = None
+    forces_std_uncalibrated: Optional[np.ndarray] = None
+    calibration: Dict = field(default_factory=dict)
+
+    def with_calibration(self, calibration: Dict) -> "Predictions":
+        """The same predictions with ``calibration`` applied to the raw stds instead (``{}``: none)."""
+        check_calibration(calibration)
+        return replace(
+            self,
+            energy_std=calibrated_std(calibration, "energy", self.energy_std_uncalibrated),
+            forces_std=calibrated_std(calibration, "forces", self.forces_std_uncalibrated),
+            calibration=dict(calibration),
+        )
 
 
 def predict_graphs(posterior: Posterior, graphs: List[AtomicDataDict.Type], batch_size: int = 16) -> Predictions:
-    """Predict every labelled graph with every posterior sample, in batches of ``batch_size`` frames."""
-    cols: Dict[str, list] = {k: [] for k in ("n", "et", "ep", "ev", "ft", "fp", "fve", "fva")}
-    device = posterior.device
-    refs = torch.tensor([posterior.energy_references.get(t, 0.0) for t in posterior.config.type_names],
-                        dtype=torch.float64, device=device)
+    """Predict every labelled graph with every posterior sample, in batches of ``batch_size`` frames; the stds
+    carry the posterior's calibration."""
+    cols: Dict[str, list] = {k: [] for k in ("n", "et", "ep", "es", "ft", "fp", "fs")}
+    refs = np.array([posterior.energy_references.get(t, 0.0) for t in posterior.config.type_names])
     for start in range(0, len(graphs), batch_size):
-        batch = AtomicDataDict.to_(collate(graphs[start : start + batch_size]), device)
-        pred = predict_samples(posterior, batch)
-        n = batch[AtomicDataDict.NUM_NODES_KEY].view(-1).to(pred.energy)
-        offset = torch.zeros_like(n).index_add_(
-            0, batch[AtomicDataDict.BATCH_KEY], refs[batch[AtomicDataDict.ATOM_TYPE_KEY]].to(n)
-        )
-        cols["n"].append(n)
-        cols["et"].append((batch[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1) - offset) / n)
-        cols["ep"].append((pred.mean(pred.energy) - offset) / n)
-        cols["ev"].append(pred.epistemic_var(pred.energy) / n**2)
-        cols["ft"].append(batch[AtomicDataDict.FORCE_KEY])
-        cols["fp"].append(pred.mean(pred.forces))
-        cols["fve"].append(pred.epistemic_var(pred.forces))
-        aleatoric = pred.forces_aleatoric_var()
-        cols["fva"].append(torch.zeros_like(cols["fp"][-1]) if aleatoric is None else aleatoric)
-    cat = {k: torch.cat(v).detach().cpu().double().numpy() for k, v in cols.items()}
-    has_std = posterior.n_samples > 1
-    has_forces_std = has_std or posterior.config.noise_head
-    e_scale = posterior.calibration.get("energy", 1.0)
-    f_scale = posterior.calibration.get("forces", 1.0)
-    return Predictions(
+        batch = AtomicDataDict.to_(collate(graphs[start : start + batch_size]), posterior.device)
+        m = predictive_moments(predict_samples(posterior, batch))
+        types = batch[AtomicDataDict.ATOM_TYPE_KEY].view(-1).cpu().numpy()
+        offset = np.bincount(m.frame, weights=refs[types], minlength=len(m.n_atoms))
+        cols["n"].append(m.n_atoms)
+        cols["et"].append((batch[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1).cpu().double().numpy() - offset) / m.n_atoms)
+        cols["ep"].append((m.energy - offset) / m.n_atoms)
+        cols["es"].append(m.energy_std / m.n_atoms)
+        cols["ft"].append(batch[AtomicDataDict.FORCE_KEY].cpu().double().numpy())
+        cols["fp"].append(m.forces)
+        cols["fs"].append(m.forces_std)
+    cat = {k: np.concatenate(v) for k, v in cols.items()}
+    has_forces_std = posterior.n_samples > 1 or posterior.config.noise_head
+    raw = Predictions(
         n_atoms=cat["n"].astype(int),
         energy_true=cat["et"],
         energy_pred=cat["ep"],
-        energy_std=e_scale * np.sqrt(cat["ev"]) if has_std else None,
+        energy_std=None,
         forces_true=cat["ft"],
         forces_pred=cat["fp"],
-        forces_std=f_scale * np.sqrt(cat["fve"] + cat["fva"]) if has_forces_std else None,
+        forces_std=None,
         n_samples=posterior.n_samples,
+        energy_std_uncalibrated=cat["es"] if posterior.n_samples > 1 else None,
+        forces_std_uncalibrated=cat["fs"] if has_forces_std else None,
     )
+    return raw.with_calibration(posterior.calibration)
 
 
 def metrics_and_plots(pred: Predictions, plots_dir: Optional[Path] = None, title: Optional[str] = None) -> Dict:
@@ -95,6 +109,18 @@ def metrics_and_plots(pred: Predictions, plots_dir: Optional[Path] = None, title
     return metrics
 
 
+def _labelled_graphs(posterior: Posterior, data_path, keys: Optional[LabelKeys],
+                     indices: Optional[Sequence[int]] = None) -> List[AtomicDataDict.Type]:
+    frames = read_frames(data_path, keys=keys, type_names=posterior.config.type_names)
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < len(frames)]
+        if bad or not len(indices):
+            raise ValueError(f"frame indices {bad[:5] or '(none)'} not in {data_path} ({len(frames)} frames)")
+        frames = [frames[i] for i in indices]
+    dtype = getattr(torch, posterior.config.dtype)
+    return [atoms_to_graph(a, posterior.config.type_names, posterior.config.r_max, dtype=dtype) for a in frames]
+
+
 def evaluate_file(
     posterior_path,
     data_path,
@@ -103,17 +129,75 @@ def evaluate_file(
     keys: Optional[LabelKeys] = None,
     batch_size: int = 16,
     device: str = "cpu",
+    indices: Optional[Sequence[int]] = None,
 ) -> Dict:
-    """``mlip-uq evaluate``: metrics of a posterior file on a labelled structure file; optionally written
-    to ``out`` (JSON) and plotted into ``plots_dir``."""
+    """``mlip-uq evaluate``: metrics of a posterior file on a labelled structure file (only the frames
+    ``indices`` of it, when given); optionally written to ``out`` (JSON) and plotted into ``plots_dir``.
+
+    The metrics use the stds as the calculator reports them, i.e. with the posterior's calibration where it has
+    one; then ``calibration`` (what was applied) and ``uncalibrated`` (the same metrics with the raw stds) are
+    added, so that the file shows the metrics before and after recalibration.
+    """
     posterior = load_posterior(posterior_path).to(device)
-    frames = read_frames(data_path, keys=keys, type_names=posterior.config.type_names)
-    dtype = getattr(torch, posterior.config.dtype)
-    graphs = [atoms_to_graph(a, posterior.config.type_names, posterior.config.r_max, dtype=dtype) for a in frames]
-    metrics = metrics_and_plots(predict_graphs(posterior, graphs, batch_size), plots_dir, title=Path(data_path).name)
+    pred = predict_graphs(posterior, _labelled_graphs(posterior, data_path, keys, indices), batch_size)
+    metrics = metrics_and_plots(pred, plots_dir, title=Path(data_path).name)
+    if posterior.calibration:
+        log.info("stds recalibrated with the posterior's calibration: %s", describe(posterior.calibration))
+        metrics["calibration"] = describe(posterior.calibration)
+        metrics["uncalibrated"] = metrics_and_plots(pred.with_calibration({}))
     if out is not None:
         write_json(metrics, out)
     return metrics
+
+
+def calibrate_file(
+    posterior_path,
+    data_path,
+    isotonic: bool = False,
+    indices: Optional[Sequence[int]] = None,
+    out: Optional[Path] = None,
+    plots_dir: Optional[Path] = None,
+    keys: Optional[LabelKeys] = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> Dict:
+    """``mlip-uq calibrate``: fit the recalibration of a posterior's energy and force stds on labelled
+    validation structures (minimum Gaussian NLL, :mod:`mlip_uq.uq.calibration`) and write it into the posterior
+    file, atomically. A previous calibration is replaced: the fit always starts from the raw stds.
+
+    Args:
+        posterior_path: the posterior file, updated in place.
+        data_path: labelled validation structures (not the test set).
+        isotonic: fit isotonic maps instead of one scalar factor per quantity.
+        indices: use only these frames of ``data_path`` (e.g. a run's validation split from its splits.json).
+        out: write the report (below) to this JSON file.
+        plots_dir: write the calibration plots after recalibration into this folder.
+        keys, batch_size, device: as :func:`evaluate_file`.
+
+    Returns:
+        ``{"calibration": description, "before": metrics with the raw stds, "after": metrics recalibrated}``,
+        both on the validation structures.
+
+    Raises:
+        ValueError: the posterior has no predictive std (one sample and no noise head).
+    """
+    posterior = load_posterior(posterior_path).to(device)
+    graphs = _labelled_graphs(posterior, data_path, keys, indices)
+    raw = predict_graphs(posterior, graphs, batch_size).with_calibration({})
+    if raw.forces_std_uncalibrated is None:
+        raise ValueError(f"{posterior_path} has one sample and no noise head: no predictive std to calibrate")
+    calibration = fit_calibration(raw.energy_pred - raw.energy_true, raw.energy_std_uncalibrated,
+                                  raw.forces_pred - raw.forces_true, raw.forces_std_uncalibrated, isotonic=isotonic)
+    write_calibration(posterior_path, calibration)
+    log.info("wrote the calibration into %s: %s", posterior_path, describe(calibration))
+    report = {
+        "calibration": describe(calibration),
+        "before": metrics_and_plots(raw),
+        "after": metrics_and_plots(raw.with_calibration(calibration), plots_dir, title=Path(data_path).name),
+    }
+    if out is not None:
+        write_json(report, out)
+    return report
 
 
 def write_json(values: Dict, path) -> None:

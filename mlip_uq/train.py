@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -28,8 +28,11 @@ from .data import (
     referenced_energy_per_atom,
 )
 from .evaluate import metrics_and_plots, predict_graphs, write_json
+from .inference.dropout import DropoutSettings, dropout_posterior
+from .inference.ensemble import EnsembleSettings, fit_ensemble
 from .inference.map import MAPSettings, fit_map
 from .inference.sampling import SGMCMCSettings, run_sgmcmc
+from .inference.vi import VISettings, fit_vi
 from .model import ModelConfig, build_model
 from .posterior import Posterior
 
@@ -159,9 +162,51 @@ def model_config_from_data(config: Dict, data: PreparedData) -> ModelConfig:
     return ModelConfig.from_dict(values)
 
 
+def method_settings(cfg: Dict) -> Dict[str, Any]:
+    """The settings objects of the configuration's method, checked before any data are prepared.
+
+    Returns ``{section: settings}``: ``training`` (MAPSettings: map, dropout, ensemble members, VI's MAP phase),
+    ``sgmcmc``, ``vi``, ``ensemble`` or ``dropout``, as the method uses them (see :mod:`mlip_uq.config`).
+
+    Raises:
+        ConfigError: a mistyped option, ``model.noise_head`` without the heteroscedastic likelihood that trains
+            it (or the reverse), ``model.dropout`` with a method that does not train with dropout.
+    """
+    method, model = cfg["method"], cfg["model"]
+    if float(model.get("dropout", 0.0)) > 0 and method in ("sgmcmc", "vi"):
+        raise ConfigError(f"model.dropout is for methods dropout, map and ensemble, not {method}")
+    out: Dict[str, Any] = {}
+    if method == "sgmcmc":
+        out["sgmcmc"] = settings_from(SGMCMCSettings, cfg["sgmcmc"], "sgmcmc")
+        checks = [(out["sgmcmc"].noise.get("heteroscedastic", False), "sgmcmc.noise.heteroscedastic")]
+    elif method == "vi":
+        out["vi"] = settings_from(VISettings, cfg["vi"], "vi")
+        checks = [(out["vi"].noise.get("heteroscedastic", False), "vi.noise.heteroscedastic")]
+        if not out["vi"].init:  # the means start from a MAP phase trained with the same kind of likelihood
+            out["training"] = MAPSettings.from_dict(cfg["training"])
+            checks.append((out["training"].heteroscedastic, "training.heteroscedastic (VI's MAP phase)"))
+    else:
+        out["training"] = MAPSettings.from_dict(cfg["training"])
+        checks = [(out["training"].heteroscedastic, "training.heteroscedastic")]
+        if method == "ensemble":
+            if "training" in cfg["ensemble"]:
+                raise ConfigError("the members' training settings go in the training section, not ensemble.training")
+            out["ensemble"] = settings_from(EnsembleSettings, {**cfg["ensemble"], "training": out["training"]},
+                                            "ensemble")
+        elif method == "dropout":
+            if not model.get("dropout"):
+                raise ConfigError("method dropout needs model.dropout > 0 (the rate of dropping hidden units)")
+            out["dropout"] = settings_from(DropoutSettings, {"seed": int(cfg["seed"]), **cfg["dropout"]}, "dropout")
+    # the noise head's σ is reported as aleatoric uncertainty, so it exists only where the likelihood trains it
+    for heteroscedastic, option in checks:
+        if bool(heteroscedastic) != bool(model.get("noise_head", False)):
+            raise ConfigError(f"model.noise_head and {option} go together: set both to true or leave both out")
+    return out
+
+
 def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False) -> Path:
-    """Run a training configuration (path or dict) with its method (``map`` or ``sgmcmc``) and return the
-    output folder.
+    """Run a training configuration (path or dict) with its method (``map``, ``sgmcmc``, ``vi``, ``ensemble``
+    or ``dropout``) and return the output folder.
 
     Writes ``posterior.h5``, ``metrics.json`` (test-set metrics, DESIGN.md names), ``parity.png`` and the
     resolved ``config.yaml``; checkpoints go to ``checkpoints/``. With ``resume`` the run continues from its
@@ -182,29 +227,33 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
             raise ConfigError(f"--resume: the configuration differs from the one the run in {out} started with "
                               "(only training.max_epochs may change)")
     # settings first, so that a mistyped option is reported before the data are prepared
-    if cfg["method"] == "map":
-        settings = MAPSettings.from_dict(cfg["training"])
-        heteroscedastic, option = settings.heteroscedastic, "training.heteroscedastic"
-    else:
-        settings = settings_from(SGMCMCSettings, cfg["sgmcmc"], "sgmcmc")
-        heteroscedastic, option = settings.noise.get("heteroscedastic", False), "sgmcmc.noise.heteroscedastic"
-    # the noise head's σ is reported as aleatoric uncertainty, so it exists only where the likelihood trains it
-    if bool(heteroscedastic) != bool(cfg["model"].get("noise_head", False)):
-        raise ConfigError(f"model.noise_head and {option} go together: set both to true or leave both out")
+    settings = method_settings(cfg)
     dump_config(cfg, saved)
 
     data = prepare_data(cfg, out)
     write_json(data.indices, out / "splits.json")
     model_config = model_config_from_data(cfg, data)
     metadata = dict(energy_references=data.energy_references, data_fingerprint=data.fingerprint)
-    if cfg["method"] == "map":
-        state = fit_map(build_model(model_config), data.train, data.val, settings, out, seed=model_config.seed,
-                        resume=resume)
-        posterior = Posterior.from_state_dicts(model_config, [state], method="map",
-                                               hyperparameters=cfg["training"], **metadata)
+    method = cfg["method"]
+    if method in ("map", "dropout"):
+        state = fit_map(build_model(model_config), data.train, data.val, settings["training"], out,
+                        seed=model_config.seed, resume=resume)
+        if method == "map":
+            posterior = Posterior.from_state_dicts(model_config, [state], method="map",
+                                                   hyperparameters=cfg["training"], **metadata)
+        else:
+            hyper = {**asdict(settings["dropout"]), "rate": model_config.dropout, "training": cfg["training"]}
+            posterior = dropout_posterior(model_config, state, settings["dropout"], hyperparameters=hyper, **metadata)
         posterior.save(out / "posterior.h5")
+    elif method == "ensemble":
+        posterior = fit_ensemble(model_config, data.train, data.val, settings["ensemble"], out, resume=resume,
+                                 metadata=metadata)
+        posterior.save(out / "posterior.h5")
+    elif method == "vi":
+        posterior = fit_vi(model_config, data.train, data.val, settings["vi"], out, resume=resume,
+                           map_settings=settings.get("training"), metadata=metadata)
     else:
-        posterior = run_sgmcmc(model_config, data.train, settings, out, resume=resume, metadata=metadata)
+        posterior = run_sgmcmc(model_config, data.train, settings["sgmcmc"], out, resume=resume, metadata=metadata)
     eval_set = data.test or data.val
     metrics = metrics_and_plots(
         predict_graphs(posterior, eval_set, cfg["evaluate"]["batch_size"]), out, title=cfg.get("name")

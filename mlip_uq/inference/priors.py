@@ -13,12 +13,15 @@ Parameters without a pre-trained value fall back to zero-centred.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
 import torch
+
+log = logging.getLogger(__name__)
 
 HEADS = ("per_atom_energy_readout", "noise_head", "noise_head_offset")
 
@@ -134,3 +137,20 @@ def pretrained_weights(source: Union[str, Path], names: Sequence[str], shapes: D
         if len(matches) == 1:
             centers[name] = state[matches[0]].detach().clone()
     return centers
+
+
+def prior_from_spec(spec: Dict, model: torch.nn.Module, stochastic: Sequence[str], section: str) -> GaussianPrior:
+    """The Gaussian prior of a configuration's ``{scale, layer_scales, center}`` mapping (``section`` names it in
+    errors, e.g. ``sgmcmc.prior``); ``center`` a posterior file or checkpoint of a pre-trained model."""
+    spec = dict(spec)
+    center = spec.pop("center", None)
+    unknown = set(spec) - {"scale", "layer_scales"}
+    if unknown:
+        raise ValueError(f"unknown {section} option(s) {sorted(unknown)}; use scale, layer_scales, center")
+    centers = {}
+    if center:
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        centers = pretrained_weights(center, stochastic, shapes)
+        log.info("prior centred on %s for %d of %d stochastic tensors (the rest zero-centred)",
+                 center, len(centers), len(stochastic))
+    return GaussianPrior(scale=float(spec.get("scale", 1.0)), layer_scales=spec.get("layer_scales", {}), centers=centers)

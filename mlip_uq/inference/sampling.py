@@ -50,7 +50,7 @@ from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
 from .diagnostics import effective_sample_size, split_rhat
 from .loss import NoiseModel, neg_log_likelihood
-from .priors import GaussianPrior, layer_of, pretrained_weights, select_stochastic
+from .priors import GaussianPrior, layer_of, pretrained_weights, prior_from_spec, select_stochastic
 from .sgmcmc import AdaptiveSGHMC
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,8 @@ def assemble_posterior(job: _Job) -> Optional[Posterior]:
     return posterior
 
 
-def _device(accelerator: str) -> torch.device:
+def resolve_device(accelerator: str) -> torch.device:
+    """The torch device of an ``accelerator`` setting: ``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(accelerator)
@@ -381,7 +382,7 @@ def _make_job(config: ModelConfig, train: List[AtomicDataDict.Type], settings: S
     template = build_model(config)
     stochastic = select_stochastic(template, settings.stochastic)
     partial = len(stochastic) < sum(1 for p in template.parameters() if p.requires_grad)
-    prior = _prior(settings.prior, template, stochastic)
+    prior = prior_from_spec(settings.prior, template, stochastic, "sgmcmc.prior")
     shapes = {n: p.shape for n, p in template.named_parameters()}
     start = pretrained_weights(settings.init, list(shapes), shapes) if settings.init else {}  # read once
     (Path(out_dir) / "sgmcmc").mkdir(parents=True, exist_ok=True)
@@ -460,14 +461,14 @@ def _data_key(train: List[AtomicDataDict.Type], n_steps: int, n_samples: int) ->
 
 def _run_job(job: _Job) -> Posterior:
     if job.partial and job.rounds["round"] == 0:
-        _shared_burnin(job, _device(job.settings.accelerator))
+        _shared_burnin(job, resolve_device(job.settings.accelerator))
     n_processes = min(job.settings.n_processes, job.settings.n_chains)
     if n_processes == 1:
-        _run_chains(job, 0, 1, _device(job.settings.accelerator))
+        _run_chains(job, 0, 1, resolve_device(job.settings.accelerator))
     else:
         from lightning.fabric import Fabric
 
-        accelerator = _device(job.settings.accelerator).type
+        accelerator = resolve_device(job.settings.accelerator).type
         log.info("running %d chains in %d processes (%s)", job.settings.n_chains, n_processes, accelerator)
         Fabric(accelerator=accelerator, devices=n_processes, strategy="ddp_spawn").launch(_fabric_worker, job)
     posterior = assemble_posterior(job)
@@ -522,21 +523,6 @@ def _run_chains(job: _Job, rank: int, world: int, device: torch.device) -> None:
             _run_chain(chain, job, stop=chain.schedule(job.rounds).end)
         elif chain.round < round_:
             log.warning("chain %d diverged in an earlier round and is not continued", c)
-
-
-def _prior(spec: Dict, model: torch.nn.Module, stochastic: List[str]) -> GaussianPrior:
-    spec = dict(spec)
-    center = spec.pop("center", None)
-    unknown = set(spec) - {"scale", "layer_scales"}
-    if unknown:
-        raise ValueError(f"unknown sgmcmc.prior option(s) {sorted(unknown)}; use scale, layer_scales, center")
-    centers = {}
-    if center:
-        shapes = {n: p.shape for n, p in model.named_parameters()}
-        centers = pretrained_weights(center, stochastic, shapes)
-        log.info("prior centred on %s for %d of %d stochastic tensors (the rest zero-centred)",
-                 center, len(centers), len(stochastic))
-    return GaussianPrior(scale=float(spec.get("scale", 1.0)), layer_scales=spec.get("layer_scales", {}), centers=centers)
 
 
 _TRACE_FIELDS = ["step", "phase", "temperature", "neg_log_likelihood", "neg_log_prior", "grad_norm",

@@ -5,6 +5,14 @@ spherical harmonics, gated interaction blocks, per-atom energy readout with per-
 ``ForceStressOutput`` for forces and stress by autograd). mlip_uq adds one optional block, the
 heteroscedastic noise head, which reads the same invariant node features as the energy readout and writes
 ``atomic_log_sigma`` (log of the per-atom force-noise std, log eV/Å).
+
+With ``dropout > 0`` the hidden units of the invariant (scalar) MLPs — each interaction block's radial network
+and the energy readout's hidden layer — are dropped in training mode (:class:`HiddenUnitDropout`, wrapped
+around the parameter-free nonlinearity, so parameter names are unchanged). One mask is drawn **per structure**
+and shared by all of its edges and atoms: each structure sees one weight draw, a smooth energy-conserving
+model, as MC dropout's variational reading requires (nn.Dropout's independent mask per edge and atom would make
+the energy of a structure a function of many different weight draws). In eval mode the model is the plain
+(mean) network; ``dropout = 0`` builds exactly the model without dropout.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+import torch
 from nequip.data import AtomicDataDict
 from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import GraphModel, PerTypeScaleShift, ScalarMLP
+from nequip.nn.mlp import ScalarLinearLayer, ScalarMLPFunction
 
 from .._keys import PER_ATOM_LOG_SIGMA_KEY
 
@@ -44,6 +54,8 @@ class ModelConfig:
         energy_scale: per-atom energy scale (eV), normally the training-set force RMS.
         noise_head: add the per-atom log-σ head for a heteroscedastic force likelihood.
         noise_sigma_init: initial per-atom force-noise std of the noise head (eV/Å).
+        dropout: probability of dropping a hidden unit of the radial networks and the readout's hidden layer
+            in training mode (0: no dropout, the model is unchanged); used by MC dropout.
         seed: seed for parameter initialisation.
         dtype: ``"float32"`` or ``"float64"``.
     """
@@ -64,6 +76,7 @@ class ModelConfig:
     energy_scale: float = 1.0
     noise_head: bool = False
     noise_sigma_init: float = 0.1
+    dropout: float = 0.0
     seed: int = 0
     dtype: str = "float64"
 
@@ -73,6 +86,8 @@ class ModelConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.r_max <= 0:
             raise ValueError(f"r_max must be positive (Å), got {self.r_max}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout}")
         if self.energy_shifts is not None:
             missing = set(self.type_names) - set(self.energy_shifts)
             if missing:
@@ -91,8 +106,103 @@ class ModelConfig:
         return cls(**values)
 
 
+def draw_keep(rate: float, shape, like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Inverted-dropout multipliers of ``shape``: 0 with probability ``rate``, else ``1 / (1 - rate)``, so that a
+    unit's expected output is unchanged. ``generator``: a seeded ``torch.Generator`` (default: torch's global one)."""
+    u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+    return (u >= rate).to(like) / (1.0 - rate)
+
+
+class _FrameIndex:
+    """The structure (frame) of every atom and edge of the batch being evaluated, set before each forward."""
+
+    def __init__(self):
+        self.n_frames = 1
+        self.rows: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, module: torch.nn.Module, args) -> None:
+        """Forward pre-hook of the energy model: read the frame of every atom and edge of ``args[0]``."""
+        data = args[0]
+        n_atoms = data[AtomicDataDict.POSITIONS_KEY].shape[0]
+        atom = data.get(AtomicDataDict.BATCH_KEY)
+        if atom is None:
+            atom = torch.zeros(n_atoms, dtype=torch.long, device=data[AtomicDataDict.POSITIONS_KEY].device)
+        self.n_frames = AtomicDataDict.num_frames(data)
+        self.rows = {"atoms": atom, "edges": atom[data[AtomicDataDict.EDGE_INDEX_KEY][0]]}
+
+
+class HiddenUnitDropout(torch.nn.Module):
+    """A parameter-free nonlinearity followed by dropout of its output units, one mask per structure.
+
+    Args:
+        activation: the MLP's nonlinearity (e.g. ``SiLU``), applied first.
+        rate: drop probability of each hidden unit.
+        rows: ``"edges"`` (radial networks) or ``"atoms"`` (readout): what a row of the input belongs to.
+        frames: the frame index of the current batch, shared by all dropout modules of a model (it is the
+            energy model's forward pre-hook).
+
+    In training mode a mask (n_frames, width) is drawn with :func:`draw_keep` and row r is multiplied by the
+    mask of its structure; in eval mode it is the plain nonlinearity. Masking hidden unit j equals zeroing row
+    j of the next linear layer's weight (shape (width, out)) and scaling it by 1/(1 − rate), which is how
+    :mod:`mlip_uq.inference.dropout` turns K masks into K weight samples.
+    """
+
+    def __init__(self, activation: torch.nn.Module, rate: float, rows: str, frames: _FrameIndex):
+        super().__init__()
+        self.activation = activation
+        self.rate = rate
+        self.rows = rows
+        self._frames = frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.activation(x)
+        if not self.training:
+            return h
+        keep = draw_keep(self.rate, (self._frames.n_frames, h.shape[-1]), h)
+        return h * keep[self._frames.rows[self.rows]]
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}, one mask per structure over {self.rows}"
+
+
+def _add_dropout(energy_model: torch.nn.Module, rate: float) -> None:
+    """Wrap the nonlinearities of the radial networks and the readout in :class:`HiddenUnitDropout`."""
+    frames = _FrameIndex()
+    wrapped = 0
+    for name, module in energy_model.named_modules():
+        if name.endswith("edge_mlp"):
+            rows = "edges"
+        elif name == "per_atom_energy_readout.mlp_module":
+            rows = "atoms"
+        else:
+            continue
+        assert isinstance(module, ScalarMLPFunction) and isinstance(module.mlp, torch.nn.Sequential), name
+        for i, layer in enumerate(module.mlp):
+            if not isinstance(layer, ScalarLinearLayer):
+                module.mlp[i] = HiddenUnitDropout(layer, rate, rows, frames)
+                wrapped += 1
+    if not wrapped:
+        raise ValueError("model.dropout needs hidden units to drop: radial_mlp_depth >= 1 or readout_hidden_width > 0")
+    # a callable object, not a closure: copy.deepcopy of the model then copies the hook with its modules
+    energy_model.register_forward_pre_hook(frames)
+
+
+def dropout_sites(model: torch.nn.Module) -> Dict[str, int]:
+    """``{weight name: hidden width}`` of each linear layer that reads a dropped-out hidden layer (the rows of
+    that weight are what a dropout mask zeroes). Empty for a model without dropout."""
+    params = dict(model.named_parameters())
+    sites = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Sequential):
+            for i, layer in enumerate(module):
+                if isinstance(layer, HiddenUnitDropout):
+                    weight = f"{name}.{i + 1}.weight"
+                    sites[weight] = params[weight].shape[0]
+    return sites
+
+
 @model_builder
-def _uq_nequip(noise_head: bool, noise_sigma_init: float, **kwargs) -> GraphModel:
+def _uq_nequip(noise_head: bool, noise_sigma_init: float, dropout: float, **kwargs) -> GraphModel:
     # nested inside this builder, NequIPGNNModel returns its ForceStressOutput unwrapped, built under the
     # seed and dtype set by the outer @model_builder
     model = NequIPGNNModel(**kwargs)
@@ -119,6 +229,8 @@ def _uq_nequip(noise_head: bool, noise_sigma_init: float, **kwargs) -> GraphMode
         energy_model.insert("noise_head_offset", offset, after="noise_head")
         # declare the new output so that equivariance checks and the GraphModel wrapper see it
         model.irreps_out[PER_ATOM_LOG_SIGMA_KEY] = offset.irreps_out[PER_ATOM_LOG_SIGMA_KEY]
+    if dropout:
+        _add_dropout(model.func, dropout)
     return model
 
 
@@ -145,4 +257,5 @@ def build_model(config: ModelConfig) -> GraphModel:
         per_type_energy_scales={t: float(config.energy_scale) for t in config.type_names},
         noise_head=config.noise_head,
         noise_sigma_init=config.noise_sigma_init,
+        dropout=config.dropout,
     )

@@ -8,6 +8,10 @@ Layout (format ``mlip_uq.Posterior``, version 1)::
     /shared/<name>         tensors identical for every sample (state-dict names)
     /samples/<name>        stochastic tensors, shape (K, ...)
     /weights               sample weights, shape (K,)
+    /vi/mean/<name>, /vi/scale/<name>   variational inference only: the fitted mean-field Gaussian
+                           (``mlip_uq.inference.vi``); ignored by :func:`load_posterior`
+    /calibration_isotonic/<quantity>/std, .../calibrated_std   isotonic recalibration knots, where fitted
+                           (the scalar factors are in the ``calibration`` attribute; :mod:`mlip_uq.uq.calibration`)
 
 Writes go to a temporary file in the same folder that is renamed over the target, so a reader never sees
 a half-written file and an interrupted write leaves the previous file intact.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,14 +41,17 @@ class PosteriorFileError(ValueError):
     """A posterior file is missing, truncated, foreign, or of an unsupported version."""
 
 
-def atomic_h5_write(path, write) -> None:
-    """Call ``write(h5file)`` on a temporary HDF5 file next to ``path``, then rename it into place."""
+def atomic_h5_write(path, write, update: bool = False) -> None:
+    """Call ``write(h5file)`` on a temporary HDF5 file next to ``path`` (with ``update``: a copy of ``path``,
+    opened for appending), then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
+        if update:
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a" if update else "w") as f:
             write(f)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -54,8 +62,12 @@ def atomic_h5_write(path, write) -> None:
         raise
 
 
-def save_posterior(posterior: Posterior, path) -> None:
-    """Write ``posterior`` to ``path`` atomically (see the module docstring for the layout)."""
+def save_posterior(posterior: Posterior, path, extra_groups=None) -> None:
+    """Write ``posterior`` to ``path`` atomically (see the module docstring for the layout).
+
+    ``extra_groups``: method-specific tensors ``{group path: {name: tensor}}`` written in the same file (e.g.
+    the VI Gaussian, ``{"vi/mean": ..., "vi/scale": ...}``).
+    """
 
     def write(f: h5py.File) -> None:
         f.attrs["format"] = FORMAT
@@ -66,9 +78,10 @@ def save_posterior(posterior: Posterior, path) -> None:
         f.attrs["model_config"] = json.dumps(posterior.config.to_dict())
         f.attrs["type_names"] = json.dumps(posterior.config.type_names)
         f.attrs["energy_references"] = json.dumps(posterior.energy_references)
-        f.attrs["calibration"] = json.dumps(posterior.calibration)
+        _write_calibration(f, posterior.calibration)
         f.attrs["data_fingerprint"] = posterior.data_fingerprint
-        for group, tensors in (("shared", posterior.shared), ("samples", posterior.samples)):
+        for group, tensors in (("shared", posterior.shared), ("samples", posterior.samples),
+                               *(extra_groups or {}).items()):
             g = f.create_group(group)
             for name, t in tensors.items():
                 g.create_dataset(name, data=t.detach().cpu().numpy())
@@ -103,7 +116,7 @@ def load_posterior(path) -> Posterior:
             meta = dict(
                 method=str(f.attrs["method"]),
                 hyperparameters=json.loads(f.attrs["hyperparameters"]),
-                calibration=json.loads(f.attrs["calibration"]),
+                calibration=_read_calibration(f),
                 energy_references=json.loads(f.attrs["energy_references"]),
                 data_fingerprint=str(f.attrs["data_fingerprint"]),
             )
@@ -115,3 +128,28 @@ def load_posterior(path) -> Posterior:
     except RuntimeError as e:
         raise PosteriorFileError(f"{path} does not match its own model config: {e}") from e
     return posterior
+
+
+def _write_calibration(f: h5py.File, calibration) -> None:
+    scalars = {q: float(v) for q, v in calibration.items() if q != "isotonic"}
+    f.attrs["calibration"] = json.dumps(scalars)
+    if "calibration_isotonic" in f:
+        del f["calibration_isotonic"]
+    for quantity, knots in calibration.get("isotonic", {}).items():
+        for name, values in knots.items():
+            f.create_dataset(f"calibration_isotonic/{quantity}/{name}", data=np.asarray(values, dtype=np.float64))
+
+
+def _read_calibration(f: h5py.File) -> dict:
+    calibration = json.loads(f.attrs["calibration"])
+    if "calibration_isotonic" in f:
+        calibration["isotonic"] = {q: {n: np.asarray(d[()]) for n, d in g.items()}
+                                   for q, g in f["calibration_isotonic"].items()}
+    return calibration
+
+
+def write_calibration(path, calibration) -> None:
+    """Replace the recalibration stored in the posterior file ``path`` (atomically; the rest of the file,
+    including groups this reader does not know, is kept as it is)."""
+    load_posterior(path)  # a readable posterior file, or PosteriorFileError
+    atomic_h5_write(path, lambda f: _write_calibration(f, calibration), update=True)

@@ -64,6 +64,19 @@ CALIBRATION_LEVELS = np.linspace(0.0, 1.0, 100)
 #: count as "large" when :func:`evaluation_metrics` is given no threshold.
 DEFAULT_AUROC_MAE_FACTOR = 2.0
 
+#: Predictive stds at or below this fraction of the median std carry no uncertainty information: e.g. a force
+#: component that is zero by symmetry for every sample (an atom on an inversion centre) has σ ~ 1e-16 eV/Å while
+#: its reference value is off zero by the DFT noise, and one such component would dominate the NLL. The
+#: uncertainty metrics and the recalibration fits leave them out and report how many (``{prefix}_n_degenerate``).
+#: Relative to the median, so that a scalar recalibration leaves the same items out.
+DEGENERATE_STD = 1e-6
+
+
+def informative(std) -> np.ndarray:
+    """Mask of the stds above :data:`DEGENERATE_STD` times their median (same shape as ``std``)."""
+    s = np.asarray(std, dtype=np.float64)
+    return s > DEGENERATE_STD * np.median(s) if s.size else np.zeros(s.shape, dtype=bool)
+
 #: Every key :func:`evaluation_metrics` may write, with its definition and unit (DESIGN.md, "Metric names").
 METRIC_DEFINITIONS = {
     "energy_mae": "mean |E_pred - E_true| / n_atoms over structures (eV/atom)",
@@ -79,6 +92,9 @@ METRIC_DEFINITIONS = {
     "forces_rms_cal": "UT root_mean_squared_calibration_error (100 levels), per force component",
     "energy_spearman": "Spearman rank correlation of predicted std with |error|, per-atom energies",
     "forces_spearman": "Spearman rank correlation of predicted std with |error|, per force component",
+    "energy_n_degenerate": "structures left out of the energy uncertainty metrics: std <= 1e-6 x median std",
+    "forces_n_degenerate": "force components left out of the uncertainty metrics: std <= 1e-6 x median std, "
+                           "e.g. zero by symmetry in every sample",
     "forces_auroc": "ROC AUC of the force-component std as a detector of |error| > forces_auroc_threshold",
     "forces_auroc_threshold": "error threshold of forces_auroc (eV/Å); default 2 x forces_mae",
     "energy_sharpness": "mean predicted std of the per-atom energy (eV/atom); UT's sharpness is RMS std",
@@ -327,7 +343,9 @@ def regression_metrics(
 
     Keys: ``{prefix}_mae``, ``{prefix}_rmse``; with ``std`` also ``{prefix}_nll``, ``{prefix}_miscal_area``,
     ``{prefix}_rms_cal``, ``{prefix}_spearman``, ``{prefix}_sharpness``; and ``{prefix}_auroc`` when
-    ``auroc_threshold`` is given as well. Arrays are flattened (forces are scored per component).
+    ``auroc_threshold`` is given as well, and ``{prefix}_n_degenerate``, the number of items left out of the
+    uncertainty metrics because their std carries no information (:func:`informative`). Arrays are flattened (forces are
+    scored per component).
 
     Args:
         pred: predictions, any shape.
@@ -347,6 +365,9 @@ def regression_metrics(
     if np.shape(std) != np.shape(pred):
         raise ValueError(f"std has shape {np.shape(std)} but pred has shape {np.shape(pred)}")
     s = _flat(std, "std")
+    keep = informative(s)
+    out[f"{prefix}_n_degenerate"] = int(s.size - keep.sum())
+    err, s = err[keep], s[keep]
     abs_err = np.abs(err)
     out[f"{prefix}_nll"] = gaussian_nll(err, s)
     out[f"{prefix}_miscal_area"] = miscalibration_area(err, s)

@@ -93,14 +93,14 @@ def test_partially_bayesian_run_samples_only_the_heads_and_shares_the_rest(tio2_
 def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, full_run, tmp_path, monkeypatch):
     source = load_posterior(full_run / "posterior.h5")
     seen = {}
-    original = sampling._prior
+    original = sampling.prior_from_spec
 
-    def spy(spec, model, stochastic):
-        prior = original(spec, model, stochastic)
+    def spy(spec, model, stochastic, section):
+        prior = original(spec, model, stochastic, section)
         seen["prior"] = prior
         return prior
 
-    monkeypatch.setattr(sampling, "_prior", spy)
+    monkeypatch.setattr(sampling, "prior_from_spec", spy)
     cfg = config(tio2_path, n_chains=1, prior={"scale": 0.05, "center": str(full_run / "posterior.h5")},
                  init=str(full_run / "posterior.h5"))
     train(cfg, out_dir=tmp_path)

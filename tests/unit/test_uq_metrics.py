@@ -29,7 +29,7 @@ DESIGN_KEYS = {
     "energy_nll", "forces_nll", "energy_miscal_area", "forces_miscal_area",
     "energy_rms_cal", "forces_rms_cal", "energy_spearman", "forces_spearman",
     "forces_auroc", "energy_sharpness", "forces_sharpness", "n_structures", "n_samples",
-    "forces_auroc_threshold",
+    "forces_auroc_threshold", "energy_n_degenerate", "forces_n_degenerate",
 }
 ACCURACY_KEYS = {"energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "n_structures", "n_samples"}
 
@@ -188,11 +188,25 @@ def test_regression_metrics_keys_and_values():
     std = np.full(pred.shape, 0.5)
     out = regression_metrics(pred, target, std, prefix="x", auroc_threshold=0.5)
     assert set(out) == {f"x_{k}" for k in
-                        ("mae", "rmse", "nll", "miscal_area", "rms_cal", "spearman", "sharpness", "auroc")}
-    assert all(type(v) is float for v in out.values())
+                        ("mae", "rmse", "nll", "miscal_area", "rms_cal", "spearman", "sharpness", "auroc",
+                         "n_degenerate")}
+    assert out.pop("x_n_degenerate") == 0 and all(type(v) is float for v in out.values())
     assert out["x_sharpness"] == 0.5
     assert out["x_nll"] == pytest.approx(gaussian_nll(pred - target, std))
     assert "x_auroc" not in regression_metrics(pred, target, std, prefix="x")
+
+
+def test_components_without_uncertainty_information_are_left_out_of_the_uncertainty_metrics():
+    # a force component zero by symmetry in every sample: σ ~ 1e-16, reference off zero by the DFT noise
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.05, 0.2, 200)
+    err = rng.normal(0.0, std)
+    out = regression_metrics(err, np.zeros(200), std, prefix="f")
+    degenerate = regression_metrics(np.append(err, 1e-6), np.zeros(201), np.append(std, 1e-16), prefix="f")
+    assert degenerate["f_n_degenerate"] == 1 and out["f_n_degenerate"] == 0
+    for key in ("f_nll", "f_miscal_area", "f_sharpness", "f_spearman"):
+        assert degenerate[key] == pytest.approx(out[key])
+    assert degenerate["f_mae"] != out["f_mae"]  # accuracy still counts every component
 
 
 def _synthetic_eval(seed=0, n_struct=40, n_atoms=300):
@@ -212,7 +226,7 @@ def test_evaluation_metrics_has_exactly_design_keys():
     assert set(out) == DESIGN_KEYS
     assert set(METRIC_DEFINITIONS) == DESIGN_KEYS  # every key has a written definition
     for key, value in out.items():
-        assert type(value) is (int if key in ("n_structures", "n_samples") else float), key
+        assert type(value) is (int if key in ("n_structures", "n_samples") or "n_degenerate" in key else float), key
         assert math.isfinite(value), key
     assert out["n_structures"] == 40 and out["n_samples"] == 8
     # forces are scored per Cartesian component

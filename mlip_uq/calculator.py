@@ -1,0 +1,234 @@
+"""ASE calculator of a posterior: predictive means as ASE's standard results, standard deviations beside them.
+
+Results (DESIGN.md "Calculator contract"; eV, Å, eV/Å, eV/Å³; stress in ASE's Voigt order xx, yy, zz, yz, xz, xy):
+
+========================== ======== ====================================================================
+key                        shape    meaning
+========================== ======== ====================================================================
+``energy``, ``free_energy`` ()      predictive mean of the total energy (eV)
+``energies``               (N,)     mean per-atom energy contributions (eV)
+``forces``                 (N, 3)   mean forces (eV/Å)
+``stress``                 (6,)     mean stress (eV/Å³), periodic cells only
+``energy_std``             ()       total-energy predictive std (eV)
+``energies_std``           (N,)     std of each atom's energy contribution (eV)
+``forces_std``             (N, 3)   std of each force component (eV/Å), epistemic + aleatoric (noise head)
+``atom_force_std``         (N,)     sqrt of the sum of an atom's three force-component variances (eV/Å)
+``stress_std``             (6,)     std of each stress component (eV/Å³), periodic cells only
+``energy_std_epistemic``   ()       the sample-spread part of ``energy_std`` alone (eV)
+``forces_std_epistemic``   (N, 3)   the sample-spread part of ``forces_std`` alone (eV/Å)
+``atom_force_std_epistemic`` (N,)   the sample-spread part of ``atom_force_std`` alone (eV/Å)
+``energy_samples``         (K,)     each sample's energy (eV), only with ``return_samples=True``
+``forces_samples``         (K, N, 3) each sample's forces (eV/Å), only with ``return_samples=True``
+========================== ======== ====================================================================
+
+Means are weighted over the posterior's samples; a std is sqrt(epistemic + aleatoric variance)
+(:mod:`mlip_uq.posterior.predict`), multiplied by the posterior's recalibration factor where it has one
+(:mod:`mlip_uq.uq.calibration`; ``calculator.calibration`` says which): energy stds (and ``energies_std``, by the
+factor of their structure's energy std) and force stds; ``stress_std`` is left as predicted. Energy stds have no
+aleatoric part (the noise head models force noise only), so ``energy_std`` equals ``energy_std_epistemic``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import ase
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from nequip.data import AtomicDataDict
+from nequip.utils.global_state import global_state_initialized, set_global_state
+
+from .data import atoms_to_graph, collate
+from .posterior import Posterior, load_posterior
+from .posterior.predict import predict_samples, predictive_moments
+from .uq.calibration import describe
+
+log = logging.getLogger(__name__)
+
+ASE_PROPERTIES = ["energy", "free_energy", "energies", "forces", "stress"]
+UNCERTAINTY_PROPERTIES = [
+    "energy_std", "energies_std", "forces_std", "atom_force_std", "stress_std",
+    "energy_std_epistemic", "forces_std_epistemic", "atom_force_std_epistemic",
+]
+SAMPLE_PROPERTIES = ["energy_samples", "forces_samples"]
+# results that uq_to_atoms copies into atoms.info (per structure) and atoms.arrays (per atom)
+_INFO_KEYS = ("energy_std", "energy_std_epistemic", "stress_std", "energy_samples")
+_ARRAY_KEYS = ("energies_std", "forces_std", "atom_force_std", "forces_std_epistemic", "atom_force_std_epistemic")
+
+
+def _posterior_as(posterior: Posterior, dtype: str) -> Posterior:
+    """A copy of ``posterior`` whose model and floating-point tensors are in ``dtype``."""
+    if dtype == posterior.config.dtype:
+        return posterior
+    torch_dtype = getattr(torch, dtype)
+
+    def cast(tensors):
+        return {n: t.to(torch_dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+
+    return Posterior(
+        dataclasses.replace(posterior.config, dtype=dtype), cast(posterior.shared), cast(posterior.samples),
+        weights=posterior.weights, method=posterior.method, hyperparameters=posterior.hyperparameters,
+        calibration=posterior.calibration, energy_references=posterior.energy_references,
+        data_fingerprint=posterior.data_fingerprint,
+    )
+
+
+class UQCalculator(Calculator):
+    """ASE calculator with per-atom uncertainty from a posterior (results: module docstring).
+
+    The neighbour list is built with a cutoff of r_max + ``skin`` and reused, filtered to r_max at each call,
+    while no atom has moved by ``skin / 2`` or more since it was built and numbers, cell and pbc are unchanged
+    (any change of the cell, as in NPT, rebuilds it). The K samples run as :func:`predict_samples` describes:
+    shared trunk once, stochastic tail once per sample.
+
+    Args:
+        posterior_or_path: a :class:`~mlip_uq.posterior.Posterior` (moved to ``device``) or a posterior file.
+        device: ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+        dtype: ``"float32"`` or ``"float64"`` for the model (default: the posterior's own).
+        return_samples: also give ``energy_samples`` (K,) and ``forces_samples`` (K, N, 3).
+        skin: neighbour-list skin (Å); 0 rebuilds the list at every call.
+        **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
+
+    Raises:
+        ValueError (from :meth:`calculate`): an element the model does not know (named), NaN/inf positions or
+        cell (before the model runs), or ``stress``/``stress_std`` asked for a structure without a periodic cell.
+    """
+
+    implemented_properties = ASE_PROPERTIES + UNCERTAINTY_PROPERTIES
+
+    def __init__(
+        self,
+        posterior_or_path: Union[Posterior, str, Path],
+        device: Union[str, torch.device] = "cpu",
+        dtype: Optional[str] = None,
+        return_samples: bool = False,
+        skin: float = 0.5,
+        **kwargs,
+    ):
+        Calculator.__init__(self, **kwargs)
+        if not global_state_initialized():
+            set_global_state()  # nequip's models are built under it (nequip's own ASE integration does the same)
+        posterior = posterior_or_path
+        if not isinstance(posterior, Posterior):
+            posterior = load_posterior(posterior_or_path)
+        if dtype not in (None, "float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if skin < 0:
+            raise ValueError(f"skin must be >= 0 Å, got {skin}")
+        self.posterior = _posterior_as(posterior, dtype or posterior.config.dtype).to(device)
+        self.dtype = getattr(torch, self.posterior.config.dtype)
+        self.skin = float(skin)
+        self.return_samples = return_samples
+        if return_samples:  # an instance list: the class-level one is never changed
+            self.implemented_properties = UQCalculator.implemented_properties + SAMPLE_PROPERTIES
+        self.calibration = describe(self.posterior.calibration)
+        log.info("UQCalculator: %s, K=%d samples, recalibration: %s", self.posterior.method,
+                 self.posterior.n_samples, self.calibration)
+        self.neighbor_list_builds = 0
+        self._reference: Optional[dict] = None
+
+    def _check(self, atoms: ase.Atoms, properties) -> bool:
+        """Validate ``atoms`` before the model runs; returns whether the cell is periodic with a volume."""
+        unknown = sorted(set(atoms.get_chemical_symbols()) - set(self.posterior.config.type_names))
+        if unknown:
+            raise ValueError(f"element(s) {unknown} not known to the model (it knows {self.posterior.config.type_names})")
+        bad = np.flatnonzero(~np.isfinite(atoms.positions).all(axis=1))
+        if bad.size:
+            raise ValueError(f"NaN or inf in the positions of atom(s) {bad[:10].tolist()}")
+        if not np.isfinite(atoms.cell.array).all():
+            raise ValueError(f"NaN or inf in the cell {atoms.cell.array.tolist()}")
+        periodic = bool(atoms.pbc.any()) and abs(atoms.cell.volume) > 1e-12
+        asked = {"stress", "stress_std"} & set(properties)
+        if asked and not periodic:
+            raise ValueError(f"{sorted(asked)} requested for a structure without a periodic cell of non-zero volume "
+                             f"(pbc={atoms.pbc.tolist()}, cell volume {atoms.cell.volume:.3g} Å³)")
+        return periodic
+
+    def _graph(self, atoms: ase.Atoms) -> AtomicDataDict.Type:
+        """The batched graph of ``atoms`` on the model's device, from the reused neighbour list (class docstring)."""
+        ref = self._reference
+        stale = (
+            ref is None
+            or self.skin == 0.0
+            or not np.array_equal(ref["numbers"], atoms.numbers)
+            or not np.array_equal(ref["cell"], atoms.cell.array)
+            or not np.array_equal(ref["pbc"], atoms.pbc)
+            or np.max(np.linalg.norm(atoms.positions - ref["positions"], axis=1)) >= self.skin / 2
+        )
+        if stale:
+            graph = atoms_to_graph(atoms, self.posterior.config.type_names, self.posterior.config.r_max + self.skin,
+                                   dtype=torch.float64, with_labels=False)
+            ref = self._reference = dict(graph=graph, positions=atoms.positions.copy(), cell=atoms.cell.array.copy(),
+                                         pbc=atoms.pbc.copy(), numbers=atoms.numbers.copy())
+            self.neighbor_list_builds += 1
+        graph = dict(ref["graph"])
+        pos = torch.as_tensor(atoms.positions, dtype=torch.float64)
+        edges, shifts = graph[AtomicDataDict.EDGE_INDEX_KEY], graph[AtomicDataDict.EDGE_CELL_SHIFT_KEY]
+        vectors = pos[edges[1]] - pos[edges[0]] + shifts @ graph[AtomicDataDict.CELL_KEY].view(3, 3)
+        keep = vectors.square().sum(-1) < self.posterior.config.r_max**2
+        graph.update({
+            AtomicDataDict.POSITIONS_KEY: pos,
+            AtomicDataDict.EDGE_INDEX_KEY: edges[:, keep],
+            AtomicDataDict.EDGE_CELL_SHIFT_KEY: shifts[keep],
+        })
+        graph = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in graph.items()}
+        return AtomicDataDict.to_(collate([graph]), self.posterior.device)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        """Compute every result of the module docstring for ``atoms`` (stress only for periodic cells)."""
+        Calculator.calculate(self, atoms, properties, system_changes)
+        atoms = self.atoms
+        periodic = self._check(atoms, properties)
+        pred = predict_samples(self.posterior, self._graph(atoms))
+        m = predictive_moments(pred).calibrated(self.posterior.calibration)
+        results = {
+            "energy": float(m.energy[0]),
+            "free_energy": float(m.energy[0]),
+            "energies": m.energies,
+            "forces": m.forces,
+            "energy_std": float(m.energy_std[0]),
+            "energies_std": m.energies_std,
+            "forces_std": m.forces_std,
+            "atom_force_std": m.atom_force_std,
+            "energy_std_epistemic": float(m.energy_std_epistemic[0]),
+            "forces_std_epistemic": m.forces_std_epistemic,
+            "atom_force_std_epistemic": m.atom_force_std_epistemic,
+        }
+        if periodic:
+            results["stress"], results["stress_std"] = m.stress[0], m.stress_std[0]
+        if self.return_samples:
+            results["energy_samples"], results["forces_samples"] = m.energy_samples[:, 0], m.forces_samples
+        self.results = results
+
+
+def uq_to_atoms(atoms: ase.Atoms) -> ase.Atoms:
+    """Copy the uncertainty results of ``atoms.calc`` (a :class:`UQCalculator`, recalculated if stale) into
+    ``atoms.info`` and ``atoms.arrays`` under the same keys, so that ``ase.io.write(..., format="extxyz")`` keeps
+    them next to the means the calculator's results give (energy, forces, stress).
+
+    Per structure (``info``): ``energy_std``, ``energy_std_epistemic``, ``stress_std``, ``energy_samples``;
+    per atom (``arrays``): ``energies_std``, ``forces_std``, ``atom_force_std``, ``forces_std_epistemic``,
+    ``atom_force_std_epistemic``, and ``forces_samples`` as (N, 3K) (sample k's force on atom i in columns
+    3k..3k+2; extxyz stores only per-atom rows), each where the calculator has it.
+
+    Returns:
+        ``atoms`` itself.
+    """
+    calc = atoms.calc
+    if not isinstance(calc, UQCalculator):
+        raise ValueError(f"uq_to_atoms needs atoms with a UQCalculator attached, got {type(calc).__name__}")
+    calc.get_property("energy", atoms)  # computes every result if atoms changed since the last call
+    for key in _INFO_KEYS:
+        if key in calc.results:
+            atoms.info[key] = calc.results[key]
+    for key in _ARRAY_KEYS:
+        if key in calc.results:
+            atoms.arrays[key] = np.asarray(calc.results[key])
+    if "forces_samples" in calc.results:
+        samples = calc.results["forces_samples"]
+        atoms.arrays["forces_samples"] = samples.transpose(1, 0, 2).reshape(len(atoms), -1)
+    return atoms

@@ -1,0 +1,126 @@
+"""Deep ensembles: K members of one architecture, trained independently by the MAP trainer.
+
+Member k is initialised with seed ``config.seed + k`` (and, with ``bootstrap``, trained on a resampling of the
+training set drawn from that seed) and trained by :func:`~mlip_uq.inference.map.fit_map` in
+``out_dir/members/<k>/``. Its best state dict is then written atomically to ``members/<k>/final.pt``: a member
+is finished exactly when that file exists, so a killed run resumed with ``resume=True`` keeps its finished
+members and continues the unfinished one from its Lightning checkpoint (``members/<k>/checkpoints/last.ckpt``).
+
+Members train one after the other; each member's training uses the devices that ``training.accelerator`` /
+``training.devices`` give Lightning (several GPUs: data-parallel within a member). Members carry the noise
+head when the model has one (``training.heteroscedastic``: a mean-variance ensemble, whose predictive variance
+splits into the spread of the members' means and the mean of their noise variances).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from nequip.data import AtomicDataDict
+
+from ..model import ModelConfig, build_model
+from ..posterior import Posterior
+from .map import MAPSettings, fit_map
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EnsembleSettings:
+    """Settings of a deep ensemble.
+
+    Args:
+        n_members: number K of members (= posterior samples).
+        bootstrap: train each member on a bootstrap resampling (N draws with replacement) of the training set,
+            drawn from the member's seed; False: every member sees the whole training set.
+        training: the MAP training settings of every member (the configuration's ``training`` section).
+    """
+
+    n_members: int = 5
+    bootstrap: bool = False
+    training: MAPSettings = field(default_factory=MAPSettings)
+
+    def __post_init__(self):
+        if self.n_members < 1:
+            raise ValueError(f"ensemble.n_members must be at least 1, got {self.n_members}")
+
+
+def fit_map_once(model: torch.nn.Module, train: List[AtomicDataDict.Type], val: List[AtomicDataDict.Type],
+                 settings: MAPSettings, out_dir: Path, seed: int, resume: bool) -> Dict[str, torch.Tensor]:
+    """:func:`fit_map` with a final state file: ``out_dir/final.pt`` is written atomically when training ends.
+
+    With ``resume``, a finished run (``final.pt`` present) is loaded, not trained again, and an unfinished one
+    continues from ``out_dir/checkpoints/last.ckpt`` when it has one (else it starts afresh). Without
+    ``resume`` the model is trained from its current parameters.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / "final.pt"
+    if resume and final.is_file():
+        return torch.load(final, map_location="cpu", weights_only=True)
+    has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").is_file()
+    state = fit_map(model, train, val, settings, out_dir, seed=seed, resume=resume and has_checkpoint)
+    tmp = final.with_suffix(".tmp")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    tmp.replace(final)
+    return state
+
+
+def fit_ensemble(
+    config: ModelConfig,
+    train: List[AtomicDataDict.Type],
+    val: List[AtomicDataDict.Type],
+    settings: EnsembleSettings,
+    out_dir: Path,
+    resume: bool = False,
+    init: Optional[Posterior] = None,
+    metadata: Optional[Dict] = None,
+) -> Posterior:
+    """Train a deep ensemble and return it as a posterior with one sample per member.
+
+    Args:
+        config: the architecture; member k uses seed ``config.seed + k``.
+        train: training graphs (each member's, or the pool its bootstrap sample is drawn from).
+        val: validation graphs (early stopping and the plateau schedule of every member).
+        settings: number of members, bootstrap, member training settings.
+        out_dir: members go to ``out_dir/members/<k>/`` (checkpoints, CSV log, ``final.pt``).
+        resume: keep finished members and continue the unfinished ones from their checkpoints.
+        init: warm start (fine-tuning, e.g. after new data in an active-learning loop): a previous posterior of
+            the same architecture with at least ``n_members`` samples; member k starts from its sample k
+            instead of a fresh initialisation.
+        metadata: passed to :class:`Posterior` (energy_references, data_fingerprint).
+
+    Returns:
+        The ensemble (``method="ensemble"``), every trainable parameter stochastic, equal weights.
+    """
+    out_dir = Path(out_dir)
+    if init is not None and init.n_samples < settings.n_members:
+        raise ValueError(f"init posterior has {init.n_samples} samples; the ensemble needs one per member "
+                         f"({settings.n_members})")
+    states = []
+    start = time.perf_counter()
+    for k in range(settings.n_members):
+        seed = config.seed + k
+        model = build_model(ModelConfig.from_dict({**config.to_dict(), "seed": seed}))
+        if init is not None:
+            try:
+                model.load_state_dict(init.state_dict(k), strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"init posterior does not match the ensemble's architecture: {e}") from e
+        member_train = train
+        if settings.bootstrap:
+            picks = np.random.default_rng(seed).integers(0, len(train), size=len(train))
+            member_train = [train[i] for i in picks]
+        log.info("ensemble member %d/%d (seed %d)", k + 1, settings.n_members, seed)
+        states.append(fit_map_once(model, member_train, val, settings.training, out_dir / "members" / str(k),
+                                   seed=seed, resume=resume))
+        log.info("ensemble member %d/%d done (%.0f s)", k + 1, settings.n_members, time.perf_counter() - start)
+    hyper = {**asdict(settings), "member_seeds": [config.seed + k for k in range(settings.n_members)],
+             "warm_start": init is not None}
+    return Posterior.from_state_dicts(config, states, method="ensemble", hyperparameters=hyper, **(metadata or {}))

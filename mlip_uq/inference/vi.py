@@ -1,0 +1,353 @@
+"""Mean-field Gaussian variational inference over the chosen (all, or partially Bayesian) parameters.
+
+The variational family is q(θ) = Π_i N(θ_i; μ_i, σ_i²) over the stochastic parameters, σ = softplus(ρ); the
+other parameters stay at the values the means start from (a MAP model). The objective, per datum, is::
+
+    neg_elbo = E_q[ mean_minibatch NLL(θ) ] + kl_weight · KL(q ‖ prior) / N
+
+with N the number of training structures, the expectation estimated with ``mc_samples`` reparameterised draws
+θ = μ + σ ⊙ ε, ε ~ N(0, I), each evaluated through ``torch.func.functional_call``, and the KL to the Gaussian
+prior (zero-centred or centred on pre-trained weights; :class:`~mlip_uq.inference.priors.GaussianPrior`) in
+closed form. ``kl_weight`` = 1 is the ELBO; < 1 tempers the prior (a "cold" posterior).
+
+The core is model-agnostic and written init/step/sample style: :func:`init_vi` makes a :class:`VIState`
+(means, raw scales ρ, Adam state, RNG), :func:`vi_step` takes one optimiser step on any ``nn.Module`` whose
+``forward`` takes the batch and any per-datum NLL function, :func:`sample_gaussian` draws K parameter sets.
+:func:`fit_vi` is the driver for the NequIP model: means from a MAP model (a file, or a MAP phase run by
+``fit_map``), minibatches that are a pure function of (seed, step), checkpoints with ``--resume``, a trace.
+
+The posterior file stores the K draws used for evaluation as ordinary samples and the fitted Gaussian itself in
+the groups ``/vi/mean`` and ``/vi/scale``, so that it can be sampled again at any K (:func:`resample`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import h5py
+import numpy as np
+import torch
+from nequip.data import AtomicDataDict
+
+from ..config import settings_from
+from ..model import ModelConfig, build_model
+from ..posterior import Posterior, PosteriorFileError, load_posterior
+from ..posterior.io import save_posterior
+from .ensemble import fit_map_once
+from .loss import NoiseModel, neg_log_likelihood
+from .map import MAPSettings
+from .priors import GaussianPrior, pretrained_weights, select_stochastic
+from .priors import prior_from_spec
+from .sampling import minibatch, resolve_device
+
+log = logging.getLogger(__name__)
+
+MEAN_GROUP, SCALE_GROUP = "vi/mean", "vi/scale"
+
+
+@dataclass
+class VISettings:
+    """Settings of mean-field VI (steps are minibatch steps).
+
+    Args:
+        lr: Adam learning rate of the means and of the raw scales ρ (σ = softplus(ρ)).
+        steps: optimiser steps.
+        batch_size: structures per minibatch.
+        mc_samples: reparameterised draws per step.
+        kl_weight: factor on KL/N (1: the ELBO; < 1: tempered).
+        init_scale: initial σ of every stochastic parameter (parameter units).
+        n_samples: number K of draws stored as the posterior's samples for evaluation.
+        stochastic: which parameters are variational: ``all``, ``{last_layers: N}`` or ``{patterns: [...]}``.
+        init: a posterior file or checkpoint holding MAP weights for the means (and the fixed parameters),
+            matched as SG-MCMC's ``init``; None: a MAP phase run by ``fit_map`` with the ``training`` settings.
+        prior: ``{scale: s, layer_scales: {layer: s}, center: null | path}`` as for SG-MCMC.
+        noise: observation noise ``{energy: eV/atom, forces: eV/Å, stress: eV/Å³, heteroscedastic: bool}``.
+        checkpoint_every: steps between checkpoints.
+        trace_every: steps between trace rows.
+        accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
+
+    lr: float = 1e-3
+    steps: int = 2000
+    batch_size: int = 8
+    mc_samples: int = 1
+    kl_weight: float = 1.0
+    init_scale: float = 1e-3
+    n_samples: int = 20
+    stochastic: Union[str, Dict] = "all"
+    init: Optional[str] = None
+    prior: Dict = field(default_factory=lambda: {"scale": 1.0})
+    noise: Dict = field(default_factory=dict)
+    checkpoint_every: int = 200
+    trace_every: int = 10
+    accelerator: str = "auto"
+
+    def __post_init__(self):
+        if self.accelerator not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"vi.accelerator must be auto, cpu or cuda, got {self.accelerator!r}")
+        if self.init_scale <= 0 or self.mc_samples < 1 or self.n_samples < 1 or self.kl_weight < 0:
+            raise ValueError(f"vi: init_scale must be > 0, mc_samples and n_samples >= 1, kl_weight >= 0; got "
+                             f"{self.init_scale}, {self.mc_samples}, {self.n_samples}, {self.kl_weight}")
+
+
+def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+    """ρ with softplus(ρ) = x, for x > 0."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+class VIState:
+    """The named state of mean-field VI.
+
+    Attributes:
+        means: μ by parameter name (leaf tensors that require grad).
+        raw_scales: ρ by parameter name; σ = softplus(ρ).
+        optimizer: Adam over means and raw scales.
+        generator: the RNG of the reparameterisation noise.
+        step: optimiser steps taken.
+    """
+
+    def __init__(self, means: Dict[str, torch.Tensor], raw_scales: Dict[str, torch.Tensor], lr: float, seed: int):
+        self.means, self.raw_scales = means, raw_scales
+        self.optimizer = torch.optim.Adam([*means.values(), *raw_scales.values()], lr=lr)
+        device = next(iter(means.values())).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.step = 0
+
+    def scales(self) -> Dict[str, torch.Tensor]:
+        """σ = softplus(ρ) by name."""
+        return {n: torch.nn.functional.softplus(r) for n, r in self.raw_scales.items()}
+
+    def state_dict(self) -> Dict:
+        """Plain tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "means": {n: t.detach().clone() for n, t in self.means.items()},
+            "raw_scales": {n: t.detach().clone() for n, t in self.raw_scales.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        with torch.no_grad():
+            for n, t in self.means.items():
+                t.copy_(state["means"][n])
+            for n, t in self.raw_scales.items():
+                t.copy_(state["raw_scales"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+
+
+def init_vi(means: Dict[str, torch.Tensor], init_scale: float, lr: float, seed: int) -> VIState:
+    """A VI state with q centred on ``means`` (copied) and σ = ``init_scale`` everywhere."""
+    mu = {n: t.detach().clone().requires_grad_(True) for n, t in means.items()}
+    rho = {n: softplus_inverse(torch.full_like(t, init_scale)).requires_grad_(True) for n, t in mu.items()}
+    return VIState(mu, rho, lr, seed)
+
+
+def kl_divergence(means: Dict[str, torch.Tensor], scales: Dict[str, torch.Tensor], prior: GaussianPrior) -> torch.Tensor:
+    """KL(q ‖ prior) in nats: Σ_i log(s_i/σ_i) + (σ_i² + (μ_i − c_i)²) / (2 s_i²) − 1/2."""
+    total = 0.0
+    for n, mu in means.items():
+        s, c, sigma = prior.scale_of(n), prior.center_of(n, mu), scales[n]
+        total = total + (math.log(s) - torch.log(sigma) + (sigma**2 + (mu - c) ** 2) / (2 * s**2) - 0.5).sum()
+    return torch.as_tensor(total)
+
+
+NLL = Callable[[object, object], torch.Tensor]  # (model output, batch) -> per-datum NLL (B,)
+
+
+def neg_elbo(state: VIState, model: torch.nn.Module, batch, nll: NLL, num_data: int, prior: GaussianPrior,
+             mc_samples: int = 1, kl_weight: float = 1.0) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The negative ELBO per datum (module docstring) and its parts ``nll`` (per datum) and ``kl`` (nats, total).
+
+    ``model(batch)`` is evaluated with the drawn parameters through ``torch.func.functional_call``; parameters
+    of ``model`` that are not in ``state.means`` keep their values.
+    """
+    scales = state.scales()
+    data_term = 0.0
+    for _ in range(mc_samples):
+        params = {n: mu + scales[n] * torch.randn(mu.shape, generator=state.generator, dtype=mu.dtype,
+                                                  device=mu.device) for n, mu in state.means.items()}
+        out = torch.func.functional_call(model, params, (batch,), strict=False)
+        data_term = data_term + nll(out, batch).mean()
+    data_term = data_term / mc_samples
+    kl = kl_divergence(state.means, scales, prior)
+    return data_term + kl_weight * kl / num_data, {"nll": float(data_term.detach()), "kl": float(kl.detach())}
+
+
+def vi_step(state: VIState, model: torch.nn.Module, batch, nll: NLL, num_data: int, prior: GaussianPrior,
+            mc_samples: int = 1, kl_weight: float = 1.0) -> Dict[str, float]:
+    """One Adam step on the negative ELBO; returns ``neg_elbo``, ``nll`` and ``kl`` of the step.
+
+    Raises:
+        FloatingPointError: the objective is NaN or infinite (the state is left unchanged).
+    """
+    state.optimizer.zero_grad(set_to_none=True)
+    loss, terms = neg_elbo(state, model, batch, nll, num_data, prior, mc_samples, kl_weight)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the negative ELBO is {loss.item()} at step {state.step}")
+    loss.backward()
+    state.optimizer.step()
+    state.step += 1
+    return {"neg_elbo": loss.item(), **terms}
+
+
+def sample_gaussian(means: Dict[str, torch.Tensor], scales: Dict[str, torch.Tensor], n_samples: int,
+                    seed: int) -> Dict[str, torch.Tensor]:
+    """K draws μ + σ ⊙ ε by name, shape (K, ...), from a ``torch.Generator`` seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, mu in means.items():
+        eps = torch.randn((n_samples, *mu.shape), generator=generator, dtype=mu.dtype)
+        out[n] = mu.detach().cpu() + scales[n].detach().cpu() * eps
+    return out
+
+
+def posterior_from_gaussian(config: ModelConfig, shared: Dict[str, torch.Tensor], means: Dict[str, torch.Tensor],
+                            scales: Dict[str, torch.Tensor], n_samples: int, seed: int, **metadata) -> Posterior:
+    """A posterior of K draws from the mean-field Gaussian (stochastic tensors) plus the ``shared`` tensors."""
+    return Posterior(config, dict(shared), sample_gaussian(means, scales, n_samples, seed), **metadata)
+
+
+def save_vi_posterior(posterior: Posterior, means: Dict[str, torch.Tensor], scales: Dict[str, torch.Tensor],
+                      path) -> None:
+    """Write ``posterior`` with the fitted Gaussian in ``/vi/mean`` and ``/vi/scale`` (atomically)."""
+    save_posterior(posterior, path, extra_groups={
+        MEAN_GROUP: {n: t.detach() for n, t in means.items()},
+        SCALE_GROUP: {n: t.detach() for n, t in scales.items()},
+    })
+
+
+def load_gaussian(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """The fitted (means, scales) stored in a VI posterior file."""
+    with h5py.File(path, "r") as f:
+        if MEAN_GROUP not in f or SCALE_GROUP not in f:
+            raise PosteriorFileError(f"{path} holds no fitted Gaussian (groups /{MEAN_GROUP}, /{SCALE_GROUP}): "
+                                     "not a VI posterior")
+        return tuple({n: torch.from_numpy(np.asarray(d[()])) for n, d in f[g].items()} for g in (MEAN_GROUP, SCALE_GROUP))
+
+
+def resample(path, n_samples: int, seed: int) -> Posterior:
+    """The VI posterior in ``path`` with ``n_samples`` fresh draws (seed ``seed``) from its stored Gaussian; the
+    shared tensors, calibration and metadata are the file's."""
+    post = load_posterior(path)
+    means, scales = load_gaussian(path)
+    hyper = {**post.hyperparameters, "n_samples": n_samples, "sample_seed": seed}
+    return posterior_from_gaussian(post.config, post.shared, means, scales, n_samples, seed, method=post.method,
+                                   hyperparameters=hyper, calibration=post.calibration,
+                                   energy_references=post.energy_references, data_fingerprint=post.data_fingerprint)
+
+
+_TRACE_FIELDS = ["step", "neg_elbo", "nll", "kl", "median_scale"]
+
+
+def fit_vi(
+    config: ModelConfig,
+    train: List[AtomicDataDict.Type],
+    val: List[AtomicDataDict.Type],
+    settings: VISettings,
+    out_dir: Path,
+    resume: bool = False,
+    map_settings: Optional[MAPSettings] = None,
+    metadata: Optional[Dict] = None,
+) -> Posterior:
+    """Fit the mean-field Gaussian of ``config``'s stochastic parameters and write ``out_dir/posterior.h5``.
+
+    Args:
+        config: the architecture.
+        train: training graphs (N = len(train) in the KL weight).
+        val: validation graphs (used by the MAP phase only).
+        settings: VI settings.
+        out_dir: run folder: ``map/`` (MAP phase, when ``settings.init`` is None), ``vi/vi.ckpt`` (checkpoint),
+            ``vi/trace.csv``, ``posterior.h5``.
+        resume: continue from ``vi/vi.ckpt`` (and a finished or checkpointed MAP phase).
+        map_settings: settings of the MAP phase (required when ``settings.init`` is None).
+        metadata: passed to :class:`Posterior` (energy_references, data_fingerprint).
+
+    Returns:
+        The posterior: ``settings.n_samples`` draws (seed ``config.seed``) from the fitted Gaussian.
+    """
+    out_dir = Path(out_dir)
+    work = out_dir / "vi"
+    work.mkdir(parents=True, exist_ok=True)
+    noise = settings_from(NoiseModel, settings.noise, "vi.noise")
+    if noise.heteroscedastic and not config.noise_head:
+        raise ValueError("vi.noise.heteroscedastic needs model.noise_head: true")
+    model = build_model(config)
+    if settings.init:
+        shapes = {n: t.shape for n, t in model.state_dict().items()}
+        start = pretrained_weights(settings.init, list(shapes), shapes)
+        missing = sorted(set(shapes) - set(start))
+        if missing:
+            raise ValueError(f"vi.init {settings.init} has no value for {missing}")
+        model.load_state_dict(start)
+    else:
+        if map_settings is None:
+            raise ValueError("vi.init is not set: the MAP phase needs the training settings")
+        model.load_state_dict(fit_map_once(model, train, val, map_settings, out_dir / "map", seed=config.seed,
+                                           resume=resume))
+    stochastic = select_stochastic(model, settings.stochastic)
+    prior = prior_from_spec(settings.prior, model, stochastic, "vi.prior")
+    device = resolve_device(settings.accelerator)
+    model.to(device).train().requires_grad_(False)  # train mode: forces keep their graph for parameter gradients
+    params = dict(model.named_parameters())
+    state = init_vi({n: params[n] for n in stochastic}, settings.init_scale, settings.lr, seed=config.seed)
+    checkpoint = work / "vi.ckpt"
+    if resume and checkpoint.is_file():
+        state.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        log.info("VI resumed at step %d", state.step)
+    _run(state, model, train, settings, noise, prior, config.seed, work, device)
+    scales = state.scales()
+    shared = {n: t.detach().cpu().clone() for n, t in model.state_dict().items() if n not in stochastic}
+    partial = len(stochastic) < len(params)
+    posterior = posterior_from_gaussian(
+        config, shared, state.means, scales, settings.n_samples, seed=config.seed, method="vi",
+        hyperparameters={**asdict(settings), "partial": partial, "sample_seed": config.seed,
+                         "training": None if settings.init else asdict(map_settings)},
+        **(metadata or {}),
+    )
+    save_vi_posterior(posterior, {n: t.cpu() for n, t in state.means.items()}, {n: t.cpu() for n, t in scales.items()},
+                      out_dir / "posterior.h5")
+    return posterior
+
+
+def _run(state: VIState, model, train, settings: VISettings, noise: NoiseModel, prior: GaussianPrior, seed: int,
+         work: Path, device: torch.device) -> None:
+    trace_path, checkpoint = work / "trace.csv", work / "vi.ckpt"
+    # rows after the checkpoint being resumed from are written again
+    kept = []
+    if trace_path.is_file():
+        with open(trace_path, newline="") as f:
+            kept = list(csv.DictReader(f))
+    start = time.perf_counter()
+
+    def nll(out, batch):
+        return neg_log_likelihood(out, batch, noise)
+
+    def save():
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save(state.state_dict(), tmp)
+        tmp.replace(checkpoint)
+
+    with open(trace_path, "w", newline="") as trace_file:
+        writer = csv.DictWriter(trace_file, fieldnames=_TRACE_FIELDS)
+        writer.writeheader()
+        writer.writerows(r for r in kept if int(r["step"]) < state.step)
+        while state.step < settings.steps:
+            step = state.step
+            batch = AtomicDataDict.to_(minibatch(train, settings.batch_size, seed, step), device)
+            terms = vi_step(state, model, batch, nll, len(train), prior, settings.mc_samples, settings.kl_weight)
+            if step % settings.trace_every == 0:
+                sigma = torch.cat([s.detach().flatten() for s in state.scales().values()])
+                writer.writerow({"step": step, **terms, "median_scale": float(sigma.median())})
+            if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
+                save()
+                log.info("VI step %d/%d  neg_elbo %.5g  nll %.5g  KL %.5g  (%.0f s)", state.step, settings.steps,
+                         terms["neg_elbo"], terms["nll"], terms["kl"], time.perf_counter() - start)

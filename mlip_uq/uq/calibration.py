@@ -1,0 +1,157 @@
+"""Recalibration of predictive standard deviations, fitted on a validation set.
+
+A posterior's ``calibration`` (a plain dict, stored in the posterior file) maps each quantity to one
+recalibration of its predictive std σ:
+
+- a **scalar factor** ``{"energy": s_E, "forces": s_F}``: σ_cal = s·σ, with ``s`` minimising the validation
+  Gaussian NLL, closed form ``s² = mean(e²/σ²)`` (:func:`~mlip_uq.uq.metrics.fit_std_scale`);
+- or an **isotonic** map ``{"isotonic": {"forces": {"std": σ_knots, "calibrated_std": g_knots}}}``: σ_cal = g(σ)
+  with g non-decreasing. g² is the isotonic (pool-adjacent-violators) regression of the squared validation
+  errors e² on σ. Isotonic regression minimises every Bregman divergence at once, and the Gaussian NLL of e
+  under a variance v, as a function of v, is one (Itakura–Saito) up to constants, so g² is the maximum-likelihood
+  non-decreasing variance map. Between knots g is linear. Below the smallest knot it is constant, g(σ) = g(σ_min):
+  a raw σ smaller than any seen on validation claims no more confidence than the most confident validation
+  items earned. Above the largest knot it is proportional, g(σ) = g(σ_max)·σ/σ_max, so that an
+  out-of-distribution input with a larger raw σ than any validation structure still gets a larger calibrated σ
+  (a clamped map would saturate exactly where uncertainty matters). A raw σ of exactly 0 stays 0.
+
+A quantity has at most one of the two. Energies are calibrated on the per-atom scale (σ_E / N, eV/atom, as the
+metrics report them) and the structure's total-energy std is N·g(σ_E / N) (for a factor the scale is
+irrelevant); forces per Cartesian component (eV/Å). Consumers multiply each raw std, and its epistemic part, by
+:func:`std_ratio` (σ_cal/σ), so the epistemic share of the variance is unchanged by recalibration.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+from scipy.optimize import isotonic_regression
+
+from .metrics import fit_std_scale, informative
+
+#: Quantities that can be recalibrated.
+QUANTITIES = ("energy", "forces")
+
+
+def check_calibration(calibration: Mapping) -> None:
+    """Raise ``ValueError`` unless ``calibration`` has the layout of the module docstring."""
+    isotonic = calibration.get("isotonic", {})
+    unknown = (set(calibration) - set(QUANTITIES) - {"isotonic"}) | (set(isotonic) - set(QUANTITIES))
+    if unknown:
+        raise ValueError(f"unknown calibration quantity {sorted(unknown)}; known: {list(QUANTITIES)}")
+    for q in QUANTITIES:
+        if q in calibration and q in isotonic:
+            raise ValueError(f"calibration of {q} has both a factor and an isotonic map; keep one")
+        if q in calibration and not (np.isfinite(calibration[q]) and calibration[q] > 0):
+            raise ValueError(f"calibration factor of {q} must be finite and > 0, got {calibration[q]}")
+        if q in isotonic:
+            x, y = (np.asarray(isotonic[q][k], dtype=np.float64) for k in ("std", "calibrated_std"))
+            if x.ndim != 1 or x.shape != y.shape or x.size == 0 or np.any(np.diff(x) <= 0) or np.any(x <= 0) \
+                    or np.any(np.diff(y) < 0) or np.any(y <= 0):
+                raise ValueError(f"isotonic calibration of {q} needs increasing positive knots 'std' and "
+                                 "non-decreasing positive 'calibrated_std' of one length")
+
+
+def describe(calibration: Mapping) -> str:
+    """One line saying what ``calibration`` does, e.g. ``energy std x1.84, forces std x0.93``."""
+    parts = [f"{q} std x{calibration[q]:.4g}" for q in QUANTITIES if q in calibration]
+    parts += [f"{q} std isotonic ({len(m['std'])} knots)" for q, m in calibration.get("isotonic", {}).items()]
+    return ", ".join(parts) if parts else "none"
+
+
+def std_ratio(calibration: Mapping, quantity: str, std) -> np.ndarray:
+    """Factor σ_cal/σ for each raw std of ``quantity`` (same shape as ``std``; 1 where σ = 0 or uncalibrated).
+
+    Args:
+        calibration: a posterior's calibration dict (``{}``: none).
+        quantity: ``"energy"`` (pass per-atom stds, eV/atom) or ``"forces"`` (per component, eV/Å).
+        std: raw predictive stds, any shape, >= 0.
+    """
+    s = np.asarray(std, dtype=np.float64)
+    if quantity in calibration:
+        return np.full(s.shape, float(calibration[quantity]))
+    iso = calibration.get("isotonic", {}).get(quantity)
+    if iso is None:
+        return np.ones(s.shape)
+    x, y = np.asarray(iso["std"], dtype=np.float64), np.asarray(iso["calibrated_std"], dtype=np.float64)
+    # np.interp is constant below x[0]; above x[-1] the map is proportional
+    ratio = np.interp(s, x, y) / np.where(s > 0, s, 1.0)
+    ratio = np.where(s > x[-1], y[-1] / x[-1], ratio)
+    return np.where(s > 0, ratio, 1.0)
+
+
+def fit_isotonic(error, std) -> Dict[str, np.ndarray]:
+    """The NLL-optimal non-decreasing map σ -> σ_cal of the module docstring, as knots.
+
+    Stds that tie are pooled first (mean of e², weighted by count) so that equal σ gets equal σ_cal. Each
+    constant block of the fit contributes its first and last σ as knots.
+
+    Args:
+        error: validation errors (prediction - reference), any shape.
+        std: raw predictive stds, same shape, > 0.
+
+    Returns:
+        ``{"std": increasing knots (K,), "calibrated_std": non-decreasing values (K,)}``.
+    """
+    e = np.asarray(error, dtype=np.float64).ravel()
+    s = np.asarray(std, dtype=np.float64).ravel()
+    if e.shape != s.shape or e.size == 0:
+        raise ValueError(f"error and std must be non-empty and of one shape, got {np.shape(error)} and {np.shape(std)}")
+    if not (np.all(np.isfinite(e)) and np.all(np.isfinite(s)) and np.all(s > 0)):
+        raise ValueError("isotonic calibration needs finite errors and finite stds > 0")
+    x, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    mean_sq = np.bincount(inverse, weights=e**2) / counts
+    var = isotonic_regression(mean_sq, weights=counts.astype(np.float64), increasing=True).x
+    var = np.maximum(var, np.finfo(np.float64).tiny)
+    # knots at the two ends of every constant block
+    edge = np.flatnonzero(np.diff(var) != 0)
+    keep = np.unique(np.concatenate([[0, len(x) - 1], edge, edge + 1]))
+    return {"std": x[keep], "calibrated_std": np.sqrt(var[keep])}
+
+
+def fit_calibration(
+    energy_error_per_atom,
+    energy_std_per_atom,
+    forces_error,
+    forces_std,
+    isotonic: bool = False,
+) -> Dict:
+    """Recalibration of energy and force stds fitted on validation errors (minimum validation NLL).
+
+    Args:
+        energy_error_per_atom: predicted minus reference energy per atom, (S,) eV/atom.
+        energy_std_per_atom: raw predictive std of the energy per atom, (S,) eV/atom, or None (no energy std,
+            e.g. one sample: energy left uncalibrated).
+        forces_error: predicted minus reference forces, (N, 3) eV/Å.
+        forces_std: raw predictive std per force component, (N, 3) eV/Å, or None.
+        isotonic: fit isotonic maps instead of scalar factors.
+
+    Items whose std carries no information (:func:`~mlip_uq.uq.metrics.informative`) are left out of the fit.
+
+    Returns:
+        A calibration dict (module docstring) for the quantities that have stds.
+    """
+    out: Dict = {}
+    for q, err, std in (("energy", energy_error_per_atom, energy_std_per_atom), ("forces", forces_error, forces_std)):
+        if std is None:
+            continue
+        err, std = np.ravel(err), np.ravel(std)
+        if err.shape != std.shape:
+            raise ValueError(f"{q}: {err.size} errors but {std.size} stds")
+        # a (near-)zero std (a component zero by symmetry, an atom without neighbours) carries no information
+        keep = informative(std)
+        err, std = err[keep], std[keep]
+        if isotonic:
+            out.setdefault("isotonic", {})[q] = fit_isotonic(err, std)
+        else:
+            out[q] = fit_std_scale(err, std)
+    check_calibration(out)
+    return out
+
+
+def calibrated_std(calibration: Optional[Mapping], quantity: str, std) -> Optional[np.ndarray]:
+    """``std`` recalibrated (``None`` stays ``None``); energies per atom, forces per component."""
+    if std is None:
+        return None
+    return np.asarray(std, dtype=np.float64) * std_ratio(calibration or {}, quantity, std)

@@ -1,0 +1,166 @@
+"""Uncertainty-aware MD: energy conservation, the stop rule in and out of distribution, callbacks, files, NPT, CLI.
+
+The stop-rule test needs a posterior that has seen TiO2: a tiny SG-MCMC run (4 chains from their own
+initialisations, 2 samples each) on 40 structures of the bundled subset, trained once per session (~45 s).
+"""
+
+import csv
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from conftest import tiny_tio2_config
+
+from mlip_uq import UQCalculator
+from mlip_uq.cli import main
+from mlip_uq.md import RECORD_KEYS, ForceStdRule, run_md
+from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.posterior import Posterior, load_posterior
+from mlip_uq.train import train
+
+
+@pytest.fixture(scope="session")
+def trained(tio2_path, tmp_path_factory):
+    """Output folder of a tiny SG-MCMC run on TiO2 (posterior.h5 with K = 8, splits.json)."""
+    out = tmp_path_factory.mktemp("md_sgmcmc")
+    cfg = tiny_tio2_config(tio2_path, 40, 8, method="sgmcmc", sgmcmc={
+        "lr": 2e-4, "batch_size": 8, "burnin_steps": 150, "preheat_steps": 10, "n_samples": 2, "thinning": 5,
+        "n_chains": 4, "noise": {"energy": 0.02, "forces": 0.2}})
+    return train(cfg, out_dir=out)
+
+
+@pytest.fixture(scope="module")
+def frames(tio2_path):
+    return ase.io.read(tio2_path, ":")
+
+
+def bare(atoms):
+    return ase.Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+
+
+def tiny_posterior(k=2):
+    config = ModelConfig(type_names=["O", "Ti"], r_max=3.5, num_layers=1, num_features=4, radial_mlp_width=8,
+                         avg_num_neighbors=15.0)
+    return Posterior.from_state_dicts(
+        config, [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in range(k)])
+
+
+def test_nve_energy_drift_of_the_mean_model_is_bounded(trained, frames):
+    post = load_posterior(trained / "posterior.h5")
+    mean_of_two = Posterior(post.config, post.shared, {n: t[:2] for n, t in post.samples.items()})
+    atoms = bare(frames[0])
+    result = run_md(atoms, UQCalculator(mean_of_two), steps=1000, timestep_fs=1.0, temperature_K=300.0,
+                    ensemble="nve", log_every=10, progress=False)
+    assert result.steps_done == 1000 and not result.stopped and len(result.records) == 101
+    total = np.array([r["energy"] + r["kinetic_energy"] for r in result.records]) / len(atoms)
+    kinetic = np.array([r["kinetic_energy"] for r in result.records]) / len(atoms)
+    slope = np.polyfit([r["time_fs"] / 1000 for r in result.records], total, 1)[0]
+    assert np.ptp(kinetic) > 0.01  # energy really flows between kinetic and potential (eV/atom)
+    assert np.max(np.abs(total - total[0])) < 5e-4  # eV/atom, against ~1e-2 eV/atom exchanged
+    assert abs(slope) < 1e-4  # eV/atom per ps
+
+
+def test_stop_rule_fires_on_compressed_tio2_and_not_in_equilibrium_md(trained, frames):
+    calc = UQCalculator(trained / "posterior.h5")
+    assert calc.posterior.n_samples == 8
+    train_idx = json.loads((trained / "splits.json").read_text())["train"]
+    largest = []
+    for i in train_idx:
+        atoms = bare(frames[i])
+        atoms.calc = calc
+        largest.append(calc.get_property("atom_force_std", atoms).max())
+    rule = ForceStdRule(threshold=2.0 * max(largest), consecutive=2)  # twice the largest seen on training data
+
+    equilibrium = run_md(bare(frames[train_idx[0]]), calc, steps=200, temperature_K=300.0, stop_rule=rule,
+                         progress=False)
+    assert not equilibrium.stopped and equilibrium.steps_done == 200
+    assert max(r["max_atom_force_std"] for r in equilibrium.records) < rule.threshold
+
+    compressed = bare(frames[train_idx[0]])
+    compressed.set_cell(compressed.cell * 0.85, scale_atoms=True)
+    result = run_md(compressed, calc, steps=50, temperature_K=300.0, stop_rule=rule, progress=False)
+    assert result.stopped and result.steps_done == 1  # above the threshold at steps 0 and 1
+    assert "stop rule fired at step 1" in result.stop_reason
+    assert result.records[-1]["max_atom_force_std"] > rule.threshold
+
+
+def test_on_uncertain_is_called_whenever_the_rule_fires(frames):
+    calc = UQCalculator(tiny_posterior())
+    always = ForceStdRule(threshold=1e-12, consecutive=3)
+    stopped = run_md(bare(frames[0]), calc, steps=10, stop_rule=always, progress=False)
+    assert stopped.stopped and stopped.steps_done == 2  # steps 0, 1, 2 above: fires at step 2
+
+    calls = []
+
+    def collect(step, atoms, record):
+        calls.append((step, record["step"], atoms.calc.results["atom_force_std"].shape))
+        return len(calls) == 4
+
+    result = run_md(bare(frames[0]), calc, steps=10, stop_rule=always, on_uncertain=collect, log_every=5,
+                    progress=False)
+    assert [c[0] for c in calls] == [2, 3, 4, 5] and all(c[0] == c[1] for c in calls)
+    assert result.stopped and result.steps_done == 5 and "on_uncertain asked to stop" in result.stop_reason
+    assert [r["step"] for r in result.records] == [0, 2, 3, 4, 5]  # logged steps and firing steps
+
+    never = run_md(bare(frames[0]), calc, steps=5, stop_rule=ForceStdRule(1e6), on_uncertain=collect,
+                   progress=False)
+    assert not never.stopped and never.steps_done == 5 and len(calls) == 4
+
+
+def test_relative_rule_divides_by_the_force_magnitude():
+    rule = ForceStdRule(threshold=0.5, relative=True, eps=0.1)
+    std = np.array([0.1, 0.3])
+    forces = np.array([[0.0, 0.0, 0.0], [0.3, 0.4, 0.0]])  # |F| = 0 and 0.5 eV/Å
+    assert rule.measure(std, forces) == pytest.approx(max(0.1 / 0.1, 0.3 / 0.6))
+    assert rule.check(std, forces)
+    assert not ForceStdRule(threshold=0.5).check(std, forces)
+    with pytest.raises(ValueError, match="threshold"):
+        ForceStdRule(threshold=0.0)
+    with pytest.raises(ValueError, match="consecutive"):
+        ForceStdRule(threshold=1.0, consecutive=0)
+
+
+def test_md_writes_trajectory_log_and_plot(frames, tmp_path):
+    atoms = bare(frames[0])
+    result = run_md(atoms, UQCalculator(tiny_posterior()), steps=20, ensemble="langevin", out_dir=tmp_path,
+                    log_every=5, stop_rule=ForceStdRule(1e6), progress=False)
+    assert result.trajectory_path == tmp_path / "trajectory.extxyz"
+    rows = list(csv.DictReader(open(result.log_path)))
+    assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20] and tuple(rows[0]) == RECORD_KEYS
+    assert float(rows[-1]["time_fs"]) == 20.0 and float(rows[-1]["max_atom_force_std"]) > 0
+    traj = ase.io.read(result.trajectory_path, ":")
+    assert len(traj) == 5 and traj[-1].info["step"] == 20
+    np.testing.assert_allclose(traj[-1].positions, atoms.positions, atol=1e-7)
+    np.testing.assert_allclose(traj[-1].arrays["atom_force_std"].max(), result.records[-1]["max_atom_force_std"],
+                               rtol=1e-6)
+    assert traj[-1].get_forces().shape == (len(atoms), 3) and "energy_std" in traj[-1].info
+    assert result.plot_path.stat().st_size > 10_000 and result.plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_npt_changes_the_cell_and_rebuilds_the_neighbour_list(frames):
+    atoms = bare(frames[0])
+    volume = atoms.get_volume()
+    calc = UQCalculator(tiny_posterior())
+    result = run_md(atoms, calc, steps=10, ensemble="npt", pressure_GPa=50.0, timestep_fs=2.0, progress=False)
+    assert result.steps_done == 10 and atoms.get_volume() != volume
+    assert calc.neighbor_list_builds == 11  # every new cell gets a new list
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        run_md(atoms, calc, steps=1, ensemble="nvt-magic")
+    with pytest.raises(ValueError, match="periodic in all three directions"):
+        slab = bulk("TiO", "rocksalt", a=4.2)
+        slab.pbc = [True, True, False]
+        run_md(slab, calc, steps=1, ensemble="npt")
+
+
+def test_md_command(frames, tmp_path, capsys):
+    tiny_posterior().save(tmp_path / "p.h5")
+    ase.io.write(tmp_path / "start.xyz", bare(frames[0]))
+    rc = main(["md", str(tmp_path / "p.h5"), str(tmp_path / "start.xyz"), "--steps", "4", "--max-force-std", "1e-9",
+               "--consecutive", "2", "--out", str(tmp_path / "run"), "--ensemble", "nve", "--timestep", "0.5"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "1 steps; stopped: stop rule fired at step 1" in printed
+    assert (tmp_path / "run" / "uncertainty.png").is_file() and (tmp_path / "run" / "md_log.csv").is_file()

@@ -1,0 +1,158 @@
+"""Recalibration of predictive stds: scalar NLL factor, isotonic map, posterior file, calculator and evaluate."""
+
+import ase.io
+import h5py
+import numpy as np
+import pytest
+
+from mlip_uq import UQCalculator
+from mlip_uq.evaluate import calibrate_file, evaluate_file
+from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.posterior import Posterior, load_posterior
+from mlip_uq.posterior.io import write_calibration
+from mlip_uq.uq.calibration import (
+    calibrated_std,
+    check_calibration,
+    describe,
+    fit_calibration,
+    fit_isotonic,
+    std_ratio,
+)
+from mlip_uq.uq.metrics import gaussian_nll
+
+CONFIG = ModelConfig(type_names=["O", "Ti"], r_max=4.0, num_layers=1, num_features=4, radial_mlp_width=8,
+                     avg_num_neighbors=20.0, energy_shifts={"O": -432.503149303, "Ti": -1604.604515075})
+
+
+def posterior(**kw):
+    sds = [build_model(ModelConfig.from_dict({**CONFIG.to_dict(), "seed": s})).state_dict() for s in range(3)]
+    return Posterior.from_state_dicts(CONFIG, sds, energy_references=dict(CONFIG.energy_shifts), **kw)
+
+
+def synthetic(n=4000, seed=0):
+    """Errors whose true std is 3σ for σ < 1 and 1.5σ above: over-confident, and not by one factor."""
+    rng = np.random.default_rng(seed)
+    std = rng.uniform(0.1, 2.0, n)
+    true = np.where(std < 1.0, 3.0 * std, 1.5 * std)
+    return rng.normal(0.0, true), std, true
+
+
+def test_scalar_factor_is_the_closed_form_nll_minimum():
+    err, std, _ = synthetic()
+    cal = fit_calibration(err[:50], std[:50], err.reshape(-1, 2)[:, :1].repeat(3, 1), std.reshape(-1, 2)[:, :1].repeat(3, 1))
+    s = cal["energy"]
+    assert s == pytest.approx(np.sqrt(np.mean((err[:50] / std[:50]) ** 2)), rel=1e-12)
+    nll = [gaussian_nll(err[:50], f * std[:50]) for f in (0.98 * s, s, 1.02 * s)]
+    assert nll[1] < nll[0] and nll[1] < nll[2]
+    assert describe(cal).startswith("energy std x")
+
+
+def test_calibrated_std_scales_by_exactly_the_factor():
+    std = np.array([[0.0, 0.1, 0.2], [0.3, 1.0, 5.0]])
+    cal = {"energy": 1.7, "forces": 0.6}
+    np.testing.assert_array_equal(calibrated_std(cal, "forces", std), 0.6 * std)
+    np.testing.assert_array_equal(calibrated_std({}, "forces", std), std)
+    assert calibrated_std(cal, "energy", None) is None
+
+
+def test_isotonic_map_is_monotone_and_better_than_one_factor():
+    err, std, true = synthetic()
+    iso = fit_isotonic(err, std)
+    assert np.all(np.diff(iso["std"]) > 0) and np.all(np.diff(iso["calibrated_std"]) >= 0)
+    test_err, test_std, test_true = synthetic(seed=1)
+    scale = fit_calibration(None, None, err, std)["forces"]
+    iso_cal = {"isotonic": {"forces": iso}}
+    nll_raw = gaussian_nll(test_err, test_std)
+    nll_scale = gaussian_nll(test_err, scale * test_std)
+    nll_iso = gaussian_nll(test_err, calibrated_std(iso_cal, "forces", test_std))
+    assert nll_iso < nll_scale < nll_raw
+    # the fitted map recovers the true std away from the jump at σ = 1
+    for s in (0.5, 1.5):
+        near = np.abs(test_std - s) < 0.05
+        assert np.median(calibrated_std(iso_cal, "forces", test_std[near]) / test_true[near]) == pytest.approx(1, abs=0.15)
+
+
+def test_isotonic_map_is_constant_below_proportional_above_and_keeps_zero():
+    cal = {"isotonic": {"energy": {"std": np.array([1.0, 2.0]), "calibrated_std": np.array([3.0, 5.0])}}}
+    std = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 8.0])
+    np.testing.assert_allclose(calibrated_std(cal, "energy", std), [0.0, 3.0, 3.0, 4.0, 5.0, 20.0])
+    np.testing.assert_allclose(std_ratio(cal, "energy", std), [1.0, 6.0, 3.0, 4.0 / 1.5, 2.5, 2.5])
+    # ties in σ get one value (the mean of e² over the tie), and a decrease is pooled
+    iso = fit_isotonic([1.0, -3.0, 3.0], [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(iso["calibrated_std"], [np.sqrt(5.0), 3.0])
+    iso = fit_isotonic([1.0, -3.0, 2.0], [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(iso["calibrated_std"], [np.sqrt(14.0 / 3.0)] * len(iso["std"]))
+
+
+def test_bad_calibrations_are_rejected():
+    with pytest.raises(ValueError, match="unknown calibration quantity"):
+        check_calibration({"stress": 2.0})
+    with pytest.raises(ValueError, match="both a factor and an isotonic map"):
+        check_calibration({"forces": 2.0, "isotonic": {"forces": {"std": [1.0], "calibrated_std": [1.0]}}})
+    with pytest.raises(ValueError, match="finite and > 0"):
+        check_calibration({"energy": -1.0})
+    with pytest.raises(ValueError, match="increasing positive knots"):
+        check_calibration({"isotonic": {"forces": {"std": [2.0, 1.0], "calibrated_std": [1.0, 1.0]}}})
+    with pytest.raises(ValueError, match="finite errors"):
+        fit_isotonic([1.0], [np.nan])
+
+
+@pytest.mark.parametrize("isotonic", [False, True])
+def test_calibration_round_trips_through_the_file_and_keeps_other_groups(tmp_path, isotonic):
+    path = tmp_path / "p.h5"
+    posterior().save(path)
+    with h5py.File(path, "a") as f:  # a group this reader does not know (e.g. another method's)
+        f.create_dataset("vi/mean/x", data=np.arange(3.0))
+    err, std, _ = synthetic(300)
+    cal = fit_calibration(err[:100], std[:100], err, std, isotonic=isotonic)
+    write_calibration(path, cal)
+    loaded = load_posterior(path).calibration
+    if isotonic:
+        for q in ("energy", "forces"):
+            for k in ("std", "calibrated_std"):
+                np.testing.assert_array_equal(loaded["isotonic"][q][k], cal["isotonic"][q][k])
+    else:
+        assert loaded == cal
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["vi/mean/x"][()], np.arange(3.0))
+    write_calibration(path, {})  # removed again
+    assert load_posterior(path).calibration == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5"]
+
+
+def test_calculator_std_scales_by_exactly_the_posterior_factor(tio2_path):
+    atoms = ase.io.read(tio2_path, 0)
+    raw, cal = atoms.copy(), atoms.copy()
+    raw.calc = UQCalculator(posterior())
+    cal.calc = UQCalculator(posterior(calibration={"energy": 2.5, "forces": 0.4}))
+    assert cal.calc.calibration == "energy std x2.5, forces std x0.4"
+    assert cal.get_potential_energy() == raw.get_potential_energy()
+    for key, factor in (("energy_std", 2.5), ("energy_std_epistemic", 2.5), ("energies_std", 2.5),
+                        ("forces_std", 0.4), ("forces_std_epistemic", 0.4), ("atom_force_std", 0.4),
+                        ("atom_force_std_epistemic", 0.4)):
+        np.testing.assert_allclose(cal.calc.get_property(key, cal), factor * raw.calc.get_property(key, raw),
+                                   rtol=1e-14, err_msg=key)
+    np.testing.assert_array_equal(cal.calc.get_property("stress_std", cal), raw.calc.get_property("stress_std", raw))
+
+
+def test_calibrate_command_fits_writes_and_evaluate_reports_before_and_after(tio2_path, tmp_path):
+    frames = ase.io.read(tio2_path, ":12")
+    ase.io.write(tmp_path / "val.extxyz", frames[:8])
+    ase.io.write(tmp_path / "test.extxyz", frames[8:])
+    post = posterior()
+    post.save(tmp_path / "p.h5")
+    report = calibrate_file(tmp_path / "p.h5", tmp_path / "val.extxyz", out=tmp_path / "cal.json")
+    cal = load_posterior(tmp_path / "p.h5").calibration
+    assert set(cal) == {"energy", "forces"} and report["calibration"] == describe(cal)
+    # an untrained model is far over-confident: the factor is large and the NLL falls
+    assert cal["forces"] > 1 and report["after"]["forces_nll"] < report["before"]["forces_nll"]
+    assert report["after"]["forces_sharpness"] == pytest.approx(cal["forces"] * report["before"]["forces_sharpness"])
+    assert report["after"]["forces_mae"] == report["before"]["forces_mae"]
+    metrics = evaluate_file(tmp_path / "p.h5", tmp_path / "test.extxyz")
+    assert metrics["calibration"] == describe(cal)
+    assert metrics["forces_sharpness"] == pytest.approx(cal["forces"] * metrics["uncalibrated"]["forces_sharpness"])
+    assert metrics["forces_mae"] == metrics["uncalibrated"]["forces_mae"]
+    single = Posterior.from_state_dicts(CONFIG, [build_model(CONFIG).state_dict()])
+    single.save(tmp_path / "one.h5")
+    with pytest.raises(ValueError, match="no predictive std to calibrate"):
+        calibrate_file(tmp_path / "one.h5", tmp_path / "val.extxyz")

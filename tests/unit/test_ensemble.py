@@ -1,0 +1,138 @@
+"""Deep ensembles: members as posterior samples, zero spread of identical members, bootstrap, kill and resume."""
+
+import numpy as np
+import pytest
+import torch
+
+import mlip_uq.inference.ensemble as ensemble
+from mlip_uq.data import atoms_to_graph, fit_energy_references, read_frames
+from mlip_uq.evaluate import predict_graphs
+from mlip_uq.inference.ensemble import EnsembleSettings, fit_ensemble
+from mlip_uq.inference.map import MAPSettings, PotentialModule
+from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.posterior import Posterior
+
+TYPES = ["O", "Ti"]
+
+
+@pytest.fixture(scope="module")
+def data(tio2_path):
+    frames = read_frames(tio2_path)[:30]
+    graphs = [atoms_to_graph(a, TYPES, 4.0) for a in frames]
+    config = ModelConfig(type_names=TYPES, r_max=4.0, num_layers=1, num_features=4, radial_mlp_width=8,
+                         energy_shifts=fit_energy_references(frames[:24], TYPES), seed=10)
+    return config, graphs[:24], graphs[24:]
+
+
+def member_settings(**kw):
+    return MAPSettings(**{"max_epochs": 2, "batch_size": 8, "lr": 0.01, "accelerator": "cpu", **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    config, train, val = data
+    out = tmp_path_factory.mktemp("ensemble")
+    return fit_ensemble(config, train, val, EnsembleSettings(n_members=3, training=member_settings()), out), out
+
+
+def test_members_are_the_posterior_samples_and_differ(trained):
+    post, out = trained
+    assert post.method == "ensemble" and post.n_samples == 3
+    assert post.hyperparameters["member_seeds"] == [10, 11, 12]
+    name = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
+    for k in range(3):
+        member = torch.load(out / "members" / str(k) / "final.pt", weights_only=True)
+        assert all(torch.equal(post.state_dict(k)[n], t) for n, t in member.items())
+    w = post.samples[name]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+
+
+def test_ensemble_mean_and_std_equal_those_of_its_members_one_by_one(trained, data):
+    post, _ = trained
+    _, _, val = data
+    together = predict_graphs(post, val)
+    members = [predict_graphs(Posterior(post.config, dict(post.shared), {n: t[k:k + 1] for n, t in post.samples.items()}),
+                              val) for k in range(3)]
+    energies = np.stack([m.energy_pred for m in members])
+    forces = np.stack([m.forces_pred for m in members])
+    np.testing.assert_allclose(together.energy_pred, energies.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(together.forces_pred, forces.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(together.energy_std, energies.std(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(together.forces_std, forces.std(0), rtol=1e-9, atol=1e-12)
+    assert together.forces_std.min() > 0
+
+
+def test_identical_members_have_zero_spread(data, tmp_path):
+    config, train, val = data
+    same = Posterior.from_state_dicts(config, [build_model(config).state_dict()] * 3)
+    # warm start from three identical samples, learning rate 0: the members stay identical
+    post = fit_ensemble(config, train, val, EnsembleSettings(3, training=member_settings(lr=0.0, max_epochs=1)),
+                        tmp_path, init=same)
+    assert post.hyperparameters["warm_start"]
+    for name, t in post.samples.items():
+        assert torch.equal(t[0], same.samples[name][0]) and torch.equal(t[2], same.samples[name][0])
+    pred = predict_graphs(post, val)
+    # zero up to the rounding of the weighted mean (1/3 + 1/3 + 1/3)
+    assert np.all(pred.energy_std <= 1e-14 * np.abs(pred.energy_pred).max())
+    assert np.all(pred.forces_std <= 1e-14 * np.abs(pred.forces_pred).max())
+
+
+def test_bootstrap_resamples_the_training_set_per_member(data, tmp_path, monkeypatch):
+    config, train, val = data
+    seen = []
+
+    def fake_fit_map(model, member_train, val, settings, out_dir, seed=0, resume=False):
+        seen.append([next(i for i, g in enumerate(train) if g is h) for h in member_train])
+        return model.state_dict()
+
+    monkeypatch.setattr(ensemble, "fit_map", fake_fit_map)
+    fit_ensemble(config, train, val, EnsembleSettings(3, bootstrap=True, training=member_settings()), tmp_path / "a")
+    fit_ensemble(config, train, val, EnsembleSettings(3, bootstrap=True, training=member_settings()), tmp_path / "b")
+    first, again = seen[:3], seen[3:]
+    assert first == again  # drawn from the members' seeds
+    assert all(len(s) == len(train) and len(set(s)) < len(train) for s in first)  # with replacement
+    assert first[0] != first[1] != first[2]
+    seen.clear()
+    fit_ensemble(config, train, val, EnsembleSettings(2, training=member_settings()), tmp_path / "c")
+    assert seen == [list(range(len(train)))] * 2
+
+
+def test_killed_ensemble_keeps_finished_members_and_resumes_the_unfinished_one(data, tmp_path, monkeypatch):
+    config, train, val = data
+    settings = EnsembleSettings(3, training=member_settings())
+    epochs = []
+
+    def count_and_kill(self):
+        epochs.append(self.current_epoch)
+        if len(epochs) == 4:  # member 1, epoch 1, before its checkpoint
+            raise RuntimeError("simulated kill")
+
+    monkeypatch.setattr(PotentialModule, "on_train_epoch_end", count_and_kill, raising=False)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        fit_ensemble(config, train, val, settings, tmp_path)
+    monkeypatch.undo()
+    members = tmp_path / "members"
+    assert (members / "0" / "final.pt").is_file() and not (members / "1" / "final.pt").exists()
+    assert (members / "1" / "checkpoints" / "last.ckpt").is_file()
+    member0 = torch.load(members / "0" / "final.pt", weights_only=True)
+    started = []
+    monkeypatch.setattr(PotentialModule, "on_train_epoch_start", lambda self: started.append(self.current_epoch),
+                        raising=False)
+    post = fit_ensemble(config, train, val, settings, tmp_path, resume=True)
+    # member 0 is not retrained; member 1 continues with its epoch 1; member 2 trains from scratch
+    assert started == [1, 0, 1]
+    assert post.n_samples == 3
+    assert all(torch.equal(post.state_dict(0)[n], t) for n, t in member0.items())
+
+
+def test_bad_warm_starts_are_reported(data, tmp_path):
+    config, train, val = data
+    one = Posterior.from_state_dicts(config, [build_model(config).state_dict()])
+    with pytest.raises(ValueError, match="init posterior has 1 samples; the ensemble needs one per member"):
+        fit_ensemble(config, train, val, EnsembleSettings(2, training=member_settings()), tmp_path, init=one)
+    other = ModelConfig(**{**config.to_dict(), "num_features": 8})
+    wrong = Posterior.from_state_dicts(other, [build_model(other).state_dict()] * 2)
+    with pytest.raises(ValueError, match="does not match the ensemble's architecture"):
+        fit_ensemble(config, train, val, EnsembleSettings(2, training=member_settings()), tmp_path, init=wrong)
+    with pytest.raises(ValueError, match="n_members must be at least 1"):
+        EnsembleSettings(0)

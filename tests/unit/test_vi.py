@@ -1,0 +1,153 @@
+"""Mean-field VI core on Bayesian linear regression, its state, KL, sampling and the posterior file."""
+
+import h5py
+import pytest
+import torch
+
+from mlip_uq.inference.priors import GaussianPrior
+from mlip_uq.inference.vi import (
+    init_vi,
+    kl_divergence,
+    load_gaussian,
+    posterior_from_gaussian,
+    resample,
+    sample_gaussian,
+    save_vi_posterior,
+    softplus_inverse,
+    vi_step,
+)
+from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.posterior import Posterior, PosteriorFileError, load_posterior
+
+D, N, NOISE, PRIOR = 3, 40, 0.5, 1.0
+
+
+class Linear(torch.nn.Module):
+    """y = x · w, the model VI runs on (its forward takes the batch, as the VI core expects)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(D, dtype=torch.float64))
+
+    def forward(self, batch):
+        return batch["x"] @ self.w
+
+
+def nll(out, batch):
+    return 0.5 * (out - batch["y"]) ** 2 / NOISE**2
+
+
+@pytest.fixture(scope="module")
+def regression():
+    g = torch.Generator().manual_seed(1)
+    # correlated inputs, so that the mean-field variances 1/Λ_ii differ from the marginal variances (Λ⁻¹)_ii
+    mix = torch.tensor([[1.0, 0.8, 0.0], [0.0, 0.6, 0.5], [0.0, 0.0, 0.7]], dtype=torch.float64)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64) @ mix
+    y = x @ torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64) + NOISE * torch.randn(N, generator=g, dtype=torch.float64)
+    precision = x.T @ x / NOISE**2 + torch.eye(D, dtype=torch.float64) / PRIOR**2
+    mean = torch.linalg.solve(precision, x.T @ y / NOISE**2)
+    return {"x": x, "y": y}, precision, mean
+
+
+def test_vi_recovers_the_exact_posterior_mean_and_the_mean_field_variances(regression):
+    batch, precision, mean = regression
+    model, prior = Linear(), GaussianPrior(scale=PRIOR)
+    state = init_vi({"w": model.w.detach()}, init_scale=0.1, lr=0.05, seed=0)
+    steps = 2000
+    for i in range(steps):
+        for group in state.optimizer.param_groups:  # linear decay, so the iterates settle at the optimum
+            group["lr"] = 0.05 * (1 - i / steps) + 1e-4
+        vi_step(state, model, batch, nll, N, prior, mc_samples=8)
+    mf_var = 1 / torch.diag(precision)
+    marginal_var = torch.diag(torch.linalg.inv(precision))
+    assert torch.all(marginal_var > 1.4 * mf_var)  # the two theories differ far beyond the tolerance below
+    mu, var = state.means["w"].detach(), state.scales()["w"].detach() ** 2
+    assert torch.all((mu - mean).abs() < 0.05 * mf_var.sqrt()), (mu, mean)
+    torch.testing.assert_close(var, mf_var, rtol=0.08, atol=0)
+    assert state.step == steps
+
+
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu = {"a": torch.randn(4, generator=g, dtype=torch.float64), "b": torch.randn(2, 3, generator=g, dtype=torch.float64)}
+    sigma = {n: 0.1 + torch.rand(t.shape, generator=g, dtype=torch.float64) for n, t in mu.items()}
+    prior = GaussianPrior(scale=0.7, centers={"b": torch.full((2, 3), 0.3, dtype=torch.float64)})
+    expected = sum(
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(mu[n], sigma[n]),
+            torch.distributions.Normal(prior.center_of(n, mu[n]), prior.scale_of(n)),
+        ).sum()
+        for n in mu
+    )
+    torch.testing.assert_close(kl_divergence(mu, sigma, prior), expected)
+
+
+def test_softplus_inverse_is_exact():
+    x = torch.tensor([1e-6, 1e-3, 0.5, 3.0, 40.0], dtype=torch.float64)
+    torch.testing.assert_close(torch.nn.functional.softplus(softplus_inverse(x)), x, rtol=1e-12, atol=0)
+
+
+def test_state_checkpoint_resumes_to_the_same_result(regression, tmp_path):
+    batch, _, _ = regression
+    model, prior = Linear(), GaussianPrior(scale=PRIOR)
+    straight = init_vi({"w": model.w.detach()}, 0.1, 0.05, seed=3)
+    for _ in range(20):
+        vi_step(straight, model, batch, nll, N, prior, mc_samples=2)
+    first = init_vi({"w": model.w.detach()}, 0.1, 0.05, seed=3)
+    for _ in range(10):
+        vi_step(first, model, batch, nll, N, prior, mc_samples=2)
+    torch.save(first.state_dict(), tmp_path / "vi.ckpt")
+    resumed = init_vi({"w": torch.ones(D, dtype=torch.float64)}, 0.5, 0.05, seed=99)  # other start: all overwritten
+    resumed.load_state_dict(torch.load(tmp_path / "vi.ckpt", weights_only=True))
+    for _ in range(10):
+        vi_step(resumed, model, batch, nll, N, prior, mc_samples=2)
+    assert resumed.step == 20
+    assert torch.equal(resumed.means["w"], straight.means["w"])
+    assert torch.equal(resumed.raw_scales["w"], straight.raw_scales["w"])
+
+
+def test_a_non_finite_objective_raises_and_leaves_the_state(regression):
+    batch, _, _ = regression
+    model = Linear()
+    state = init_vi({"w": model.w.detach()}, 0.1, 0.05, seed=0)
+    before = state.means["w"].detach().clone()
+    with pytest.raises(FloatingPointError, match="negative ELBO is nan at step 0"):
+        vi_step(state, model, batch, lambda out, b: out * float("nan"), N, GaussianPrior())
+    assert torch.equal(state.means["w"], before) and state.step == 0
+
+
+def test_gaussian_draws_are_seeded_and_have_the_fitted_moments():
+    mu = {"w": torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)}
+    sigma = {"w": torch.tensor([0.1, 1.0, 3.0], dtype=torch.float64)}
+    a, b, c = (sample_gaussian(mu, sigma, 4000, seed) for seed in (5, 5, 6))
+    assert a["w"].shape == (4000, 3) and torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], c["w"])
+    se = sigma["w"] / 4000**0.5
+    assert torch.all((a["w"].mean(0) - mu["w"]).abs() < 4 * se)
+    torch.testing.assert_close(a["w"].std(0), sigma["w"], rtol=0.06, atol=0)
+
+
+def test_posterior_file_stores_the_gaussian_and_resamples_at_any_k(tmp_path):
+    config = ModelConfig(type_names=["O", "Ti"], num_layers=1, num_features=4, radial_mlp_width=8)
+    state = build_model(config).state_dict()
+    name = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
+    means = {name: state[name]}
+    scales = {name: torch.full_like(state[name], 0.01)}
+    shared = {n: t for n, t in state.items() if n != name}
+    post = posterior_from_gaussian(config, shared, means, scales, 5, seed=0, method="vi",
+                                   hyperparameters={"n_samples": 5}, energy_references={"O": -1.0, "Ti": -2.0})
+    path = tmp_path / "posterior.h5"
+    save_vi_posterior(post, means, scales, path)
+    loaded = load_posterior(path)  # an ordinary posterior file: the Gaussian group is ignored here
+    assert loaded.n_samples == 5 and torch.equal(loaded.samples[name], post.samples[name])
+    m, s = load_gaussian(path)
+    assert torch.equal(m[name], means[name]) and torch.equal(s[name], scales[name])
+    again = resample(path, 12, seed=4)
+    assert again.n_samples == 12 and again.method == "vi" and again.hyperparameters["n_samples"] == 12
+    assert again.energy_references == {"O": -1.0, "Ti": -2.0} and set(again.shared) == set(shared)
+    torch.testing.assert_close(again.samples[name], sample_gaussian(means, scales, 12, 4)[name], rtol=0, atol=0)
+    plain = tmp_path / "map.h5"
+    Posterior.from_state_dicts(config, [state]).save(plain)
+    with h5py.File(plain, "r") as f:
+        assert "vi" not in f
+    with pytest.raises(PosteriorFileError, match="holds no fitted Gaussian"):
+        resample(plain, 3, seed=0)
