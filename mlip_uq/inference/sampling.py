@@ -566,6 +566,14 @@ def _run_chain(chain: _Chain, job: _Job, stop: int) -> None:
             if step % settings.trace_every == 0:
                 writer.writerow(_trace_row(chain, schedule, step, n * nll.item()))
             if schedule.sample_index(step) is not None:
+                # a step can blow the parameters up while the loss it started from was finite: a sample must
+                # predict finite values on the minibatch before it is kept
+                check = neg_log_likelihood(chain.model(batch), batch, noise).mean()
+                if not torch.isfinite(check):
+                    chain.status = "diverged"
+                    log.error("chain %d diverged at step %d (its sample predicts %s); it stops here, keeping its "
+                              "%d samples", chain.chain, step, check.item(), chain.n_drawn)
+                    break
                 chain.n_drawn += 1
                 chain.samples.append({name: chain.params[name].detach().cpu().clone() for name in job.stochastic})
                 _write_chain_samples(chain, job)

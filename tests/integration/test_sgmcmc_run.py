@@ -117,7 +117,8 @@ def test_divergence_stops_the_chain_and_keeps_its_samples(tio2_path, tmp_path, m
     def poisoned(out, batch, noise):
         calls["n"] += 1
         nll = original(out, batch, noise)
-        return nll * float("nan") if calls["n"] == 43 else nll  # chain 0 at step 42: after its samples at 38, 41
+        # chain 0 at step 42: one call per step, and one more checking each of its samples at steps 38 and 41
+        return nll * float("nan") if calls["n"] == 45 else nll
 
     monkeypatch.setattr(sampling, "neg_log_likelihood", poisoned)
     train(config(tio2_path), out_dir=tmp_path)
@@ -125,6 +126,22 @@ def test_divergence_stops_the_chain_and_keeps_its_samples(tio2_path, tmp_path, m
     chains = post.hyperparameters["sample_chains"]
     assert chains.count(0) == 2 and chains.count(1) == 4
     assert "chain 0 diverged at step 42" in caplog.text
+
+
+def test_a_sample_that_predicts_non_finite_values_is_not_kept(tio2_path, tmp_path, monkeypatch, caplog):
+    original = sampling.neg_log_likelihood
+    calls = {"n": 0}
+
+    def poisoned(out, batch, noise):
+        calls["n"] += 1
+        nll = original(out, batch, noise)
+        return nll * float("inf") if calls["n"] == 40 else nll  # the check of chain 0's first sample (step 38)
+
+    monkeypatch.setattr(sampling, "neg_log_likelihood", poisoned)
+    train(config(tio2_path), out_dir=tmp_path)
+    chains = load_posterior(tmp_path / "posterior.h5").hyperparameters["sample_chains"]
+    assert chains.count(0) == 0 and chains.count(1) == 4
+    assert "chain 0 diverged at step 38 (its sample predicts inf)" in caplog.text
 
 
 def test_bad_sgmcmc_options_are_reported(tio2_path, tmp_path):
