@@ -1,0 +1,287 @@
+"""Selection rules: when to call the reference calculator.
+
+Every rule reads the model's per-atom force uncertainty ``atom_force_std`` (N,) eV/Å — the calculator's key:
+sqrt of the sum of the three force-component predictive variances of an atom — and the predicted forces (N, 3)
+eV/Å. A rule is used in two ways:
+
+- during MD exploration, :meth:`check` is called at every step (the MD driver's ``stop_rule`` protocol,
+  ``check(atom_force_std, forces) -> bool``); True = label this structure;
+- on a candidate pool, :meth:`select` picks up to ``k`` candidates.
+
+Rules (``rule.kind`` in a configuration):
+
+``force_std`` — :class:`ThresholdRule`: fires when an atom's force std exceeds ``threshold`` eV/Å (or, with
+``relative``, ``threshold`` × (that atom's predicted force magnitude + ``eps``)); the test is
+:class:`mlip_uq.md.ForceStdRule`'s, so MD and pool use one definition.
+
+``top_k`` — :class:`TopKRule`: the ``k`` pool candidates with the largest max-over-atoms force std (pool only).
+
+``random`` — :class:`RandomRule`: the baseline. Fires at an MD step with probability ``probability``; on a pool
+takes ``k`` candidates uniformly at random. Its random state is saved with the loop state.
+
+``calibrated`` — :class:`CalibratedRule`: fires when the probability that an atom's force error exceeds
+``tolerance`` is above ``probability``; the uncertainty scale behind that probability is learned on the fly
+from the residuals of the reference calls made so far (estimator in the class docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from scipy import stats
+
+from ..md import ForceStdRule
+
+
+def max_std(atom_force_std: np.ndarray) -> float:
+    """The structure's uncertainty as logged and ranked: the largest per-atom force std (eV/Å)."""
+    return float(np.max(atom_force_std))
+
+
+class Rule:
+    """Base class: :meth:`check` for MD, :meth:`select` for pools, :meth:`score` to rank, state for resume."""
+
+    #: the ``rule.kind`` name
+    kind = ""
+
+    def check(self, atom_force_std: np.ndarray, forces: np.ndarray) -> bool:
+        """True when the structure should be labelled (MD exploration)."""
+        raise NotImplementedError(f"rule {self.kind!r} works on a candidate pool only, not during MD")
+
+    def score(self, atom_force_std: np.ndarray, forces: np.ndarray) -> float:
+        """How much the structure is wanted (larger first); default its largest per-atom force std."""
+        return max_std(atom_force_std)
+
+    def select(self, atom_force_std: Sequence[np.ndarray], forces: Sequence[np.ndarray], k: int) -> List[int]:
+        """Up to ``k`` candidates (indices into the sequences), most wanted first, among those :meth:`check`
+        accepts."""
+        firing = [i for i, (a, f) in enumerate(zip(atom_force_std, forces)) if self.check(a, f)]
+        return sorted(firing, key=lambda i: -self.score(atom_force_std[i], forces[i]))[:k]
+
+    def observe(self, forces_pred: np.ndarray, forces_true: np.ndarray, atom_force_std: np.ndarray) -> None:
+        """Learn from a reference call: predicted and reference forces (N, 3) eV/Å and the prediction's
+        per-atom force std (N,) eV/Å. Default: nothing."""
+
+    def values(self, atom_force_std: np.ndarray, forces: np.ndarray) -> Dict[str, float]:
+        """Numbers for the decision log: ``uncertainty`` = the largest per-atom force std (eV/Å), and what the
+        rule compares (e.g. ``probability``)."""
+        return {"uncertainty": max_std(atom_force_std)}
+
+    def describe(self) -> str:
+        """The rule in words (the MD driver quotes it when the rule fires)."""
+        return self.kind
+
+    def state_dict(self) -> Dict:
+        """JSON-serialisable state (saved with the loop state)."""
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class ThresholdRule(Rule):
+    """Fires when a per-atom force std exceeds a threshold: :class:`mlip_uq.md.ForceStdRule`'s test.
+
+    Args:
+        threshold: eV/Å, or dimensionless with ``relative``.
+        relative: compare max_i std_i / (|F_i| + eps) instead of max_i std_i.
+        consecutive: during MD, fire only after this many consecutive steps above the threshold (counted by
+            the MD driver; a pool candidate is judged on its own).
+        eps: force floor of the relative test (eV/Å).
+    """
+
+    kind = "force_std"
+
+    def __init__(self, threshold: float, relative: bool = False, consecutive: int = 1, eps: float = 0.1):
+        self.md_rule = ForceStdRule(float(threshold), relative=bool(relative), consecutive=consecutive, eps=eps)
+        self.consecutive = self.md_rule.consecutive
+
+    def check(self, atom_force_std: np.ndarray, forces: np.ndarray) -> bool:
+        return self.md_rule.check(atom_force_std, forces)
+
+    def score(self, atom_force_std: np.ndarray, forces: np.ndarray) -> float:
+        return self.md_rule.measure(atom_force_std, forces)
+
+    def describe(self) -> str:
+        return self.md_rule.describe()
+
+
+class TopKRule(Rule):
+    """The ``k`` candidates with the largest max-over-atoms force std (pool only)."""
+
+    kind = "top_k"
+
+    def select(self, atom_force_std, forces, k: int) -> List[int]:
+        order = np.argsort([-max_std(a) for a in atom_force_std], kind="stable")
+        return [int(i) for i in order[:k]]
+
+
+class RandomRule(Rule):
+    """Uncertainty-blind baseline.
+
+    Args:
+        probability: chance of labelling the structure at each MD step (MD only).
+        seed: seed of the generator (its state is part of :meth:`state_dict`).
+    """
+
+    kind = "random"
+
+    def describe(self) -> str:
+        return f"random, probability {self.probability:g} per step" if self.probability else "random"
+
+    def __init__(self, probability: Optional[float] = None, seed: int = 0):
+        if probability is not None and not 0 < probability <= 1:
+            raise ValueError(f"rule.probability must be in (0, 1], got {probability}")
+        self.probability = probability
+        self.rng = np.random.default_rng(seed)
+
+    def check(self, atom_force_std, forces) -> bool:
+        if self.probability is None:
+            raise ValueError("rule random during MD needs rule.probability (the chance of a call per step)")
+        return bool(self.rng.random() < self.probability)
+
+    def select(self, atom_force_std, forces, k: int) -> List[int]:
+        n = len(atom_force_std)
+        return [int(i) for i in self.rng.choice(n, size=min(k, n), replace=False)]
+
+    def state_dict(self) -> Dict:
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state:
+            self.rng.bit_generator.state = state["bit_generator"]
+
+
+class CalibratedRule(Rule):
+    r"""Fires when the probability that some atom's force error exceeds a tolerance is high enough.
+
+    Error model: atom i's force error ΔF_i (3-vector) is a centred Gaussian whose three component variances sum
+    to (s · σ_i)², σ_i = ``atom_force_std`` of the atom, s a scale factor; taking the three components as
+    equal (isotropic), |ΔF_i| / (s σ_i / √3) follows a χ distribution with 3 degrees of freedom, so
+
+        P_i = P(|ΔF_i| > tolerance) = χ₃.sf(√3 · tolerance / (s σ_i)),
+
+    and the structure fires when max_i P_i > ``probability``.
+
+    Scale estimator (updated after every reference call): z_i² = |ΔF_i|² / σ_i² over the atoms of the
+    labelled structures (prediction made before the call, error against the reference) has expectation s²
+    under the model above — whatever the anisotropy — so
+
+        s² = (n₀ s₀² + Σ_i z_i²) / (n₀ + n),
+
+    the mean of the z_i² shrunk toward the prior s₀² with a weight of n₀ pseudo-atoms (n = atoms seen): the
+    maximum-likelihood variance scale with a conjugate-style prior. Caveats: the residuals come from the
+    structures the rule selected, i.e. from where the model is uncertain, and atoms of one structure are
+    correlated, so the effective number of observations is smaller than n.
+
+    The prior s₀ matters until the first calls: with s₀ = 1 and a posterior whose std is much smaller than its
+    errors (common for short SG-MCMC chains) the rule may never fire, and so never learn. ``prior_scale:
+    initial`` takes s₀ from the residuals of the initial training set under the first posterior
+    (:meth:`set_prior`). These are in-sample: errors and stds are both smaller than away from the training data,
+    so the ratio can be off either way (measured on TiO2: s₀ = 30, then 19 and 14 after the first two calls);
+    with a prior weight of a few atoms the residuals of the reference calls take over after the first call.
+
+    Args:
+        tolerance: force-error tolerance per atom, |ΔF_i| (eV/Å).
+        probability: firing level of max_i P_i, in (0, 1).
+        prior_scale: s₀ (> 0), or ``"initial"`` (set by the loop after the first fit).
+        prior_weight: n₀ in atoms (0 = no shrinkage).
+    """
+
+    kind = "calibrated"
+
+    def __init__(self, tolerance: float, probability: float = 0.5, prior_scale="initial", prior_weight: float = 10.0):
+        if tolerance <= 0:
+            raise ValueError(f"rule.tolerance must be positive (eV/Å), got {tolerance}")
+        if not 0 < probability < 1:
+            raise ValueError(f"rule.probability must be in (0, 1), got {probability}")
+        if prior_weight < 0 or not (prior_scale == "initial" or float(prior_scale) > 0):
+            raise ValueError("rule.prior_scale must be positive or 'initial', rule.prior_weight non-negative")
+        self.tolerance, self.probability = float(tolerance), float(probability)
+        self.prior_scale = None if prior_scale == "initial" else float(prior_scale)
+        self.prior_weight = float(prior_weight)
+        self.sum_z2 = 0.0
+        self.n_atoms = 0
+
+    @property
+    def needs_prior(self) -> bool:
+        """True until s₀ is known (``prior_scale: initial`` before the first fit)."""
+        return self.prior_scale is None
+
+    @staticmethod
+    def _z2(forces_pred, forces_true, atom_force_std) -> np.ndarray:
+        sigma = np.asarray(atom_force_std, dtype=np.float64)
+        error2 = np.sum((np.asarray(forces_pred, dtype=np.float64) - np.asarray(forces_true)) ** 2, axis=-1)
+        usable = sigma > 0  # an atom with zero predicted std says nothing about the scale
+        return error2[usable] / sigma[usable] ** 2
+
+    def set_prior(self, forces_pred, forces_true, atom_force_std) -> None:
+        """s₀ = sqrt(mean z_i²) over the given atoms (e.g. the initial training set); 1 when none is usable."""
+        z2 = self._z2(forces_pred, forces_true, atom_force_std)
+        self.prior_scale = float(np.sqrt(np.mean(z2))) if z2.size else 1.0
+
+    @property
+    def scale(self) -> float:
+        """The current scale factor s of the predicted std (dimensionless)."""
+        prior = 1.0 if self.prior_scale is None else self.prior_scale
+        n0 = self.prior_weight
+        if n0 + self.n_atoms == 0:
+            return prior
+        return math.sqrt((n0 * prior**2 + self.sum_z2) / (n0 + self.n_atoms))
+
+    def exceed_probability(self, atom_force_std: np.ndarray) -> np.ndarray:
+        """(N,) P(|ΔF_i| > tolerance) per atom under the scaled Gaussian (0 where σ_i is 0)."""
+        sigma = self.scale * np.asarray(atom_force_std, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            x = np.where(sigma > 0, math.sqrt(3.0) * self.tolerance / sigma, np.inf)
+        return stats.chi(3).sf(x)
+
+    def check(self, atom_force_std, forces) -> bool:
+        return self.score(atom_force_std, forces) > self.probability
+
+    def score(self, atom_force_std, forces) -> float:
+        return float(np.max(self.exceed_probability(atom_force_std)))
+
+    def observe(self, forces_pred, forces_true, atom_force_std) -> None:
+        z2 = self._z2(forces_pred, forces_true, atom_force_std)
+        self.sum_z2 += float(np.sum(z2))
+        self.n_atoms += int(z2.size)
+
+    def values(self, atom_force_std, forces) -> Dict[str, float]:
+        return {"uncertainty": max_std(atom_force_std), "probability": self.score(atom_force_std, forces),
+                "scale": self.scale}
+
+    def describe(self) -> str:
+        return (f"P(|force error| > {self.tolerance:g} eV/Å) > {self.probability:g} for some atom "
+                f"(std scale {self.scale:.3g})")
+
+    def state_dict(self) -> Dict:
+        return {"sum_z2": self.sum_z2, "n_atoms": self.n_atoms, "prior_scale": self.prior_scale}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state:
+            self.sum_z2, self.n_atoms = float(state["sum_z2"]), int(state["n_atoms"])
+            self.prior_scale = state["prior_scale"]
+
+
+RULES = {cls.kind: cls for cls in (ThresholdRule, TopKRule, RandomRule, CalibratedRule)}
+
+
+def rule_from_config(section: Dict, seed: int = 0) -> Rule:
+    """A rule from a configuration section ``{kind: force_std | top_k | random | calibrated, <options>}``.
+
+    Raises:
+        ValueError: unknown kind or options (named).
+    """
+    options = dict(section)
+    kind = options.pop("kind", None)
+    if kind not in RULES:
+        raise ValueError(f"rule.kind {kind!r} unknown; choose from {sorted(RULES)}")
+    if kind == "random":
+        options.setdefault("seed", seed)
+    try:
+        return RULES[kind](**options)
+    except TypeError as error:
+        raise ValueError(f"rule {kind!r}: {error}") from None

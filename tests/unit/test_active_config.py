@@ -1,0 +1,74 @@
+"""Active-learning configurations: defaults, paths, overrides, and bad input named before any work is done."""
+
+import pytest
+
+from mlip_uq.active.loop import ActiveLoop, load_active_config
+from mlip_uq.config import ConfigError
+
+
+def minimal(shared_data, **sections):
+    ethanol = str(shared_data / "rmd17" / "rmd17_ethanol_train_01.extxyz")
+    cfg = {"oracle": {"calculator": "tblite"}, "initial": {"path": ethanol, "n": 3},
+           "explore": {"kind": "md", "steps": 10}, "rule": {"kind": "force_std", "threshold": 0.1},
+           "train": {"method": "sgmcmc", "sgmcmc": {"burnin_steps": 5}}}
+    cfg.update(sections)
+    return cfg
+
+
+def test_shipped_configs_load_with_paths_resolved(tmp_path):
+    from conftest import REPO_ROOT
+
+    for name in ("active_ethanol_xtb", "active_tio2_xtb"):
+        cfg = load_active_config(REPO_ROOT / "configs" / f"{name}.yaml")
+        assert cfg["name"] == name and cfg["explore"]["kind"] == "md"
+        for source in (cfg["initial"], cfg["test"], cfg["explore"]["starts"]):
+            assert source["path"].startswith("/") and source["path"].endswith(".extxyz")
+
+
+def test_defaults_and_overrides(shared_data):
+    cfg = load_active_config(minimal(shared_data), overrides=["budget.max_calls=7", "rule.threshold=2e-2"])
+    assert cfg["budget"] == {"max_calls": 7, "target_forces_mae": None}
+    assert cfg["rule"]["threshold"] == 0.02  # YAML 1.2 float
+    assert cfg["explore"]["chunk_steps"] == 200 and cfg["explore"]["temperature_K"] == 300.0
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"oracles": {}}, "unknown active-learning section"),
+    ({"rule": None}, "section 'rule' is required"),
+    ({"explore": {"kind": "metadynamics"}}, "explore.kind 'metadynamics' unknown"),
+    ({"explore": {"kind": "md", "stepz": 5}}, r"unknown explore option\(s\) \['stepz'\]"),
+    ({"explore": {"kind": "pool", "pool": {"path": "x.xyz", "size": 5}}}, r"unknown explore.pool option\(s\)"),
+    ({"budget": {"calls": 5}}, r"unknown budget option\(s\) \['calls'\]"),
+    ({"train": {"data": {"path": "x.xyz"}}}, "train.data.path is filled in by the loop"),
+])
+def test_bad_configuration_is_named(shared_data, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_active_config(minimal(shared_data, **change))
+
+
+def test_bad_override_and_missing_file(shared_data, tmp_path):
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_active_config(minimal(shared_data), overrides=["budget.max_calls"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_active_config(tmp_path / "nope.yaml")
+
+
+def test_rules_that_do_not_fit_the_explorer_are_refused_before_any_call(shared_data, tmp_path):
+    with pytest.raises(ConfigError, match="top_k ranks a candidate pool"):
+        ActiveLoop(load_active_config(minimal(shared_data, rule={"kind": "top_k"})), tmp_path / "a")
+    with pytest.raises(ConfigError, match="needs rule.probability"):
+        ActiveLoop(load_active_config(minimal(shared_data, rule={"kind": "random"})), tmp_path / "b")
+    with pytest.raises(ConfigError, match="no structure selected"):
+        ActiveLoop(load_active_config(minimal(shared_data, initial={
+            "path": minimal(shared_data)["initial"]["path"], "max_atoms": 3})), tmp_path / "c")
+
+
+def test_resume_needs_a_run_and_the_same_configuration(shared_data, tmp_path):
+    cfg = load_active_config(minimal(shared_data))
+    with pytest.raises(FileNotFoundError, match="holds no active-learning run"):
+        ActiveLoop(cfg, tmp_path, resume=True)
+    ActiveLoop(cfg, tmp_path)  # writes active_config.yaml (no state yet: nothing ran)
+    ActiveLoop(load_active_config(minimal(shared_data, budget={"max_calls": 50})), tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="only the budget may change"):
+        ActiveLoop(load_active_config(minimal(shared_data, rule={"kind": "force_std", "threshold": 0.2})), tmp_path,
+                   resume=True)
