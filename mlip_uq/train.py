@@ -107,7 +107,7 @@ def prepare_data(config: Dict, out_dir: Path) -> PreparedData:
     if len(split["train"]) == 0 or len(split.get("val", [])) == 0:
         raise ConfigError(f"the split leaves {len(split['train'])} training and {len(split.get('val', []))} validation structures")
     train_frames = [frames[i] for i in split["train"]]
-    fitted = fit_energy_references(train_frames, type_names)
+    fitted = fit_energy_references(train_frames, type_names, start=refs if given_refs else None)
     references = {k: float(v) for k, v in refs.items()} if given_refs else fitted
 
     r_max = float(model_cfg.get("r_max", ModelConfig.r_max))

@@ -46,17 +46,22 @@ def _energies(frames: Sequence[ase.Atoms]) -> np.ndarray:
     return energies
 
 
-def fit_energy_references(frames: Sequence[ase.Atoms], type_names: Sequence[str]) -> dict[str, float]:
+def fit_energy_references(
+    frames: Sequence[ase.Atoms], type_names: Sequence[str], start: dict[str, float] | None = None
+) -> dict[str, float]:
     """Least-squares per-element energies: minimise Σ_frames (E − Σ_Z n_Z e_Z)².
 
-    When the compositions do not determine the fit (fewer independent compositions than elements, e.g. one
-    composition only, or an element absent from every frame), the minimum-norm solution is returned
-    (``numpy.linalg.lstsq``): it still reproduces the fitted energies but splits them among the elements
-    arbitrarily, and an absent element gets 0 eV.
+    When the compositions do not determine the fit (fewer independent compositions than elements, e.g. only
+    stoichiometric TiO2 cells, or an element absent from every frame), the solution closest to ``start`` is
+    returned (minimum-norm ``numpy.linalg.lstsq`` of the deviations from it): it reproduces the fitted energies,
+    and the directions the data leave open keep ``start``'s values (e.g. isolated-atom energies, so that a model
+    trained on TiO2 alone still extrapolates sensibly to TiO(2-x)); without ``start`` they are split arbitrarily
+    and an absent element gets 0 eV.
 
     Args:
         frames: frames with energies (eV) in ``atoms.calc.results``.
         type_names: element symbols to fit.
+        start: per-element energies (eV) the fit stays closest to; default 0 eV.
 
     Returns:
         {element: e_Z in eV}.
@@ -67,7 +72,8 @@ def fit_energy_references(frames: Sequence[ase.Atoms], type_names: Sequence[str]
     if len(frames) == 0:
         raise DataError("no frames to fit energy references on")
     counts = composition_counts(frames, type_names).astype(np.float64)
-    solution = np.linalg.lstsq(counts, _energies(frames), rcond=None)[0]
+    base = np.array([(start or {}).get(name, 0.0) for name in type_names], dtype=np.float64)
+    solution = base + np.linalg.lstsq(counts, _energies(frames) - counts @ base, rcond=None)[0]
     return {name: float(e) for name, e in zip(type_names, solution)}
 
 

@@ -39,6 +39,20 @@ def test_single_composition_gives_minimum_norm_solution():
     np.testing.assert_allclose(referenced_energy_per_atom(frames, fitted), 0.0, atol=1e-12)
 
 
+def test_undetermined_direction_keeps_the_start_values():
+    # stoichiometric TiO2 only: e_Ti + 2 e_O is fixed by the data, the split between them is not
+    start = {"O": -432.5, "Ti": -1604.6}
+    frames = [_frame("TiO2", -2475.0), _frame("Ti2O4", -4950.2)]
+    refs = fit_energy_references(frames, ["O", "Ti"], start=start)
+    assert refs["Ti"] + 2 * refs["O"] == pytest.approx((-2475.0 + 2 * -4950.2) / 5)  # least squares in E
+    # the deviation from the start is along the data's direction (1 Ti, 2 O) only
+    d = np.array([refs["O"] - start["O"], refs["Ti"] - start["Ti"]])
+    assert d[0] == pytest.approx(2 * d[1])
+    # determined fits do not depend on the start
+    full = frames + [_frame("Ti2O3", -4507.0)]
+    assert fit_energy_references(full, ["O", "Ti"], start=start) == pytest.approx(fit_energy_references(full, ["O", "Ti"]))
+
+
 def test_missing_reference_or_energy_raises():
     with pytest.raises(DataError, match=r"frame 1: element 'C' not in \['H', 'O'\]"):
         referenced_energy_per_atom([_frame("H2O", -1.0), _frame("CO", -2.0)], {"H": 0.0, "O": 0.0})
