@@ -170,10 +170,17 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
                                       isotonic=study["calibration"] == "isotonic")
         recalibrated = test.with_calibration(calibration)
         row["after"] = metrics_and_plots(recalibrated)
-        row["calibration"] = calibration
+        row["calibration"] = _jsonable(calibration)
         _save_errors(run_dir / "test_errors.npz", recalibrated, test)
     write_json(row, summary_path)
     return row
+
+
+def _jsonable(value):
+    """``value`` with numpy arrays as lists (isotonic calibration knots)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
 def _save_errors(path: Path, calibrated: Predictions, raw: Predictions) -> None:
