@@ -102,6 +102,15 @@ def _compare(args) -> int:
     return 0
 
 
+def _add_prediction_options(p: argparse.ArgumentParser) -> None:
+    """Label keys of the data file, batch size and device, shared by the commands that predict labelled data."""
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--stress-key", default="stress")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlip-uq", description="Uncertainty-aware machine-learned interatomic potentials."
@@ -120,11 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="labelled structures, any ASE-readable file (extxyz first)")
     p.add_argument("--out", help="write the metrics to this JSON file")
     p.add_argument("--plots", help="write parity/calibration PNGs into this folder")
-    p.add_argument("--energy-key", default="energy")
-    p.add_argument("--forces-key", default="forces")
-    p.add_argument("--stress-key", default="stress")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_prediction_options(p)
     p.add_argument("--split", help="a training run's splits.json: evaluate only the frames of DATA listed in it "
                    "under --split-name (the run's test split by default)")
     p.add_argument("--split-name", default="test")
@@ -139,11 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-name", default="val")
     p.add_argument("--out", help="write the before/after metrics to this JSON file")
     p.add_argument("--plots", help="write the recalibrated calibration plots into this folder")
-    p.add_argument("--energy-key", default="energy")
-    p.add_argument("--forces-key", default="forces")
-    p.add_argument("--stress-key", default="stress")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_prediction_options(p)
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("md", help="uncertainty-aware MD; writes trajectory.extxyz, md_log.csv, uncertainty.png")

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .config import ConfigError, merge_sections, parse_yaml, apply_override
+from .config import ConfigError, apply_override, merge_sections, read_config_file
 from .data import FrameStore
 from .evaluate import Predictions, metrics_and_plots, predict_graphs, write_json
 from .posterior import load_posterior
@@ -58,10 +58,7 @@ TABLE = [
 def load_compare_config(path, budget: Optional[str] = None) -> Dict:
     """The comparison configuration at ``path``: ``{"base": training config, "regimes", "splits",
     "methods", "calibration", "budget"}``, with the named ``budget`` (e.g. ``cpu``) applied."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"comparison configuration {path} does not exist")
-    raw = parse_yaml(path.read_text()) or {}
+    raw, base_dir = read_config_file(path)
     if "compare" not in raw:
         raise ConfigError(f"{path} has no 'compare' section (regimes, splits, methods)")
     spec = raw.pop("compare")
@@ -76,7 +73,7 @@ def load_compare_config(path, budget: Optional[str] = None) -> Dict:
     if calibration not in ("scalar", "isotonic"):
         raise ConfigError(f"compare.calibration must be scalar or isotonic, got {calibration!r}")
     # relative data paths are resolved by load_config against the folder of the file
-    base = {**raw, "_base_dir": str(path.resolve().parent)}
+    base = {**raw, "_base_dir": str(base_dir)}
     study = {"base": base, "regimes": regimes, "splits": spec["splits"], "methods": spec["methods"],
              "calibration": calibration, "budget": None, "overrides": []}
     if budget is not None:

@@ -22,7 +22,7 @@ import copy
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import yaml
 
@@ -84,14 +84,15 @@ def merge_sections(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, An
     return out
 
 
-def apply_override(config: Dict[str, Any], override: str) -> None:
-    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``5``, ``1e-3``, ``[a, b]``)."""
+def apply_override(config: Dict[str, Any], override: str, sections=SECTIONS) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``5``, ``1e-3``, ``[a, b]``).
+    The first key must be one of ``sections`` (default: those of a training configuration)."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. training.max_epochs=5)")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
-    if parts[0] not in SECTIONS:
-        raise ConfigError(f"override {override!r}: unknown section {parts[0]!r}; sections: {sorted(SECTIONS)}")
+    if parts[0] not in sections:
+        raise ConfigError(f"override {override!r}: unknown section {parts[0]!r}; sections: {sorted(sections)}")
     node = config
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -100,22 +101,26 @@ def apply_override(config: Dict[str, Any], override: str) -> None:
     node[parts[-1]] = parse_yaml(raw)
 
 
+def read_config_file(source) -> Tuple[Dict[str, Any], Path]:
+    """A configuration as a mapping (``source``: a YAML file, or a dict, copied) and the folder its relative
+    paths are resolved against (the file's, or the working directory for a dict)."""
+    if isinstance(source, dict):
+        return copy.deepcopy(source), Path.cwd()
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"configuration file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"configuration file {path} must hold a mapping of sections")
+    return raw, path.resolve().parent
+
+
 def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
     """Read a YAML configuration (path or dict), fill defaults, apply overrides and resolve data paths."""
-    base_dir = Path.cwd()
-    if isinstance(source, dict):
-        raw = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"configuration file {path} does not exist")
-        try:
-            raw = parse_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"configuration file {path} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"configuration file {path} must hold a mapping of sections")
-        base_dir = path.resolve().parent
+    raw, base_dir = read_config_file(source)
     unknown = set(raw) - SECTIONS
     if unknown:
         raise ConfigError(f"unknown configuration section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")

@@ -57,7 +57,7 @@ from ase.data import atomic_numbers
 from nequip.data import AtomicDataDict
 
 from ..calculator import UQCalculator
-from ..config import ConfigError, dump_config, load_config, merge_sections, parse_yaml
+from ..config import ConfigError, apply_override, dump_config, load_config, merge_sections, read_config_file
 from ..data import FrameStore, frames_fingerprint, read_frames
 from ..evaluate import metrics_and_plots, predict_graphs
 from ..md import RECORD_KEYS, run_md
@@ -110,28 +110,9 @@ def load_active_config(source, overrides: Iterable[str] = ()) -> Dict:
     Raises:
         ConfigError: unknown section or option, missing ``oracle``/``initial.path``/``rule``, bad override.
     """
-    base = Path.cwd()
-    if isinstance(source, dict):
-        raw = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"configuration file {path} does not exist")
-        raw = parse_yaml(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"configuration file {path} must hold a mapping of sections")
-        base = path.resolve().parent
+    raw, base = read_config_file(source)
     for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise ConfigError(f"override {override!r} is not of the form key=value (e.g. budget.max_calls=5)")
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {override!r}: {part!r} is not a section")
-        node[parts[-1]] = parse_yaml(value)
+        apply_override(raw, override, sections=SECTIONS)
     unknown = set(raw) - SECTIONS
     if unknown:
         raise ConfigError(f"unknown active-learning section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")

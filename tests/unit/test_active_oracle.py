@@ -88,7 +88,8 @@ def test_every_call_gets_a_fresh_calculator_so_labels_do_not_depend_on_call_orde
     alone = oracle.label(second).atoms.get_forces()
     oracle.label(first)
     after_another = oracle.label(second).atoms.get_forces()
-    np.testing.assert_array_equal(alone, after_another)
+    # a reused calculator differed by ~1e-4 eV/Å; threaded reductions in tblite may differ in the last bits
+    np.testing.assert_allclose(alone, after_another, rtol=0, atol=1e-10)
 
 
 def test_keyboard_interrupt_is_not_swallowed():
