@@ -37,7 +37,6 @@ import datetime
 import gc
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_accuracy import update_section  # noqa: E402  (the one writer of a docs/benchmarks.md section)
 from bench_model import (  # noqa: E402  (the shared cell, architecture, machine description and memory probe)
     REPO,
     _reset_peak_rss,
@@ -266,20 +266,6 @@ def mace_note(mace: Optional[Dict], args) -> str:
             f"so compare how its cost grows with K rather than its absolute cost. In brackets: one MACE model.")
 
 
-def write_section(out: Path, section: str) -> None:
-    """Replace this script's section of ``out`` (from its title to the next ``## `` title), or append it."""
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if re.match(r"^## ", lines[j])), len(lines))
-        new = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-                        + lines[end:]).rstrip("\n") + "\n"
-    out.write_text(new)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16], help="numbers of samples K")
@@ -379,7 +365,7 @@ saving is the trunk's K - 1 forward passes. On this CPU the batched pull-back (o
 default) is slower than K single ones, which is why the CPU default is the loop; the GPU case is unmeasured.
 """
     print(section)
-    write_section(args.out, section)
+    update_section(args.out, SECTION_TITLE, section.removeprefix(SECTION_TITLE))
 
 
 if __name__ == "__main__":

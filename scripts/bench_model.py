@@ -42,7 +42,6 @@ import gc
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+
+from bench_accuracy import update_section  # the one writer of a docs/benchmarks.md section
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILE = REPO / "data" / "tio2_aenet_subset_1000.extxyz"
@@ -526,21 +527,6 @@ def reading(results: List[SizeResult], exps: Dict[str, float], load_end: str, bu
     return text
 
 
-def write_section(out: Path, section: str) -> None:
-    """Replace this script's section of ``out`` (from its title to the next ``## `` title), or append it."""
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if re.match(r"^## ", lines[j])), len(lines))
-        new_lines = lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-        new = "\n".join(new_lines + lines[end:]).rstrip("\n") + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(new)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-atoms", type=int, default=3000, help="largest cell (atoms); default 3000")
@@ -670,7 +656,7 @@ nequip matscipy {exps["nequip_matscipy"]:.2f}; ours model step alone {exp_model:
 
 {reading(results, exps, load_end, busy)}
 """
-    write_section(args.out, section)
+    update_section(args.out, SECTION_TITLE, section.removeprefix(SECTION_TITLE))
     print(f"\nwrote the section to {args.out}")
 
 
