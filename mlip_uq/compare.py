@@ -56,7 +56,7 @@ TABLE = [
 
 
 def load_compare_config(path, budget: Optional[str] = None) -> Dict:
-    """The comparison configuration at ``path``: ``{"base": training config, "regimes", "splits",
+    """The comparison configuration at ``path``: ``{"base": training config, "base_dir", "regimes", "splits",
     "methods", "calibration", "budget"}``, with the named ``budget`` (e.g. ``cpu``) applied."""
     raw, base_dir = read_config_file(path)
     if "compare" not in raw:
@@ -72,9 +72,9 @@ def load_compare_config(path, budget: Optional[str] = None) -> Dict:
     calibration = spec.get("calibration", "scalar")
     if calibration not in ("scalar", "isotonic"):
         raise ConfigError(f"compare.calibration must be scalar or isotonic, got {calibration!r}")
-    # relative data paths are resolved by load_config against the folder of the file
-    base = {**raw, "_base_dir": str(base_dir)}
-    study = {"base": base, "regimes": regimes, "splits": spec["splits"], "methods": spec["methods"],
+    # relative data paths of the base are resolved against the configuration's folder (run_config)
+    study = {"base": raw, "base_dir": str(base_dir), "regimes": regimes, "splits": spec["splits"],
+             "methods": spec["methods"],
              "calibration": calibration, "budget": None, "overrides": []}
     if budget is not None:
         budgets = spec.get("budgets", {})
@@ -97,7 +97,7 @@ def load_compare_config(path, budget: Optional[str] = None) -> Dict:
 def run_config(study: Dict, regime: str, split: str, method: str) -> Dict:
     """The training configuration of one run of ``study`` (a dict for :func:`mlip_uq.train.train`)."""
     base = copy.deepcopy(study["base"])
-    base_dir = Path(base.pop("_base_dir"))
+    base_dir = Path(study["base_dir"])
     for key in ("path", "test_path", "store"):
         value = base.get("data", {}).get(key)
         if value and not Path(value).expanduser().is_absolute():
