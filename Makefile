@@ -22,7 +22,7 @@ demo: install
 	$(PYTHON) -m mlip_uq.cli train configs/demo_tio2_sgmcmc.yaml --out $(DEMO_OUT)/sgmcmc \
 		sgmcmc.init=$(DEMO_MAP)/posterior.h5 sgmcmc.prior.center=$(DEMO_MAP)/posterior.h5 data.store=$(DEMO_MAP)/data.h5
 	$(PYTHON) -m mlip_uq.cli calibrate $(DEMO_OUT)/sgmcmc/posterior.h5 $(DEMO_DATA) --split $(DEMO_OUT)/splits.json \
-		--isotonic --out $(DEMO_OUT)/sgmcmc/calibration.json
+		--out $(DEMO_OUT)/sgmcmc/calibration.json
 	$(PYTHON) -m mlip_uq.cli evaluate $(DEMO_OUT)/sgmcmc/posterior.h5 $(DEMO_DATA) --split $(DEMO_OUT)/splits.json \
 		--out $(DEMO_OUT)/sgmcmc/metrics_calibrated.json --plots $(DEMO_OUT)/sgmcmc/calibrated > /dev/null
 	$(PYTHON) -m mlip_uq.cli md $(DEMO_OUT)/sgmcmc/posterior.h5 $(DEMO_DATA) --index 0 --steps 200 --temperature 300 \

@@ -6,14 +6,17 @@ recalibration of its predictive std σ:
 - a **scalar factor** ``{"energy": s_E, "forces": s_F}``: σ_cal = s·σ, with ``s`` minimising the validation
   Gaussian NLL, closed form ``s² = mean(e²/σ²)`` (:func:`~mlip_uq.uq.metrics.fit_std_scale`);
 - or an **isotonic** map ``{"isotonic": {"forces": {"std": σ_knots, "calibrated_std": g_knots}}}``: σ_cal = g(σ)
-  with g non-decreasing. g² is the isotonic (pool-adjacent-violators) regression of the squared validation
-  errors e² on σ. Isotonic regression minimises every Bregman divergence at once, and the Gaussian NLL of e
-  under a variance v, as a function of v, is one (Itakura–Saito) up to constants, so g² is the maximum-likelihood
-  non-decreasing variance map. Between knots g is linear. Below the smallest knot it is constant, g(σ) = g(σ_min):
-  a raw σ smaller than any seen on validation claims no more confidence than the most confident validation
-  items earned. Above the largest knot it is proportional, g(σ) = g(σ_max)·σ/σ_max, so that an
-  out-of-distribution input with a larger raw σ than any validation structure still gets a larger calibrated σ
-  (a clamped map would saturate exactly where uncertainty matters). A raw σ of exactly 0 stays 0.
+  with g strictly increasing, so that recalibration never changes, nor erases, the ranking of the stds. g² is
+  built from the isotonic (pool-adjacent-violators) regression of the squared validation errors e² on σ.
+  Isotonic regression minimises every Bregman divergence at once, and the Gaussian NLL of e under a variance v,
+  as a function of v, is one (Itakura–Saito) up to constants, so that fit is the maximum-likelihood
+  non-decreasing variance map; but it is a step function, constant over each pooled block, and a constant
+  block maps many distinct raw stds onto one value. The knots are therefore put at the block *centres*
+  (count-weighted mean σ of each block, with the block's fitted std; centred isotonic regression), and g is
+  linear between them: adjacent blocks have different values, so g is strictly increasing. Outside the knots g
+  is proportional, g(σ) = g(σ_1)·σ/σ_1 below the first and g(σ_K)·σ/σ_K above the last (so an
+  out-of-distribution input with a larger raw σ than any validation structure still gets a larger calibrated
+  σ); with a single block the map is one factor. A raw σ of exactly 0 stays 0.
 
 A quantity has at most one of the two. Energies are calibrated on the per-atom scale (σ_E / N, eV/atom, as the
 metrics report them) and the structure's total-energy std is N·g(σ_E / N) (for a factor the scale is
@@ -75,24 +78,31 @@ def std_ratio(calibration: Mapping, quantity: str, std) -> np.ndarray:
     if iso is None:
         return np.ones(s.shape)
     x, y = np.asarray(iso["std"], dtype=np.float64), np.asarray(iso["calibrated_std"], dtype=np.float64)
-    # np.interp is constant below x[0]; above x[-1] the map is proportional
+    # linear between the knots, proportional outside them
     ratio = np.interp(s, x, y) / np.where(s > 0, s, 1.0)
+    ratio = np.where(s < x[0], y[0] / x[0], ratio)
     ratio = np.where(s > x[-1], y[-1] / x[-1], ratio)
     return np.where(s > 0, ratio, 1.0)
 
 
 def fit_isotonic(error, std) -> Dict[str, np.ndarray]:
-    """The NLL-optimal non-decreasing map σ -> σ_cal of the module docstring, as knots.
+    """The strictly increasing map σ -> σ_cal of the module docstring, as knots.
 
-    Stds that tie are pooled first (mean of e², weighted by count) so that equal σ gets equal σ_cal. Each
-    constant block of the fit contributes its first and last σ as knots.
+    Stds that tie are pooled first (mean of e², weighted by count) so that equal σ gets equal σ_cal; the
+    pool-adjacent-violators fit then pools the blocks that violate the order, and each block becomes one knot at
+    its count-weighted mean σ.
 
     Args:
         error: validation errors (prediction - reference), any shape.
         std: raw predictive stds, same shape, > 0.
 
     Returns:
-        ``{"std": increasing knots (K,), "calibrated_std": non-decreasing values (K,)}``.
+        ``{"std": increasing knots (B,), "calibrated_std": increasing values (B,)}``, B = number of blocks.
+
+    Example:
+        >>> knots = fit_isotonic([1.0, -3.0, 2.0, 4.0], [1.0, 1.0, 2.0, 3.0])
+        >>> knots["std"].round(4).tolist(), knots["calibrated_std"].round(4).tolist()
+        ([1.3333, 3.0], [2.1602, 4.0])
     """
     e = np.asarray(error, dtype=np.float64).ravel()
     s = np.asarray(std, dtype=np.float64).ravel()
@@ -103,11 +113,12 @@ def fit_isotonic(error, std) -> Dict[str, np.ndarray]:
     x, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
     mean_sq = np.bincount(inverse, weights=e**2) / counts
     var = isotonic_regression(mean_sq, weights=counts.astype(np.float64), increasing=True).x
-    var = np.maximum(var, np.finfo(np.float64).tiny)
-    # knots at the two ends of every constant block
-    edge = np.flatnonzero(np.diff(var) != 0)
-    keep = np.unique(np.concatenate([[0, len(x) - 1], edge, edge + 1]))
-    return {"std": x[keep], "calibrated_std": np.sqrt(var[keep])}
+    # blocks: runs of one fitted value (equal neighbours are one block, so block values strictly increase)
+    block = np.concatenate([[0], np.cumsum(np.diff(var) != 0)])
+    n = np.bincount(block, weights=counts)
+    centre = np.bincount(block, weights=counts * x) / n
+    value = np.maximum(np.bincount(block, weights=counts * var) / n, np.finfo(np.float64).tiny)
+    return {"std": centre, "calibrated_std": np.sqrt(value)}
 
 
 def fit_calibration(

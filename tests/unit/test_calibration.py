@@ -55,10 +55,10 @@ def test_calibrated_std_scales_by_exactly_the_factor():
     assert calibrated_std(cal, "energy", None) is None
 
 
-def test_isotonic_map_is_monotone_and_better_than_one_factor():
+def test_isotonic_map_is_strictly_increasing_and_better_than_one_factor():
     err, std, true = synthetic()
     iso = fit_isotonic(err, std)
-    assert np.all(np.diff(iso["std"]) > 0) and np.all(np.diff(iso["calibrated_std"]) >= 0)
+    assert np.all(np.diff(iso["std"]) > 0) and np.all(np.diff(iso["calibrated_std"]) > 0)
     test_err, test_std, test_true = synthetic(seed=1)
     scale = fit_calibration(None, None, err, std)["forces"]
     iso_cal = {"isotonic": {"forces": iso}}
@@ -72,16 +72,34 @@ def test_isotonic_map_is_monotone_and_better_than_one_factor():
         assert np.median(calibrated_std(iso_cal, "forces", test_std[near]) / test_true[near]) == pytest.approx(1, abs=0.15)
 
 
-def test_isotonic_map_is_constant_below_proportional_above_and_keeps_zero():
+@pytest.mark.parametrize("isotonic", [False, True])
+def test_recalibration_keeps_the_order_of_distinct_stds_strictly(isotonic):
+    err, std, _ = synthetic()
+    cal = fit_calibration(None, None, err, std, isotonic=isotonic)
+    test_std = np.sort(synthetic(seed=2)[1])
+    test_std = np.concatenate([[test_std[0] / 10], test_std, [test_std[-1] * 10]])  # beyond the fitted range too
+    out = calibrated_std(cal, "forces", test_std)
+    distinct = np.diff(test_std) > 0
+    assert np.all(np.diff(out)[distinct] > 0)
+    assert len(np.unique(out)) == len(np.unique(test_std))
+
+
+def test_isotonic_map_is_linear_between_knots_proportional_outside_and_keeps_zero():
     cal = {"isotonic": {"energy": {"std": np.array([1.0, 2.0]), "calibrated_std": np.array([3.0, 5.0])}}}
     std = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 8.0])
-    np.testing.assert_allclose(calibrated_std(cal, "energy", std), [0.0, 3.0, 3.0, 4.0, 5.0, 20.0])
-    np.testing.assert_allclose(std_ratio(cal, "energy", std), [1.0, 6.0, 3.0, 4.0 / 1.5, 2.5, 2.5])
-    # ties in σ get one value (the mean of e² over the tie), and a decrease is pooled
+    np.testing.assert_allclose(calibrated_std(cal, "energy", std), [0.0, 1.5, 3.0, 4.0, 5.0, 20.0])
+    np.testing.assert_allclose(std_ratio(cal, "energy", std), [1.0, 3.0, 3.0, 4.0 / 1.5, 2.5, 2.5])
+    # ties in σ get one value (the mean of e² over the tie); a decrease is pooled into one block, whose knot is
+    # at its count-weighted mean σ
     iso = fit_isotonic([1.0, -3.0, 3.0], [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(iso["std"], [0.5, 1.0])
     np.testing.assert_allclose(iso["calibrated_std"], [np.sqrt(5.0), 3.0])
     iso = fit_isotonic([1.0, -3.0, 2.0], [0.5, 0.5, 1.0])
-    np.testing.assert_allclose(iso["calibrated_std"], [np.sqrt(14.0 / 3.0)] * len(iso["std"]))
+    np.testing.assert_allclose(iso["std"], [2.0 / 3.0])
+    np.testing.assert_allclose(iso["calibrated_std"], [np.sqrt(14.0 / 3.0)])
+    # one block is one factor
+    one = {"isotonic": {"forces": iso}}
+    np.testing.assert_allclose(std_ratio(one, "forces", [0.1, 1.0, 5.0]), [np.sqrt(14.0 / 3.0) * 1.5] * 3)
 
 
 def test_bad_calibrations_are_rejected():
