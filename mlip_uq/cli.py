@@ -37,7 +37,15 @@ def _split(args) -> Optional[List[int]]:
     """The frame indices named by ``--split SPLITS.json --split-name NAME``, or None."""
     if not args.split:
         return None
-    splits = json.loads(Path(args.split).read_text())
+    path = Path(args.split)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    try:
+        splits = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"split file {path} is not valid JSON (a run's splits.json is expected): {e}") from e
+    if not isinstance(splits, dict):
+        raise ValueError(f"split file {path} must map split names to frame indices, got {type(splits).__name__}")
     if args.split_name not in splits:
         raise ValueError(f"{args.split} has no split {args.split_name!r}; it has {sorted(splits)}")
     return splits[args.split_name]

@@ -103,7 +103,10 @@ def load_posterior(path) -> Posterior:
         fmt = f.attrs.get("format")
         if fmt != FORMAT:
             raise PosteriorFileError(f"{path} is not an mlip_uq posterior file (format attribute {fmt!r})")
-        version = int(f.attrs["format_version"])
+        version = f.attrs.get("format_version")
+        if version is None:
+            raise PosteriorFileError(f"{path} is an incomplete posterior file: it has no format_version attribute")
+        version = int(version)
         if version != FORMAT_VERSION:
             raise PosteriorFileError(
                 f"{path} has posterior format version {version}; this mlip_uq reads version {FORMAT_VERSION}"
@@ -120,8 +123,10 @@ def load_posterior(path) -> Posterior:
                 energy_references=json.loads(f.attrs["energy_references"]),
                 data_fingerprint=str(f.attrs["data_fingerprint"]),
             )
-        except (KeyError, OSError, json.JSONDecodeError) as e:
-            raise PosteriorFileError(f"{path} is an incomplete or damaged posterior file: {e}") from e
+        except KeyError as e:  # h5py names the missing attribute, group or dataset
+            raise PosteriorFileError(f"{path} is an incomplete posterior file: {e.args[0] if e.args else e}") from e
+        except (OSError, TypeError, ValueError) as e:  # damaged data, JSON that is not a model config
+            raise PosteriorFileError(f"{path} is a damaged posterior file: {e}") from e
     posterior = Posterior(config, shared, samples, weights=weights, **meta)
     try:
         posterior.model()  # builds the architecture and loads sample 0 strictly: names and shapes must match

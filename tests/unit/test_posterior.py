@@ -96,6 +96,22 @@ def test_truncated_foreign_and_missing_files_give_clear_errors(tmp_path):
         load_posterior(tmp_path / "text.h5")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.attrs.__delitem__("format_version"), "no format_version attribute"),
+    (lambda f: f.attrs.__delitem__("model_config"), "incomplete posterior file.*model_config"),
+    (lambda f: f.attrs.__delitem__("calibration"), "incomplete posterior file.*calibration"),
+    (lambda f: f.__delitem__("weights"), "incomplete posterior file.*weights"),
+    (lambda f: f.attrs.__setitem__("model_config", "{not json"), "damaged posterior file"),
+    (lambda f: f.attrs.__setitem__("model_config", "[1, 2]"), "damaged posterior file"),
+])
+def test_posterior_file_missing_or_damaged_metadata_names_what_is_wrong(tmp_path, damage, message):
+    Posterior.from_state_dicts(CONFIG, state_dicts([0])).save(tmp_path / "p.h5")
+    with h5py.File(tmp_path / "p.h5", "a") as f:
+        damage(f)
+    with pytest.raises(PosteriorFileError, match=message):
+        load_posterior(tmp_path / "p.h5")
+
+
 def test_file_whose_tensors_do_not_match_its_config_is_rejected(tmp_path):
     post = Posterior.from_state_dicts(CONFIG, state_dicts([0]))
     post.save(tmp_path / "p.h5")
