@@ -4,6 +4,10 @@ For a batch, each term is a mean over its items (frames for energy and stress, C
 for forces). With fixed noise the force term is the mean squared error; with the heteroscedastic noise head
 it is the Gaussian negative log-likelihood per component, ``0.5 * (e² / σ_i² + log σ_i²)`` (constant
 ``0.5 * log 2π`` dropped), where σ_i is atom i's predicted force-noise std.
+
+Dtypes: nequip sums the per-atom energies of a float32 model in float64, so the total energy is float64 while
+forces and stress come in the model's dtype (that of the positions). Each term is computed in the dtype of its
+own prediction and the per-frame sums are accumulated in the energy's dtype.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ def neg_log_likelihood(out: AtomicDataDict.Type, batch: AtomicDataDict.Type, noi
     log_sigma = out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1) if noise.heteroscedastic else math.log(noise.forces)
     per_atom = _gaussian_nll(f_err, log_sigma).sum(-1)
     frame = batch.get(AtomicDataDict.BATCH_KEY, torch.zeros_like(per_atom, dtype=torch.long))
-    nll = nll + torch.zeros_like(nll).index_add_(0, frame, per_atom)
+    # per-frame sums in the energy's dtype (float64 for a float32 model: nequip sums its energies in float64)
+    nll = nll + torch.zeros_like(nll).index_add_(0, frame, per_atom.to(nll.dtype))
     if AtomicDataDict.STRESS_KEY in batch:
         s_err = out[AtomicDataDict.STRESS_KEY].view(-1, 9) - batch[AtomicDataDict.STRESS_KEY].view(-1, 9)
         nll = nll + _gaussian_nll(s_err, math.log(noise.stress)).sum(-1)

@@ -87,11 +87,16 @@ class PotentialModule(L.LightningModule):
         terms = loss_terms(self.model(batch), batch, self.settings.heteroscedastic)
         loss = weighted_loss(terms, self.settings.loss_weights)
         n_frames = AtomicDataDict.num_frames(batch)
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, batch_size=n_frames, prog_bar=True, on_step=on_step, on_epoch=True)
+        # epoch means only: Lightning accumulates them as tensors, no per-step host copy or log row
+        self.log(f"{stage}_loss", loss, batch_size=n_frames, prog_bar=True, on_step=False, on_epoch=True)
         for name in ("energy_mae", "forces_mae"):
-            self.log(f"{stage}_{name}", terms[name], batch_size=n_frames, prog_bar=stage == "val", on_epoch=True)
+            self.log(f"{stage}_{name}", terms[name], batch_size=n_frames, prog_bar=stage == "val", on_step=False,
+                     on_epoch=True)
         return loss
+
+    def transfer_batch_to_device(self, batch: AtomicDataDict.Type, device: torch.device, dataloader_idx: int):
+        # a flat dict of tensors: moved directly, without Lightning's generic walk over nested collections
+        return AtomicDataDict.to_(batch, device)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -110,12 +115,18 @@ class PotentialModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
 
 
+def _as_is(batch: AtomicDataDict.Type) -> AtomicDataDict.Type:
+    return batch
+
+
 def loaders(train: List[AtomicDataDict.Type], val: List[AtomicDataDict.Type], batch_size: int, seed: int):
-    """Shuffled training and ordered validation DataLoaders over prepared graphs."""
+    """A shuffled training DataLoader over prepared graphs, and one over the validation batches, collated once
+    (their order never changes) and reused every epoch."""
     generator = torch.Generator().manual_seed(seed)
+    val_batches = [collate(val[i : i + batch_size]) for i in range(0, len(val), batch_size)]
     return (
         DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator),
-        DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate),
+        DataLoader(val_batches, batch_size=None, collate_fn=_as_is),
     )
 
 
@@ -157,7 +168,6 @@ def fit_map(
         enable_progress_bar=interactive,
         logger=CSVLogger(out_dir, name="logs", version=""),
         inference_mode=False,
-        log_every_n_steps=1,
         enable_model_summary=False,
         deterministic=False,
     )
@@ -184,18 +194,37 @@ class _StopAtMinLR(L.Callback):
 
 
 class _EpochLog(L.Callback):
-    """One progress line per epoch (epoch, losses, validation MAEs, learning rate, elapsed time)."""
+    """One progress line per epoch: epoch, losses, validation MAEs, learning rate, the seconds of the epoch's
+    training batches and of its validation, and the elapsed time."""
 
     def on_train_start(self, trainer, pl_module):
         self.start = time.perf_counter()
+        self.val_seconds = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_start = time.perf_counter()
+        self.train_seconds = None
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.val_start = time.perf_counter()
+            self.train_seconds = self.val_start - self.epoch_start
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.val_seconds = time.perf_counter() - self.val_start
 
     def on_train_epoch_end(self, trainer, pl_module):
         m = trainer.callback_metrics
         lr = trainer.optimizers[0].param_groups[0]["lr"]
+        now = time.perf_counter()
+        if self.train_seconds is None:  # no validation in this epoch
+            self.train_seconds, self.val_seconds = now - self.epoch_start, 0.0
         log.info(
             "epoch %d/%d  train_loss %.4g  val_loss %.4g  val_energy_mae %.4g eV/atom  val_forces_mae %.4g eV/Å  "
-            "lr %.2g  %.0f s",
-            trainer.current_epoch + 1, trainer.max_epochs, float(m.get("train_loss_epoch", float("nan"))),
+            "lr %.2g  train %.2f s  val %.2f s  %.0f s",
+            trainer.current_epoch + 1, trainer.max_epochs, float(m.get("train_loss", float("nan"))),
             float(m.get("val_loss", float("nan"))), float(m.get("val_energy_mae", float("nan"))),
-            float(m.get("val_forces_mae", float("nan"))), lr, time.perf_counter() - self.start,
+            float(m.get("val_forces_mae", float("nan"))), lr, self.train_seconds, self.val_seconds,
+            now - self.start,
         )

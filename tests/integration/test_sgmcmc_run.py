@@ -105,7 +105,8 @@ def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, full_run, tm
                  init=str(full_run / "posterior.h5"))
     train(cfg, out_dir=tmp_path)
     prior = seen["prior"]
-    expected = (source.weights[:, None, None] * source.samples[READOUT]).sum(0)
+    samples = source.samples[READOUT]
+    expected = (source.weights.to(samples.dtype)[:, None, None] * samples).sum(0)  # in the parameters' dtype
     torch.testing.assert_close(prior.centers[READOUT], expected)
     assert set(prior.centers) == set(source.samples)
 

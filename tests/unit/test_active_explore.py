@@ -13,7 +13,9 @@ from mlip_uq.posterior import Posterior
 
 @pytest.fixture(scope="module")
 def posterior():
-    config = ModelConfig(type_names=["H", "C", "O"], r_max=3.5, num_layers=1, num_features=4, radial_mlp_width=8)
+    # float64: the pool's batched predictions are compared with the calculator's at 1e-10
+    config = ModelConfig(type_names=["H", "C", "O"], r_max=3.5, num_layers=1, num_features=4, radial_mlp_width=8,
+                         dtype="float64")
     states = [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in range(3)]
     return Posterior.from_state_dicts(config, states, method="ensemble")
 

@@ -17,8 +17,9 @@ from mlip_uq.model import ModelConfig, build_model
 from mlip_uq.posterior import Posterior
 from mlip_uq.posterior.predict import predict_samples, split_model
 
+# float64: the checks below compare against finite differences and other code paths at tight tolerances
 CONFIG = ModelConfig(type_names=["O", "Ti"], r_max=4.0, num_layers=2, num_features=8, radial_mlp_width=16,
-                     avg_num_neighbors=20.0, energy_shifts={"O": -4.0, "Ti": -8.0})
+                     avg_num_neighbors=20.0, energy_shifts={"O": -4.0, "Ti": -8.0}, dtype="float64")
 STD_KEYS = ["energy_std", "energies_std", "forces_std", "atom_force_std", "stress_std", "energy_std_epistemic",
             "forces_std_epistemic", "atom_force_std_epistemic"]
 

@@ -17,7 +17,9 @@ from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.posterior.predict import predict_samples
 
 TYPES = ["O", "Ti"]
-SIZES = dict(type_names=TYPES, r_max=4.0, num_layers=2, num_features=8, radial_mlp_width=16, readout_hidden_width=8)
+# float64: masks are checked against weight-row zeroing at tight tolerances
+SIZES = dict(type_names=TYPES, r_max=4.0, num_layers=2, num_features=8, radial_mlp_width=16, readout_hidden_width=8,
+             dtype="float64")
 RATE = 0.25
 
 
