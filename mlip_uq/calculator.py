@@ -21,6 +21,17 @@ key                        shape    meaning
 ``forces_samples``         (K, N, 3) each sample's forces (eV/Å), only with ``return_samples=True``
 ========================== ======== ====================================================================
 
+What is computed is what ASE asks for (``properties``), for a posterior with a shared trunk
+(:class:`~mlip_uq.posterior.predict.SamplePass`): every call gives the means (energy, per-atom energies, forces,
+stress of periodic cells; forces and stress from one pull-back of the weighted mean energy) and the energy stds
+(``energy_std``, ``energies_std``, ``energy_std_epistemic``, ``energy_samples``: from the K tail passes, no
+further pull-back). The per-sample forces and stress, K pull-backs through the trunk, are computed only when a key
+of :data:`FORCE_UNCERTAINTY_PROPERTIES` is asked (``forces_std``, ``atom_force_std``, their ``_epistemic`` parts,
+``stress_std``, ``forces_samples``), together with all of those keys. ``results`` holds what was computed; asking
+for a missing key later (``get_property``) computes it on the same pass, so nothing is computed twice for the
+same positions: an ASE dynamics step (which asks only for ``forces``) costs one pull-back, and a later
+``atom_force_std`` at the same positions K - 1 more.
+
 Means are weighted over the posterior's samples; a std is sqrt(epistemic + aleatoric variance)
 (:mod:`mlip_uq.posterior.predict`), multiplied by the posterior's recalibration factor where it has one
 (:mod:`mlip_uq.uq.calibration`; ``calculator.calibration`` says which): energy stds (and ``energies_std``, by the
@@ -44,7 +55,7 @@ from nequip.utils.global_state import global_state_initialized, set_global_state
 
 from .data import atoms_to_graph, collate
 from .posterior import Posterior, load_posterior
-from .posterior.predict import predict_samples, predictive_moments
+from .posterior.predict import SamplePass, predictive_moments
 from .uq.calibration import describe
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,11 @@ UNCERTAINTY_PROPERTIES = [
     "energy_std_epistemic", "forces_std_epistemic", "atom_force_std_epistemic",
 ]
 SAMPLE_PROPERTIES = ["energy_samples", "forces_samples"]
+#: keys that need each sample's forces (K pull-backs through the trunk); the others need one pull-back in all
+FORCE_UNCERTAINTY_PROPERTIES = frozenset({
+    "forces_std", "atom_force_std", "forces_std_epistemic", "atom_force_std_epistemic", "stress_std",
+    "forces_samples",
+})
 # results that uq_to_atoms copies into atoms.info (per structure) and atoms.arrays (per atom)
 _INFO_KEYS = ("energy_std", "energy_std_epistemic", "stress_std", "energy_samples")
 _ARRAY_KEYS = ("energies_std", "forces_std", "atom_force_std", "forces_std_epistemic", "atom_force_std_epistemic")
@@ -82,8 +98,9 @@ class UQCalculator(Calculator):
 
     The neighbour list is built with a cutoff of r_max + ``skin`` and reused, filtered to r_max at each call,
     while no atom has moved by ``skin / 2`` or more since it was built and numbers, cell and pbc are unchanged
-    (any change of the cell, as in NPT, rebuilds it). The K samples run as :func:`predict_samples` describes:
-    shared trunk once, stochastic tail once per sample.
+    (any change of the cell, as in NPT, rebuilds it). The K samples run as
+    :class:`~mlip_uq.posterior.predict.SamplePass` describes: shared trunk once, stochastic tail once per sample,
+    pull-backs as the asked keys need (module docstring).
 
     Args:
         posterior_or_path: a :class:`~mlip_uq.posterior.Posterior` (moved to ``device``) or a posterior file.
@@ -130,6 +147,13 @@ class UQCalculator(Calculator):
                  self.posterior.n_samples, self.calibration)
         self.neighbor_list_builds = 0
         self._reference: Optional[dict] = None
+        self._pass: Optional[SamplePass] = None  # the model evaluation of the current positions
+        #: cotangents pulled back through the trunk by this calculator so far (K per per-sample evaluation)
+        self.pullbacks = 0
+
+    def reset(self):
+        Calculator.reset(self)
+        self._pass = None
 
     def _check(self, atoms: ase.Atoms, properties) -> bool:
         """Validate ``atoms`` before the model runs; returns whether the cell is periodic with a volume."""
@@ -179,12 +203,21 @@ class UQCalculator(Calculator):
         return AtomicDataDict.to_(collate([graph]), self.posterior.device)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        """Compute every result of the module docstring for ``atoms`` (stress only for periodic cells)."""
+        """Compute ``properties`` for ``atoms`` and what comes with them at no extra cost (module docstring).
+
+        Results already computed for the same atoms are kept; stress only for periodic cells.
+        """
+        if system_changes:
+            self.reset()
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
         periodic = self._check(atoms, properties)
-        pred = predict_samples(self.posterior, self._graph(atoms))
-        m = predictive_moments(pred).calibrated(self.posterior.calibration)
+        per_sample = bool(FORCE_UNCERTAINTY_PROPERTIES & set(properties))
+        if self._pass is None:
+            self._pass = SamplePass(self.posterior, self._graph(atoms))
+        before = self._pass.pullbacks
+        m = predictive_moments(self._pass.predictions(per_sample=per_sample)).calibrated(self.posterior.calibration)
+        self.pullbacks += self._pass.pullbacks - before
         results = {
             "energy": float(m.energy[0]),
             "free_energy": float(m.energy[0]),
@@ -192,23 +225,34 @@ class UQCalculator(Calculator):
             "forces": m.forces,
             "energy_std": float(m.energy_std[0]),
             "energies_std": m.energies_std,
-            "forces_std": m.forces_std,
-            "atom_force_std": m.atom_force_std,
             "energy_std_epistemic": float(m.energy_std_epistemic[0]),
-            "forces_std_epistemic": m.forces_std_epistemic,
-            "atom_force_std_epistemic": m.atom_force_std_epistemic,
         }
         if periodic:
-            results["stress"], results["stress_std"] = m.stress[0], m.stress_std[0]
+            results["stress"] = m.stress[0]
         if self.return_samples:
-            results["energy_samples"], results["forces_samples"] = m.energy_samples[:, 0], m.forces_samples
-        self.results = results
+            results["energy_samples"] = m.energy_samples[:, 0]
+        if per_sample:
+            results.update(forces_std=m.forces_std, atom_force_std=m.atom_force_std,
+                           forces_std_epistemic=m.forces_std_epistemic,
+                           atom_force_std_epistemic=m.atom_force_std_epistemic)
+            if periodic:
+                results["stress_std"] = m.stress_std[0]
+            if self.return_samples:
+                results["forces_samples"] = m.forces_samples
+        for key, value in results.items():  # what was computed before for these atoms stays as it was
+            self.results.setdefault(key, value)
 
 
-def uq_to_atoms(atoms: ase.Atoms) -> ase.Atoms:
+def uq_to_atoms(atoms: ase.Atoms, compute_missing: bool = True) -> ase.Atoms:
     """Copy the uncertainty results of ``atoms.calc`` (a :class:`UQCalculator`, recalculated if stale) into
     ``atoms.info`` and ``atoms.arrays`` under the same keys, so that ``ase.io.write(..., format="extxyz")`` keeps
     them next to the means the calculator's results give (energy, forces, stress).
+
+    Args:
+        atoms: atoms with a :class:`UQCalculator` attached.
+        compute_missing: first compute every uncertainty key the calculator implements (one evaluation, with
+            per-sample forces); False copies only what the calculator has computed for these atoms (an MD step
+            between uncertainty checks has the energy stds only).
 
     Per structure (``info``): ``energy_std``, ``energy_std_epistemic``, ``stress_std``, ``energy_samples``;
     per atom (``arrays``): ``energies_std``, ``forces_std``, ``atom_force_std``, ``forces_std_epistemic``,
@@ -221,7 +265,9 @@ def uq_to_atoms(atoms: ase.Atoms) -> ase.Atoms:
     calc = atoms.calc
     if not isinstance(calc, UQCalculator):
         raise ValueError(f"uq_to_atoms needs atoms with a UQCalculator attached, got {type(calc).__name__}")
-    calc.get_property("energy", atoms)  # computes every result if atoms changed since the last call
+    calc.get_property("energy", atoms)  # recomputes the means if atoms changed since the last call
+    if compute_missing:
+        calc.get_property("atom_force_std", atoms)  # with it every other force-uncertainty key
     for key in _INFO_KEYS:
         if key in calc.results:
             atoms.info[key] = calc.results[key]
