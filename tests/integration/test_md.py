@@ -43,7 +43,7 @@ def bare(atoms):
 
 def tiny_posterior(k=2):
     config = ModelConfig(type_names=["O", "Ti"], r_max=3.5, num_layers=1, num_features=4, radial_mlp_width=8,
-                         avg_num_neighbors=15.0)
+                         avg_num_neighbors=15.0, dtype="float64")
     return Posterior.from_state_dicts(
         config, [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in range(k)])
 
@@ -110,6 +110,42 @@ def test_on_uncertain_is_called_whenever_the_rule_fires(frames):
     assert not never.stopped and never.steps_done == 5 and len(calls) == 4
 
 
+def first_above(trace, threshold, every):
+    """The first step, among multiples of ``every``, whose max atom force std is above ``threshold`` (or None)."""
+    return next((s for s in sorted(trace) if s % every == 0 and trace[s] > threshold), None)
+
+
+def test_checking_every_10_steps_stops_at_the_check_the_every_step_run_would(frames):
+    k, steps = 3, 60
+    reference = run_md(bare(frames[0]), UQCalculator(tiny_posterior(k)), steps=steps, temperature_K=2000.0, seed=3,
+                       progress=False)
+    trace = {r["step"]: r["max_atom_force_std"] for r in reference.records}
+    # a threshold that the every-step run crosses between two checks, before the first check above it
+    threshold = next(t for t in sorted(trace.values())
+                     if (first_above(trace, t, 10) or 0) > first_above(trace, t, 1) and first_above(trace, t, 10))
+    expected, earlier = first_above(trace, threshold, 10), first_above(trace, threshold, 1)
+    rule = ForceStdRule(threshold)
+    every_step = run_md(bare(frames[0]), UQCalculator(tiny_posterior(k)), steps=steps, temperature_K=2000.0, seed=3,
+                        stop_rule=rule, progress=False)
+    assert every_step.stopped and every_step.steps_done == earlier
+    calc = UQCalculator(tiny_posterior(k))
+    checked = run_md(bare(frames[0]), calc, steps=steps, temperature_K=2000.0, seed=3, stop_rule=rule, uq_every=10,
+                     progress=False)
+    assert checked.stopped and checked.steps_done == expected > earlier
+    assert checked.checks == expected // 10 + 1
+    # one pull-back per step for the mean forces, K - 1 more at each check
+    assert calc.pullbacks == (expected + 1) + (k - 1) * checked.checks
+    for r in checked.records:
+        ref = reference.records[r["step"]]
+        assert r["energy"] == ref["energy"] and r["max_atom_energy_std"] == ref["max_atom_energy_std"] > 0
+        if r["step"] % 10:
+            assert np.isnan(r["max_atom_force_std"]) and np.isnan(r["mean_atom_force_std"])
+        else:
+            assert r["max_atom_force_std"] == pytest.approx(ref["max_atom_force_std"], rel=1e-12)
+    with pytest.raises(ValueError, match="uq_every"):
+        run_md(bare(frames[0]), calc, steps=1, uq_every=0)
+
+
 def test_relative_rule_divides_by_the_force_magnitude():
     rule = ForceStdRule(threshold=0.5, relative=True, eps=0.1)
     std = np.array([0.1, 0.3])
@@ -163,4 +199,9 @@ def test_md_command(frames, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "1 steps; stopped: stop rule fired at step 1" in printed
+    rc = main(["md", str(tmp_path / "p.h5"), str(tmp_path / "start.xyz"), "--steps", "4", "--max-force-std", "1e-9",
+               "--consecutive", "2", "--uq-every", "3", "--out", str(tmp_path / "run3"), "--ensemble", "nve"])
+    assert rc == 0 and "3 steps; stopped: stop rule fired at step 3" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "run3" / "md_log.csv")))
+    assert [np.isnan(float(r["max_atom_force_std"])) for r in rows] == [False, True, True, False]
     assert (tmp_path / "run" / "uncertainty.png").is_file() and (tmp_path / "run" / "md_log.csv").is_file()
