@@ -74,6 +74,12 @@ REPEATS = {96: (2, 1, 2), 768: (4, 2, 4)}  # of the 24-atom base cell
 MOVE = 1e-3  # Å, displacement of every atom before each call
 PATHS = ("nequip_one", "nequip_loop", "full_step", "full_std", "partial_step", "partial_std", "partial_samples_loop",
          "partial_samples_batched")
+GPU_COMMAND = (
+    "**GPU**: none was available for this run. The GPU figures of issue 13 (the same paths, a full K = 8 posterior "
+    "against one model, and the batched against the single pull-backs on a GPU) are measured by\n"
+    "`python scripts/bench_calculator.py --device cuda --ks 8 --atoms 96 768 --rounds 5`, which writes its own "
+    "section of this page; `tests/unit/test_gpu.py` and the CUDA test of `tests/unit/test_calculator.py` check "
+    "the CUDA path against the CPU (skipped without CUDA).")
 MEMORY_PATHS = ("nequip_one", "full_step", "partial_step", "partial_std")
 
 
@@ -397,6 +403,28 @@ the K models), so the peak is not seen; the number is not the call's need.
 Targets of issue 13, from these numbers:
 
 {reading(rows, args.uq_every, args.device)}
+
+**What each step computes.** `UQCalculator` computes what ASE asks (`mlip_uq/calculator.py`): an ASE dynamics
+step asks only for `forces`, which for a shared-trunk posterior is the trunk once, the K tails, and one
+pull-back of the weighted mean energy (forces and stress of the mean); `energy_std` and `energies_std` come from
+the K tail energies at no extra pull-back. Per-sample forces (`forces_std`, `atom_force_std`, their epistemic
+parts, `stress_std`, `forces_samples`) need one pull-back through the trunk per sample, because each sample's
+forces are a different vector-Jacobian product through it; asked after the step at the same positions they cost
+K - 1 more (the last sample's gradient follows from the mean's and the others'), so a step with `atom_force_std`
+costs what the all-at-once evaluation did before. For a full posterior the trunk is only the parameter-free edge
+encoding, so every sample pays its own forward and backward pass whatever is asked.
+
+**Which signal each rule reads** (`mlip_uq/md.py`): `run_md(..., uq_every=n)` / `mlip-uq md --uq-every n`
+logs the energy std and the largest and mean per-atom energy std (`energies_std`) at every step, and computes
+`atom_force_std` at steps 0, n, 2n, ... only; the stop rule (`--max-force-std`, `ForceStdRule`) and the
+active-learning trigger read the latest such check (`consecutive` counts checks). The trajectory does not depend
+on n, so the run stops at the first multiple of n at which the every-step run's rule would fire (tested).
+
+**Per-device choice of the per-sample pull-back**: K single pull-backs on the retained trunk graph on a CPU
+(the batched product measured slower above and needs K times the memory), one batched product
+(`is_grads_batched`) on CUDA{' (measured in this section)' if gpu else ' (not yet measured on a GPU)'}.
+
+{'' if gpu else GPU_COMMAND}
 """
     print(section)
     update_section(args.out, title, section.removeprefix(title))
