@@ -71,6 +71,8 @@ FORCE_UNCERTAINTY_PROPERTIES = frozenset({
     "forces_std", "atom_force_std", "forces_std_epistemic", "atom_force_std_epistemic", "stress_std",
     "forces_samples",
 })
+#: smallest distance between two atoms (or an atom and a periodic image) the calculator accepts (Å)
+MIN_DISTANCE = 0.1
 # results that uq_to_atoms copies into atoms.info (per structure) and atoms.arrays (per atom)
 _INFO_KEYS = ("energy_std", "energy_std_epistemic", "stress_std", "energy_samples")
 _ARRAY_KEYS = ("energies_std", "forces_std", "atom_force_std", "forces_std_epistemic", "atom_force_std_epistemic")
@@ -112,7 +114,8 @@ class UQCalculator(Calculator):
 
     Raises:
         ValueError (from :meth:`calculate`): an element the model does not know (named), NaN/inf positions or
-        cell (before the model runs), or ``stress``/``stress_std`` asked for a structure without a periodic cell.
+        cell, two atoms closer than :data:`MIN_DISTANCE` (named; all before the model runs), or
+        ``stress``/``stress_std`` asked for a structure without a periodic cell.
     """
 
     implemented_properties = ASE_PROPERTIES + UNCERTAINTY_PROPERTIES
@@ -193,7 +196,13 @@ class UQCalculator(Calculator):
         pos = torch.as_tensor(atoms.positions, dtype=torch.float64)
         edges, shifts = graph[AtomicDataDict.EDGE_INDEX_KEY], graph[AtomicDataDict.EDGE_CELL_SHIFT_KEY]
         vectors = pos[edges[1]] - pos[edges[0]] + shifts @ graph[AtomicDataDict.CELL_KEY].view(3, 3)
-        keep = vectors.square().sum(-1) < self.posterior.config.r_max**2
+        squared = vectors.square().sum(-1)
+        close = torch.nonzero(squared < MIN_DISTANCE**2).view(-1)
+        if close.numel():
+            pairs = [(int(edges[0, e]), int(edges[1, e]), float(squared[e].sqrt())) for e in close[:10]]
+            raise ValueError(f"atoms closer than {MIN_DISTANCE} Å (the model's forces are not defined there): "
+                             + ", ".join(f"{i} and {j} at {d:.3g} Å" for i, j, d in pairs))
+        keep = squared < self.posterior.config.r_max**2
         graph.update({
             AtomicDataDict.POSITIONS_KEY: pos,
             AtomicDataDict.EDGE_INDEX_KEY: edges[:, keep],
@@ -257,7 +266,8 @@ def uq_to_atoms(atoms: ase.Atoms, compute_missing: bool = True) -> ase.Atoms:
     Per structure (``info``): ``energy_std``, ``energy_std_epistemic``, ``stress_std``, ``energy_samples``;
     per atom (``arrays``): ``energies_std``, ``forces_std``, ``atom_force_std``, ``forces_std_epistemic``,
     ``atom_force_std_epistemic``, and ``forces_samples`` as (N, 3K) (sample k's force on atom i in columns
-    3k..3k+2; extxyz stores only per-atom rows), each where the calculator has it.
+    3k..3k+2; extxyz stores only per-atom rows), each where the calculator has it; these keys copied earlier
+    and not computed for the present atoms are removed.
 
     Returns:
         ``atoms`` itself.
@@ -268,9 +278,12 @@ def uq_to_atoms(atoms: ase.Atoms, compute_missing: bool = True) -> ase.Atoms:
     calc.get_property("energy", atoms)  # recomputes the means if atoms changed since the last call
     if compute_missing:
         calc.get_property("atom_force_std", atoms)  # with it every other force-uncertainty key
-    for key in _INFO_KEYS:
+    for key in _INFO_KEYS:  # an earlier copy that the calculator has not computed for these atoms goes
+        atoms.info.pop(key, None)
         if key in calc.results:
             atoms.info[key] = calc.results[key]
+    for key in (*_ARRAY_KEYS, "forces_samples"):
+        atoms.arrays.pop(key, None)
     for key in _ARRAY_KEYS:
         if key in calc.results:
             atoms.arrays[key] = np.asarray(calc.results[key])

@@ -63,7 +63,14 @@ def _md(args) -> int:
     from .calculator import UQCalculator
     from .md import ForceStdRule, run_md
 
-    atoms = ase.io.read(args.structure, args.index)
+    try:
+        atoms = ase.io.read(args.structure, args.index)
+    except IndexError:
+        n_frames = len(ase.io.read(args.structure, ":"))
+        raise ValueError(f"--index {args.index}: {args.structure} has {n_frames} frame(s) "
+                         f"(valid indices {-n_frames} to {n_frames - 1})") from None
+    if isinstance(atoms, list):
+        raise ValueError(f"--index {args.index} names {len(atoms)} frames of {args.structure}; MD needs one")
     rule = None
     if args.max_force_std is not None:
         rule = ForceStdRule(args.max_force_std, relative=args.relative, consecutive=args.consecutive)
@@ -166,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uq-every", type=int, default=1, help="compute the per-atom force std and test "
                    "--max-force-std every this many steps (the per-atom energy std is logged at every step)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="md_out", help="output folder (default md_out)")
+    p.add_argument("--out", default="md_out", help="output folder (default md_out); an unfinished run leaves the "
+                   "files of an earlier run there as they were and its own in *.partial files")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["float32", "float64"], help="model precision (default: the posterior's)")
     p.set_defaults(func=_md)

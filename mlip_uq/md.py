@@ -21,10 +21,13 @@ step between checks costs one model pull-back (the mean forces); a check costs K
 run stops. Because the trajectory does not depend on ``uq_every`` (the dynamics read the same mean forces), a
 run with ``uq_every = n`` stops at the first multiple of n at which the every-step run's rule would fire.
 
-With ``out_dir`` the run leaves ``trajectory.extxyz`` (positions, means and per-atom uncertainties, via
-:func:`~mlip_uq.calculator.uq_to_atoms`, plus ``step`` and ``time_fs`` in each frame's info), ``md_log.csv``
-(one row per logged step, the record keys as columns) and ``uncertainty.png`` (the uncertainty trace against
-time).
+With ``out_dir`` the run leaves ``trajectory.extxyz`` (positions, means and the per-atom uncertainties computed
+at that step, via :func:`~mlip_uq.calculator.uq_to_atoms`, plus ``step`` and ``time_fs`` in each frame's info),
+``md_log.csv`` (one row per logged step, the record keys as columns) and ``uncertainty.png`` (the uncertainty
+trace against time). Trajectory and log are written to ``trajectory.extxyz.partial`` and ``md_log.csv.partial``,
+each frame and row flushed as it is written, and renamed into place when the run ends (finished or stopped by the
+rule): a run that fails or is killed leaves the files of an earlier run in ``out_dir`` as they were, and its own
+frames and rows, up to the last one written, in the ``.partial`` files.
 """
 
 from __future__ import annotations
@@ -215,6 +218,8 @@ def run_md(
         raise ValueError(f"steps must be a non-negative integer, got {steps}")
     if not timestep_fs > 0 or int(log_every) < 1:
         raise ValueError(f"need timestep_fs > 0 and log_every >= 1, got {timestep_fs} and {log_every}")
+    if not temperature_K >= 0:
+        raise ValueError(f"temperature_K must be >= 0 K, got {temperature_K}")
     if int(uq_every) != uq_every or uq_every < 1:
         raise ValueError(f"uq_every must be a positive integer (steps), got {uq_every}")
     uq_every = int(uq_every)
@@ -233,10 +238,14 @@ def run_md(
         result.trajectory_path, result.log_path = out_dir / "trajectory.extxyz", out_dir / "md_log.csv"
     streak, start, report_every = 0, time.perf_counter(), max(1, steps // 20)
     latest_check = (float("nan"), 0)  # (max atom_force_std, step) of the latest uncertainty check
+    partial = {}
     with ExitStack() as files:
         if out_dir is not None:
-            trajectory = files.enter_context(open(result.trajectory_path, "w"))
-            table = csv.DictWriter(files.enter_context(open(result.log_path, "w", newline="")), RECORD_KEYS)
+            partial = {path: path.with_name(path.name + ".partial") for path in (result.trajectory_path,
+                                                                                  result.log_path)}
+            trajectory = files.enter_context(open(partial[result.trajectory_path], "w"))
+            log_file = files.enter_context(open(partial[result.log_path], "w", newline=""))
+            table = csv.DictWriter(log_file, RECORD_KEYS)
             table.writeheader()
         for _ in dyn.irun(steps):
             step = dyn.nsteps
@@ -253,11 +262,12 @@ def run_md(
             if step % int(log_every) == 0 or step == steps or fires:
                 result.records.append(record)
                 if out_dir is not None:
-                    table.writerow(record)
                     uq_to_atoms(atoms, compute_missing=False)
                     atoms.info.update(step=step, time_fs=record["time_fs"])
                     ase.io.write(trajectory, atoms, format="extxyz")
                     trajectory.flush()
+                    table.writerow(record)  # after its frame: every row of the log has its frame
+                    log_file.flush()
             if progress and (step % report_every == 0 or step == steps):
                 rate = step / max(time.perf_counter() - start, 1e-9)
                 log.info("md step %d/%d (%.0f%%), %.2f steps/s, T %.0f K, energy std %.4g eV, max atom force std "
@@ -273,6 +283,8 @@ def run_md(
                         reason += ": on_uncertain asked to stop"
                     result.stopped, result.stop_reason = True, reason
                     break
+    for path, written in partial.items():  # the run ended normally: its files replace an earlier run's
+        written.replace(path)
     if out_dir is not None and result.records:
         threshold = getattr(stop_rule, "threshold", None) if not getattr(stop_rule, "relative", False) else None
         result.plot_path = uncertainty_trace_plot(result.records, out_dir / "uncertainty.png", threshold=threshold,

@@ -6,6 +6,12 @@ initialisations, 2 samples each) on 40 structures of the bundled subset, trained
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -205,3 +211,68 @@ def test_md_command(frames, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "run3" / "md_log.csv")))
     assert [np.isnan(float(r["max_atom_force_std"])) for r in rows] == [False, True, True, False]
     assert (tmp_path / "run" / "uncertainty.png").is_file() and (tmp_path / "run" / "md_log.csv").is_file()
+
+
+def test_a_killed_md_command_keeps_the_earlier_run_and_its_own_rows(frames, tmp_path):
+    tiny_posterior().save(tmp_path / "p.h5")
+    ase.io.write(tmp_path / "start.xyz", bare(frames[0]))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mlip_uq.cli", "md", str(tmp_path / "p.h5"), str(tmp_path / "start.xyz"),
+               "--out", str(out), "--ensemble", "nve", "--uq-every", "2"]
+    assert main(command[3:] + ["--steps", "3"]) == 0  # an earlier, complete run
+    earlier = {name: (out / name).read_bytes() for name in ("md_log.csv", "trajectory.extxyz")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command + ["--steps", "100000"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial_log = out / "md_log.csv.partial"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial_log.is_file() and len(partial_log.read_text().splitlines()) > 6:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the MD run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    for name, content in earlier.items():  # the earlier run's files are as they were
+        assert (out / name).read_bytes() == content, name
+    rows = list(csv.DictReader(open(partial_log)))
+    assert len(rows) >= 6
+    # every row written has its frame, complete, before it (a frame is flushed before its row)
+    traj = ase.io.read(out / "trajectory.extxyz.partial", f":{len(rows)}")
+    assert len(traj) == len(rows)
+    for i, (row, frame) in enumerate(zip(rows, traj)):
+        assert int(row["step"]) == frame.info["step"] == i
+        assert float(row["energy"]) == pytest.approx(frame.get_potential_energy(), abs=1e-7)
+        checked = i % 2 == 0
+        assert np.isnan(float(row["max_atom_force_std"])) != checked
+        assert ("atom_force_std" in frame.arrays) == checked  # no stale copy from the last check
+        if checked:
+            assert float(row["max_atom_force_std"]) == pytest.approx(frame.arrays["atom_force_std"].max(), rel=1e-6)
+
+
+def test_md_command_errors_name_the_problem(frames, tmp_path, capsys):
+    tiny_posterior().save(tmp_path / "p.h5")
+    ase.io.write(tmp_path / "two.extxyz", [bare(frames[0]), bare(frames[1])])
+    base = ["md", str(tmp_path / "p.h5"), str(tmp_path / "two.extxyz"), "--steps", "2", "--out", str(tmp_path / "o")]
+    assert main(base + ["--index", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--index 5" in err and "has 2 frame(s)" in err and "Traceback" not in err
+    assert main(base + ["--temperature", "-10"]) == 2
+    err = capsys.readouterr().err
+    assert "temperature_K must be >= 0 K, got -10.0" in err
+    assert not (tmp_path / "o" / "md_log.csv").exists()
+
+
+def test_coincident_atoms_are_named_before_the_model_runs(frames):
+    atoms = bare(frames[0])
+    atoms.positions[5] = atoms.positions[2] + [0.03, 0.0, 0.0]
+    atoms.calc = UQCalculator(tiny_posterior())
+    with pytest.raises(ValueError, match=r"atoms closer than 0.1 Å .*: (2 and 5|5 and 2) at 0.03 Å"):
+        atoms.get_forces()
+    with pytest.raises(ValueError, match="closer than"):
+        run_md(atoms, atoms.calc, steps=1, progress=False)
