@@ -65,7 +65,7 @@ def _md(args) -> int:
 
     try:
         atoms = ase.io.read(args.structure, args.index)
-    except IndexError:
+    except (IndexError, StopIteration):  # ASE's readers raise either for a frame past the end
         n_frames = len(ase.io.read(args.structure, ":"))
         raise ValueError(f"--index {args.index}: {args.structure} has {n_frames} frame(s) "
                          f"(valid indices {-n_frames} to {n_frames - 1})") from None

@@ -236,10 +236,14 @@ def run_md(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         result.trajectory_path, result.log_path = out_dir / "trajectory.extxyz", out_dir / "md_log.csv"
+    keep_graph = getattr(calculator, "keep_trunk_graph", None)
     streak, start, report_every = 0, time.perf_counter(), max(1, steps // 20)
     latest_check = (float("nan"), 0)  # (max atom_force_std, step) of the latest uncertainty check
     partial = {}
     with ExitStack() as files:
+        if keep_graph is not None:  # keep the trunk's graph only for the steps that check the force uncertainty
+            files.callback(setattr, calculator, "keep_trunk_graph", keep_graph)
+            calculator.keep_trunk_graph = True  # step 0 is a check
         if out_dir is not None:
             partial = {path: path.with_name(path.name + ".partial") for path in (result.trajectory_path,
                                                                                   result.log_path)}
@@ -250,6 +254,8 @@ def run_md(
         for _ in dyn.irun(steps):
             step = dyn.nsteps
             check = step % uq_every == 0
+            if keep_graph is not None:
+                calculator.keep_trunk_graph = (step + 1) % uq_every == 0  # for the next step's forces
             record = _record(step, atoms, timestep_fs, check)
             result.checks += check
             if check:

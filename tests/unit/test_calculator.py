@@ -133,6 +133,13 @@ def test_a_forces_only_step_pulls_back_once(tio2):
     atoms.positions[0] += 0.01
     atoms.get_forces()
     assert calc.pullbacks == k + 1 and "atom_force_std" not in calc.results
+    # without the kept trunk graph a later force-uncertainty key re-evaluates the model: same numbers, K pull-backs
+    freed = atoms.copy()
+    freed.calc = UQCalculator(partial_posterior(k=k), keep_trunk_graph=False)
+    np.testing.assert_array_equal(freed.get_forces(), atoms.get_forces())
+    np.testing.assert_allclose(freed.calc.get_property("atom_force_std", freed),
+                               calc.get_property("atom_force_std", atoms), rtol=1e-10)
+    assert freed.calc.pullbacks == 1 + k and calc.pullbacks == 2 * k
 
 
 def test_forces_and_stress_match_finite_differences(tio2):
