@@ -71,14 +71,21 @@ def _md(args) -> int:
     from .calculator import UQCalculator
     from .md import ForceStdRule, run_md
 
-    atoms = ase.io.read(args.structure, args.index)
+    try:
+        atoms = ase.io.read(args.structure, args.index)
+    except (IndexError, StopIteration):  # ASE's readers raise either for a frame past the end
+        n_frames = len(ase.io.read(args.structure, ":"))
+        raise ValueError(f"--index {args.index}: {args.structure} has {n_frames} frame(s) "
+                         f"(valid indices {-n_frames} to {n_frames - 1})") from None
+    if isinstance(atoms, list):
+        raise ValueError(f"--index {args.index} names {len(atoms)} frames of {args.structure}; MD needs one")
     rule = None
     if args.max_force_std is not None:
         rule = ForceStdRule(args.max_force_std, relative=args.relative, consecutive=args.consecutive)
     calc = UQCalculator(args.posterior, device=args.device, dtype=args.dtype)
     result = run_md(atoms, calc, steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
                     ensemble=args.ensemble, out_dir=args.out, stop_rule=rule, log_every=args.log_every,
-                    friction=args.friction, seed=args.seed, pressure_GPa=args.pressure)
+                    friction=args.friction, seed=args.seed, pressure_GPa=args.pressure, uq_every=args.uq_every)
     print(f"{result.steps_done} steps" + (f"; stopped: {result.stop_reason}" if result.stopped else ""))
     print(f"trajectory: {result.trajectory_path}\nlog:        {result.log_path}\nplot:       {result.plot_path}")
     return 0
@@ -166,12 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction (1/fs)")
     p.add_argument("--pressure", type=float, default=0.0, help="npt pressure (GPa)")
     p.add_argument("--max-force-std", type=float, help="stop when the largest per-atom force std exceeds this "
-                   "(eV/Å; with --relative a fraction of |F_i| + 0.1 eV/Å)")
+                   "(eV/Å; with --relative a fraction of |F_i| + 0.1 eV/Å), tested every --uq-every steps")
     p.add_argument("--relative", action="store_true", help="threshold relative to each atom's force magnitude")
-    p.add_argument("--consecutive", type=int, default=1, help="steps in a row above the threshold before stopping")
+    p.add_argument("--consecutive", type=int, default=1, help="uncertainty checks in a row above the threshold "
+                   "before stopping")
     p.add_argument("--log-every", type=int, default=1, help="record/log/write a frame every this many steps")
+    p.add_argument("--uq-every", type=int, default=1, help="compute the per-atom force std and test "
+                   "--max-force-std every this many steps (the per-atom energy std is logged at every step)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="md_out", help="output folder (default md_out)")
+    p.add_argument("--out", default="md_out", help="output folder (default md_out); an unfinished run leaves the "
+                   "files of an earlier run there as they were and its own in *.partial files")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["float32", "float64"], help="model precision (default: the posterior's)")
     p.set_defaults(func=_md)

@@ -1,20 +1,33 @@
-"""Uncertainty-aware molecular dynamics: ASE dynamics driven by a :class:`~mlip_uq.UQCalculator`, watched at
-every step.
+"""Uncertainty-aware molecular dynamics: ASE dynamics driven by a :class:`~mlip_uq.UQCalculator`, its
+uncertainty checked every ``uq_every`` steps.
 
 :func:`run_md` runs one of ASE's integrators (``nve``: Velocity Verlet; ``langevin``: Langevin; ``npt``: ASE's
-isotropic Martyna–Tobias–Klein barostat with Nose–Hoover chains) and records at each step the predictive mean
-potential energy, the temperature, the total-energy std and the largest and mean per-atom force std
-(``atom_force_std``, the calculator's key: sqrt of the sum of an atom's three force-component variances, eV/Å).
-A stop rule (:class:`ForceStdRule`, or any object with the same ``check`` method) is tested at every step
-including the starting structure (step 0). It *fires* at a step when its ``check`` has been true for
-``consecutive`` steps in a row, up to and including that one (and at every later step while it stays true).
-When it fires, ``on_uncertain(step, atoms, record)`` is called if given (the run stops if it returns True) and
-otherwise the run stops.
+isotropic Martyna–Tobias–Klein barostat with Nose–Hoover chains). Which signal is read when:
 
-With ``out_dir`` the run leaves ``trajectory.extxyz`` (positions, means and per-atom uncertainties, via
-:func:`~mlip_uq.calculator.uq_to_atoms`, plus ``step`` and ``time_fs`` in each frame's info), ``md_log.csv``
-(one row per logged step, the record keys as columns) and ``uncertainty.png`` (the uncertainty trace against
-time).
+- **every step** (cheap: the calculator's K tail passes, no per-sample pull-back): the predictive mean potential
+  energy, the temperature, the total-energy std ``energy_std`` and the largest and mean per-atom energy std
+  (``energies_std``, eV), recorded as ``energy_std``, ``max_atom_energy_std``, ``mean_atom_energy_std``;
+- **every ``uq_every`` steps** (an *uncertainty check*, at steps 0, uq_every, 2 uq_every, ...; K pull-backs):
+  the per-atom force std (``atom_force_std``, the calculator's key: sqrt of the sum of an atom's three
+  force-component variances, eV/Å), recorded as ``max_atom_force_std`` and ``mean_atom_force_std`` (NaN in the
+  records of the steps between checks). The stop rule (:class:`ForceStdRule`, or any object with the same
+  ``check`` method) reads it, so it is tested at the checks only, and the active-learning trigger (the rule
+  passed by :mod:`mlip_uq.active`) likewise reads the latest check.
+
+The rule *fires* at a check when its ``check`` has been true for ``consecutive`` checks in a row, up to and
+including that one (and at every later check while it stays true); with ``uq_every = 1`` checks are steps. An MD
+step between checks costs one model pull-back (the mean forces); a check costs K - 1 more. When the rule fires,
+``on_uncertain(step, atoms, record)`` is called if given (the run stops if it returns True) and otherwise the
+run stops. Because the trajectory does not depend on ``uq_every`` (the dynamics read the same mean forces), a
+run with ``uq_every = n`` stops at the first multiple of n at which the every-step run's rule would fire.
+
+With ``out_dir`` the run leaves ``trajectory.extxyz`` (positions, means and the per-atom uncertainties computed
+at that step, via :func:`~mlip_uq.calculator.uq_to_atoms`, plus ``step`` and ``time_fs`` in each frame's info),
+``md_log.csv`` (one row per logged step, the record keys as columns) and ``uncertainty.png`` (the uncertainty
+trace against time). Trajectory and log are written to ``trajectory.extxyz.partial`` and ``md_log.csv.partial``,
+each frame and row flushed as it is written, and renamed into place when the run ends (finished or stopped by the
+rule): a run that fails or is killed leaves the files of an earlier run in ``out_dir`` as they were, and its own
+frames and rows, up to the last one written, in the ``.partial`` files.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ log = logging.getLogger(__name__)
 ENSEMBLES = ("nve", "langevin", "npt")
 #: keys of every per-step record (and columns of md_log.csv)
 RECORD_KEYS = ("step", "time_fs", "energy", "kinetic_energy", "temperature_K", "energy_std",
-               "max_atom_force_std", "mean_atom_force_std")
+               "max_atom_energy_std", "mean_atom_energy_std", "max_atom_force_std", "mean_atom_force_std")
 
 
 @dataclass
@@ -55,7 +68,8 @@ class ForceStdRule:
         threshold: in eV/Å, or dimensionless with ``relative``.
         relative: compare max_i std_i / (|F_i| + eps) instead of max_i std_i, where std_i is atom i's
             ``atom_force_std`` (eV/Å) and |F_i| the norm of its predicted mean force (eV/Å).
-        consecutive: the rule fires only after ``check`` is true at this many consecutive MD steps.
+        consecutive: the rule fires only after ``check`` is true at this many consecutive uncertainty checks
+            (MD steps with ``uq_every = 1``).
         eps: force floor of the relative test (eV/Å), so that an atom near equilibrium (|F_i| ≈ 0) is judged by
             std_i / eps instead of a ratio that diverges; default 0.1 eV/Å.
     """
@@ -93,7 +107,7 @@ class ForceStdRule:
     def describe(self) -> str:
         quantity = f"max_i atom_force_std_i / (|F_i| + {self.eps:g} eV/Å)" if self.relative else "max atom_force_std"
         unit = "" if self.relative else " eV/Å"
-        return f"{quantity} > {self.threshold:g}{unit} for {self.consecutive} consecutive step(s)"
+        return f"{quantity} > {self.threshold:g}{unit} for {self.consecutive} consecutive check(s)"
 
 
 @dataclass
@@ -104,7 +118,9 @@ class MDResult:
         steps_done: MD steps integrated (the last record's step).
         stopped: whether the run ended before ``steps`` (stop rule or ``on_uncertain``).
         stop_reason: why it stopped, or None.
-        records: one dict per logged step with the keys :data:`RECORD_KEYS` (units: fs, eV, K, eV/Å).
+        records: one dict per logged step with the keys :data:`RECORD_KEYS` (units: fs, eV, K, eV/Å; the force
+            stds are NaN at steps without an uncertainty check).
+        checks: uncertainty checks made (steps at which ``atom_force_std`` was computed).
         trajectory_path, log_path, plot_path: the files written (None without ``out_dir``).
     """
 
@@ -112,6 +128,7 @@ class MDResult:
     stopped: bool
     stop_reason: Optional[str]
     records: List[Dict] = field(default_factory=list)
+    checks: int = 0
     trajectory_path: Optional[Path] = None
     log_path: Optional[Path] = None
     plot_path: Optional[Path] = None
@@ -132,18 +149,22 @@ def _dynamics(atoms: ase.Atoms, ensemble: str, timestep_fs: float, temperature_K
                            tdamp=100 * dt, pdamp=1000 * dt)
 
 
-def _record(step: int, atoms: ase.Atoms, timestep_fs: float) -> Dict:
-    results = atoms.calc.results
-    std = results["atom_force_std"]
+def _record(step: int, atoms: ase.Atoms, timestep_fs: float, check: bool) -> Dict:
+    """The step's record; ``check`` computes the force uncertainty (per-sample forces) for it."""
+    calc = atoms.calc
+    energies_std = calc.get_property("energies_std", atoms)
+    force_std = calc.get_property("atom_force_std", atoms) if check else np.full(1, np.nan)
     return {
         "step": step,
         "time_fs": step * timestep_fs,
-        "energy": float(results["energy"]),
+        "energy": float(calc.get_property("energy", atoms)),
         "kinetic_energy": float(atoms.get_kinetic_energy()),
         "temperature_K": float(atoms.get_temperature()),
-        "energy_std": float(results["energy_std"]),
-        "max_atom_force_std": float(np.max(std)),
-        "mean_atom_force_std": float(np.mean(std)),
+        "energy_std": float(calc.get_property("energy_std", atoms)),
+        "max_atom_energy_std": float(np.max(energies_std)),
+        "mean_atom_energy_std": float(np.mean(energies_std)),
+        "max_atom_force_std": float(np.max(force_std)),
+        "mean_atom_force_std": float(np.mean(force_std)),
     }
 
 
@@ -162,6 +183,7 @@ def run_md(
     seed: int = 0,
     progress: bool = True,
     pressure_GPa: float = 0.0,
+    uq_every: int = 1,
 ) -> MDResult:
     """Run uncertainty-aware MD on ``atoms`` (module docstring); ``atoms`` is moved along in place.
 
@@ -175,14 +197,17 @@ def run_md(
         ensemble: ``"nve"``, ``"langevin"`` or ``"npt"``.
         out_dir: folder for trajectory, log and plot; None writes nothing.
         stop_rule: a :class:`ForceStdRule`, or any object with ``check(atom_force_std, forces) -> bool`` (and
-            optionally ``consecutive``), tested at every step.
-        on_uncertain: ``f(step, atoms, record) -> bool`` called whenever the rule fires; True stops the run.
+            optionally ``consecutive``), tested at every uncertainty check.
+        on_uncertain: ``f(step, atoms, record) -> bool`` called whenever the rule fires (at a check, so
+            ``atoms.calc.results`` holds ``atom_force_std``); True stops the run.
         log_every: record, log and write a trajectory frame every this many steps (and at the last step and
             every step where the rule fires).
         friction: Langevin friction (1/fs).
         seed: seed of the initial velocities and the Langevin noise.
         progress: log progress about 20 times over the run.
         pressure_GPa: external pressure of ``npt`` (GPa).
+        uq_every: check the force uncertainty (and test the stop rule) every this many steps, from step 0
+            (module docstring); 1 checks every step.
 
     Returns:
         An :class:`MDResult`.
@@ -193,6 +218,11 @@ def run_md(
         raise ValueError(f"steps must be a non-negative integer, got {steps}")
     if not timestep_fs > 0 or int(log_every) < 1:
         raise ValueError(f"need timestep_fs > 0 and log_every >= 1, got {timestep_fs} and {log_every}")
+    if not temperature_K >= 0:
+        raise ValueError(f"temperature_K must be >= 0 K, got {temperature_K}")
+    if int(uq_every) != uq_every or uq_every < 1:
+        raise ValueError(f"uq_every must be a positive integer (steps), got {uq_every}")
+    uq_every = int(uq_every)
     steps = int(steps)
     atoms.calc = calculator
     rng = np.random.default_rng(seed)
@@ -206,33 +236,49 @@ def run_md(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         result.trajectory_path, result.log_path = out_dir / "trajectory.extxyz", out_dir / "md_log.csv"
+    keep_graph = getattr(calculator, "keep_trunk_graph", None)
     streak, start, report_every = 0, time.perf_counter(), max(1, steps // 20)
+    latest_check = (float("nan"), 0)  # (max atom_force_std, step) of the latest uncertainty check
+    partial = {}
     with ExitStack() as files:
+        if keep_graph is not None:  # keep the trunk's graph only for the steps that check the force uncertainty
+            files.callback(setattr, calculator, "keep_trunk_graph", keep_graph)
+            calculator.keep_trunk_graph = True  # step 0 is a check
         if out_dir is not None:
-            trajectory = files.enter_context(open(result.trajectory_path, "w"))
-            table = csv.DictWriter(files.enter_context(open(result.log_path, "w", newline="")), RECORD_KEYS)
+            partial = {path: path.with_name(path.name + ".partial") for path in (result.trajectory_path,
+                                                                                  result.log_path)}
+            trajectory = files.enter_context(open(partial[result.trajectory_path], "w"))
+            log_file = files.enter_context(open(partial[result.log_path], "w", newline=""))
+            table = csv.DictWriter(log_file, RECORD_KEYS)
             table.writeheader()
         for _ in dyn.irun(steps):
             step = dyn.nsteps
-            record = _record(step, atoms, timestep_fs)
+            check = step % uq_every == 0
+            if keep_graph is not None:
+                calculator.keep_trunk_graph = (step + 1) % uq_every == 0  # for the next step's forces
+            record = _record(step, atoms, timestep_fs, check)
+            result.checks += check
+            if check:
+                latest_check = (record["max_atom_force_std"], step)
             fires = False
-            if stop_rule is not None:
+            if stop_rule is not None and check:
                 results = atoms.calc.results
                 streak = streak + 1 if stop_rule.check(results["atom_force_std"], results["forces"]) else 0
                 fires = streak >= needed
             if step % int(log_every) == 0 or step == steps or fires:
                 result.records.append(record)
                 if out_dir is not None:
-                    table.writerow(record)
-                    uq_to_atoms(atoms)
+                    uq_to_atoms(atoms, compute_missing=False)
                     atoms.info.update(step=step, time_fs=record["time_fs"])
                     ase.io.write(trajectory, atoms, format="extxyz")
                     trajectory.flush()
+                    table.writerow(record)  # after its frame: every row of the log has its frame
+                    log_file.flush()
             if progress and (step % report_every == 0 or step == steps):
                 rate = step / max(time.perf_counter() - start, 1e-9)
                 log.info("md step %d/%d (%.0f%%), %.2f steps/s, T %.0f K, energy std %.4g eV, max atom force std "
-                         "%.4g eV/Å", step, steps, 100 * step / max(steps, 1), rate, record["temperature_K"],
-                         record["energy_std"], record["max_atom_force_std"])
+                         "%.4g eV/Å (check at step %d)", step, steps, 100 * step / max(steps, 1), rate,
+                         record["temperature_K"], record["energy_std"], *latest_check)
             result.steps_done = step
             if fires:
                 describe = stop_rule.describe() if hasattr(stop_rule, "describe") else type(stop_rule).__name__
@@ -243,6 +289,8 @@ def run_md(
                         reason += ": on_uncertain asked to stop"
                     result.stopped, result.stop_reason = True, reason
                     break
+    for path, written in partial.items():  # the run ended normally: its files replace an earlier run's
+        written.replace(path)
     if out_dir is not None and result.records:
         threshold = getattr(stop_rule, "threshold", None) if not getattr(stop_rule, "relative", False) else None
         result.plot_path = uncertainty_trace_plot(result.records, out_dir / "uncertainty.png", threshold=threshold,
@@ -255,20 +303,28 @@ def run_md(
 
 def uncertainty_trace_plot(records: List[Dict], path, threshold: Optional[float] = None,
                            n_atoms: Optional[int] = None) -> Path:
-    """PNG of the uncertainty trace against time: max and mean per-atom force std (eV/Å, with the stop
-    threshold when given), energy std (meV/atom with ``n_atoms``, else meV) and temperature (K)."""
+    """PNG of the uncertainty trace against time: max and mean per-atom force std at the uncertainty checks
+    (eV/Å, with the stop threshold when given), energy std (meV/atom with ``n_atoms``, else meV) and the largest
+    per-atom energy std (meV) at every recorded step, and temperature (K)."""
     t = np.array([r["time_fs"] for r in records]) / 1000.0
+    checked = [i for i, r in enumerate(records) if np.isfinite(r["max_atom_force_std"])]
     fig = _new_figure(7.0, 6.5)
     ax_f, ax_e, ax_t = fig.subplots(3, 1, sharex=True)
-    ax_f.plot(t, [r["max_atom_force_std"] for r in records], label="max over atoms", color="C3")
-    ax_f.plot(t, [r["mean_atom_force_std"] for r in records], label="mean over atoms", color="C0")
+    style = dict(marker="." if len(checked) < len(records) else None)
+    ax_f.plot(t[checked], [records[i]["max_atom_force_std"] for i in checked], label="max over atoms", color="C3",
+              **style)
+    ax_f.plot(t[checked], [records[i]["mean_atom_force_std"] for i in checked], label="mean over atoms", color="C0",
+              **style)
     if threshold is not None:
         ax_f.axhline(threshold, color="k", linestyle="--", linewidth=1, label=f"stop threshold {threshold:g}")
     ax_f.set_ylabel("atom force std (eV/Å)")
     ax_f.legend(loc="best", fontsize=8)
     scale = 1000.0 / (n_atoms or 1)
-    ax_e.plot(t, [scale * r["energy_std"] for r in records], color="C2")
-    ax_e.set_ylabel("energy std (meV/atom)" if n_atoms else "energy std (meV)")
+    ax_e.plot(t, [scale * r["energy_std"] for r in records], color="C2",
+              label="total energy std" + (" / atoms" if n_atoms else ""))
+    ax_e.plot(t, [1000.0 * r["max_atom_energy_std"] for r in records], color="C4", label="max per-atom energy std")
+    ax_e.set_ylabel("meV/atom" if n_atoms else "meV")
+    ax_e.legend(loc="best", fontsize=8)
     ax_t.plot(t, [r["temperature_K"] for r in records], color="C1")
     ax_t.set_ylabel("temperature (K)")
     ax_t.set_xlabel("time (ps)")

@@ -18,12 +18,15 @@ which reads only atom types.
 
 Forces and stress follow nequip's ``ForceStressOutput``: F = -∂E/∂r and σ = (1/V) ∂E/∂ε for a symmetric strain ε
 applied to positions and cell. Each sample's energy is differentiated through its own tail down to the trunk's
-outputs (its graph is freed at once); the K cotangents are then pulled back through the one trunk graph, either
-in one batched vector-Jacobian product (``torch.autograd.grad(..., is_grads_batched=True)``, the default on a
-GPU) or one at a time on the retained trunk graph (the default on a CPU, where batching measured no faster and
-needs K times the memory). Both give the same numbers (tested against each other and against a per-sample loop
-through the whole nequip model). A per-sample force needs its own pull-back through the trunk, so a partially
-Bayesian posterior saves the trunk's K-1 forward passes, not its backward passes.
+outputs (its graph is freed at once), giving one cotangent per sample; :class:`SamplePass` then pulls back
+through the one retained trunk graph what is asked: the weighted mean cotangent (one pull-back: the forces and
+stress of the weighted mean energy, all that an MD step needs) and/or each sample's cotangent (per-sample
+forces, for force uncertainties). Per-sample pull-backs run either as one batched vector-Jacobian product
+(``torch.autograd.grad(..., is_grads_batched=True)``, the default on a GPU, not yet measured there) or one at a
+time on the retained graph (the default on a CPU, where batching measured slower, 1.1-2x, and needs K times the
+memory). Both give the same numbers (tested against each other and against a per-sample loop through the whole
+nequip model). A per-sample force needs its own pull-back through the trunk, so a partially Bayesian posterior
+saves the trunk's K-1 forward passes, not its backward passes, where per-sample forces are asked.
 
 The K tails run in a Python loop: ``torch.func.vmap`` over stacked sample tensors fails on nequip's modules,
 whose ``scatter`` adds in place into an unbatched ``torch.zeros`` tensor, which vmap rejects.
@@ -71,26 +74,30 @@ class SamplePredictions:
         weights: (K,) sample weights summing to one.
         energy: (K, F) total energy (eV).
         atomic_energy: (K, N) per-atom energy contributions (eV).
-        forces: (K, N, 3) forces (eV/Å).
-        stress: (K, F, 3, 3) stress (eV/Å³), or None for non-periodic frames.
+        forces: (K, N, 3) forces (eV/Å), or None where only their weighted mean was computed (``mean_forces``).
+        stress: (K, F, 3, 3) stress (eV/Å³), or None for non-periodic frames or where only the mean was computed.
         forces_noise_var: (K, N) noise-head variance of each force component (eV/Å)², or None.
         frame: (N,) index of each atom's frame.
+        mean_forces: (N, 3) forces of the weighted mean energy (eV/Å), where ``forces`` is None.
+        mean_stress: (F, 3, 3) stress of the weighted mean energy (eV/Å³), where ``stress`` is None (periodic).
     """
 
     weights: torch.Tensor
     energy: torch.Tensor
     atomic_energy: torch.Tensor
-    forces: torch.Tensor
+    forces: Optional[torch.Tensor]
     stress: Optional[torch.Tensor]
     forces_noise_var: Optional[torch.Tensor]
     frame: torch.Tensor
+    mean_forces: Optional[torch.Tensor] = None
+    mean_stress: Optional[torch.Tensor] = None
 
     def _weighted_sum(self, x: torch.Tensor) -> torch.Tensor:
         return (self.weights.to(x).view(-1, *([1] * (x.dim() - 1))) * x).sum(0)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """Weighted mean over the sample axis (computed about sample 0: exactly x[0] when all samples agree)."""
-        return x[0] + self._weighted_sum(x - x[0])
+        return _mean_about_first(self.weights, x)
 
     def epistemic_var(self, x: torch.Tensor) -> torch.Tensor:
         """Weighted variance over the sample axis (exactly zero for one sample or identical samples)."""
@@ -160,6 +167,178 @@ def split_model(posterior: Posterior) -> ModelSplit:
     return split
 
 
+def _mean_about_first(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over the leading sample axis, about sample 0 (exactly x[0] when all samples agree)."""
+    w = weights.to(x).view(-1, *([1] * (x.dim() - 1)))
+    return x[0] + (w * (x - x[0])).sum(0)
+
+
+class SamplePass:
+    """One evaluation of a posterior's K samples on one batch: the trunk once, each sample's tail once with its
+    cotangent on the trunk's outputs; forces and stress are then pulled back through the trunk on demand.
+
+    ``mean_gradients`` pulls the weighted mean cotangent back once (the gradient of the weighted mean energy:
+    mean forces and stress); ``sample_gradients`` pulls back each sample's cotangent (per-sample forces and
+    stress), K - 1 of them when the mean was pulled back already (the remaining sample's gradient is the mean's
+    minus the others', divided by its weight). Each is computed at most once per pass, and the trunk's graph is
+    kept until the per-sample gradients are done (unless ``mean_gradients(keep_graph=False)`` frees it), so a pass
+    asked first for the mean and later for the samples runs the model once and pulls back K cotangents in all.
+
+    Args:
+        posterior: the posterior, on the device of ``batch``.
+        batch: graphs batched by :func:`mlip_uq.data.collate` (with ``batch`` and ``num_atoms`` fields).
+
+    Attributes:
+        pullbacks: cotangents pulled back through the trunk so far (a batched pull-back of K counts K).
+    """
+
+    def __init__(self, posterior: Posterior, batch: AtomicDataDict.Type):
+        model = posterior.model()
+        split = split_model(posterior)
+        self.posterior = posterior
+        data = {k: batch[k] for k in model.model_input_fields if k in batch}
+        pos = batch[AtomicDataDict.POSITIONS_KEY].detach()
+        self.frame = batch[AtomicDataDict.BATCH_KEY]
+        n_frames = AtomicDataDict.num_frames(batch)
+        self.volume = None
+        if AtomicDataDict.CELL_KEY in batch and bool(batch[AtomicDataDict.PBC_KEY].any()):
+            self.volume = torch.linalg.det(batch[AtomicDataDict.CELL_KEY].view(-1, 3, 3)).abs().view(-1, 1, 1)
+        k_samples = posterior.n_samples
+        params = [{n[len(_PREFIX):]: t[k] for n, t in posterior.samples.items()} for k in range(k_samples)]
+        with torch.enable_grad():
+            pos.requires_grad_(True)
+            strain = torch.zeros((n_frames, 3, 3), dtype=pos.dtype, device=pos.device, requires_grad=True)
+            symmetric = 0.5 * (strain + strain.transpose(-1, -2))
+            data[AtomicDataDict.POSITIONS_KEY] = pos + torch.bmm(pos.unsqueeze(-2), symmetric[self.frame]).squeeze(-2)
+            if AtomicDataDict.CELL_KEY in data:
+                cell = data[AtomicDataDict.CELL_KEY].view(-1, 3, 3).expand(n_frames, 3, 3)
+                data[AtomicDataDict.CELL_KEY] = cell + torch.bmm(cell, symmetric)
+            modules = model.model.func._modules
+            for name in split.trunk:
+                data = modules[name](data)
+            # the trunk's differentiable outputs enter every tail as fresh leaves, so a tail's backward stops there
+            leaves = {k: v.detach().requires_grad_(True) for k, v in data.items()
+                      if torch.is_tensor(v) and v.requires_grad}
+            keys = list(leaves)
+            energy, atomic, noise, cotangents = [], [], [], []
+            for k in range(k_samples):
+                out = torch.func.functional_call(split.tail, params[k], (dict(data, **leaves),), strict=False)
+                e = out[AtomicDataDict.TOTAL_ENERGY_KEY]
+                cotangents.append(torch.autograd.grad(e.sum(), [leaves[key] for key in keys], allow_unused=True))
+                energy.append(e.detach().view(-1))
+                atomic.append(out[AtomicDataDict.PER_ATOM_ENERGY_KEY].detach().view(-1))
+                if PER_ATOM_LOG_SIGMA_KEY in out:
+                    noise.append(torch.exp(2.0 * out[PER_ATOM_LOG_SIGMA_KEY].detach().view(-1)))
+            del out, e
+        self.energy, self.atomic_energy = torch.stack(energy), torch.stack(atomic)
+        self.forces_noise_var = torch.stack(noise) if noise else None
+        # trunk outputs some tail reads, with a zero cotangent for the samples whose tail does not
+        used = [i for i in range(len(keys)) if any(c[i] is not None for c in cotangents)]
+        self._outputs = [data[keys[i]] for i in used]
+        self._cotangents = [[torch.zeros_like(self._outputs[j]) if c[i] is None else c[i] for j, i in enumerate(used)]
+                            for c in cotangents]
+        self._inputs = [pos, strain]
+        self._mean: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._samples: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.pullbacks = 0
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.posterior.weights
+
+    def _pull(self, cotangents: List[List[torch.Tensor]], batched: bool, keep_graph: bool):
+        """(K', N, 3) position and (K', F, 3, 3) strain gradients of ``cotangents`` (one list per sample)."""
+        pos, strain = self._inputs
+        zeros = (torch.zeros((len(cotangents), *pos.shape), dtype=pos.dtype, device=pos.device),
+                 torch.zeros((len(cotangents), *strain.shape), dtype=pos.dtype, device=pos.device))
+        if not self._outputs or not cotangents:  # the energy does not depend on the geometry (no edges)
+            return zeros
+        self.pullbacks += len(cotangents)
+        if batched:
+            stacked = [torch.stack([c[j] for c in cotangents]) for j in range(len(self._outputs))]
+            grads = list(torch.autograd.grad(self._outputs, self._inputs, stacked, is_grads_batched=True,
+                                             retain_graph=keep_graph, allow_unused=True))
+        else:
+            pulled = [torch.autograd.grad(self._outputs, self._inputs, c, allow_unused=True,
+                                          retain_graph=keep_graph or k < len(cotangents) - 1)
+                      for k, c in enumerate(cotangents)]
+            grads = [None if pulled[0][j] is None else torch.stack([p[j] for p in pulled]) for j in (0, 1)]
+        return tuple(z if g is None else g.detach() for g, z in zip(grads, zeros))
+
+    @property
+    def can_pull_back_samples(self) -> bool:
+        """Whether the per-sample gradients are computed or can still be (the trunk's graph is kept)."""
+        return self._samples is not None or self._cotangents is not None
+
+    def mean_gradients(self, keep_graph: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3) position and (F, 3, 3) strain gradients of the weighted mean energy (one pull-back).
+
+        Args:
+            keep_graph: keep the trunk's graph for :meth:`sample_gradients`; False frees it with the pull-back
+                (less memory during the backward pass: measured faster on a CPU).
+        """
+        if self._mean is None:
+            if self._samples is not None:
+                self._mean = tuple(_mean_about_first(self.weights, g) for g in self._samples)
+            else:
+                mean = [_mean_about_first(self.weights, torch.stack([c[j] for c in self._cotangents]))
+                        for j in range(len(self._outputs))]
+                self._mean = tuple(g[0] for g in self._pull([mean], batched=False, keep_graph=keep_graph))
+                if not keep_graph:
+                    self._outputs = self._cotangents = None
+        return self._mean
+
+    def sample_gradients(self, batched: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(K, N, 3) position and (K, F, 3, 3) strain gradients of each sample's energy.
+
+        Args:
+            batched: pull the cotangents back in one batched product (``is_grads_batched``) instead of one at a
+                time; default True on CUDA, False on CPU. Same results either way.
+        """
+        if self._samples is None:
+            if not self.can_pull_back_samples:
+                raise RuntimeError("the trunk's graph was freed after the mean pull-back (keep_graph=False)")
+            if batched is None:
+                batched = self.posterior.device.type == "cuda"
+            k_samples = len(self._cotangents)
+            derived = int(torch.argmax(self.weights)) if self._mean is not None and k_samples > 1 else None
+            pulled = [k for k in range(k_samples) if k != derived]
+            grads = self._pull([self._cotangents[k] for k in pulled], batched, keep_graph=False)
+            if derived is None:
+                self._samples = grads
+            else:
+                # sum_k w_k (g_k - mean) = 0 gives the derived sample's g (exactly the mean when all samples agree)
+                samples = []
+                for mean, g in zip(self._mean, grads):
+                    w = self.weights.to(g).view(-1, *([1] * (g.dim() - 1)))
+                    g_derived = mean - (w[pulled] * (g - mean)).sum(0) / w[derived]
+                    samples.append(torch.cat([g[:derived], g_derived.unsqueeze(0), g[derived:]]))
+                self._samples = tuple(samples)
+            self._outputs = self._cotangents = None  # the trunk's graph is no longer needed
+        return self._samples
+
+    def _stress(self, virial: torch.Tensor) -> torch.Tensor:
+        # frames without a volume get NaN stress, as in nequip's ForceStressOutput
+        volume = self.volume
+        return torch.where(volume > 0, virial / torch.where(volume > 0, volume, 1.0), float("nan"))
+
+    def predictions(self, per_sample: bool, batched: Optional[bool] = None,
+                    keep_graph: bool = True) -> "SamplePredictions":
+        """The pass's predictions: per-sample forces and stress (``per_sample``; ``batched`` as in
+        :meth:`sample_gradients`) or only their weighted means (``keep_graph`` as in :meth:`mean_gradients`)."""
+        if per_sample:
+            g_pos, g_strain = self.sample_gradients(batched)
+            mean_forces = mean_stress = None
+            forces, stress = -g_pos, None if self.volume is None else self._stress(g_strain)
+        else:
+            g_pos, g_strain = self.mean_gradients(keep_graph)
+            forces = stress = None
+            mean_forces, mean_stress = -g_pos, None if self.volume is None else self._stress(g_strain)
+        return SamplePredictions(weights=self.weights, energy=self.energy, atomic_energy=self.atomic_energy,
+                                 forces=forces, stress=stress, forces_noise_var=self.forces_noise_var,
+                                 frame=self.frame, mean_forces=mean_forces, mean_stress=mean_stress)
+
+
 def predict_samples(
     posterior: Posterior, batch: AtomicDataDict.Type, batched: Optional[bool] = None
 ) -> SamplePredictions:
@@ -174,73 +353,7 @@ def predict_samples(
     Returns:
         The K samples' energies, per-atom energies, forces, stress (periodic frames) and noise variances.
     """
-    model = posterior.model()
-    split = split_model(posterior)
-    if batched is None:
-        batched = posterior.device.type == "cuda"
-    data = {k: batch[k] for k in model.model_input_fields if k in batch}
-    pos = batch[AtomicDataDict.POSITIONS_KEY].detach()
-    frame = batch[AtomicDataDict.BATCH_KEY]
-    n_frames = AtomicDataDict.num_frames(batch)
-    has_cell = AtomicDataDict.CELL_KEY in batch and bool(batch[AtomicDataDict.PBC_KEY].any())
-    k_samples = posterior.n_samples
-    params = [{n[len(_PREFIX):]: t[k] for n, t in posterior.samples.items()} for k in range(k_samples)]
-    with torch.enable_grad():
-        pos.requires_grad_(True)
-        strain = torch.zeros((n_frames, 3, 3), dtype=pos.dtype, device=pos.device, requires_grad=True)
-        symmetric = 0.5 * (strain + strain.transpose(-1, -2))
-        data[AtomicDataDict.POSITIONS_KEY] = pos + torch.bmm(pos.unsqueeze(-2), symmetric[frame]).squeeze(-2)
-        if AtomicDataDict.CELL_KEY in data:
-            cell = data[AtomicDataDict.CELL_KEY].view(-1, 3, 3).expand(n_frames, 3, 3)
-            data[AtomicDataDict.CELL_KEY] = cell + torch.bmm(cell, symmetric)
-        modules = model.model.func._modules
-        for name in split.trunk:
-            data = modules[name](data)
-        # the trunk's differentiable outputs enter every tail as fresh leaves, so a tail's backward stops there
-        leaves = {k: v.detach().requires_grad_(True) for k, v in data.items() if torch.is_tensor(v) and v.requires_grad}
-        keys = list(leaves)
-        energy, atomic, noise, cotangents = [], [], [], []
-        for k in range(k_samples):
-            out = torch.func.functional_call(split.tail, params[k], (dict(data, **leaves),), strict=False)
-            e = out[AtomicDataDict.TOTAL_ENERGY_KEY]
-            grads = torch.autograd.grad(e.sum(), [leaves[key] for key in keys], allow_unused=True)
-            cotangents.append(grads)
-            energy.append(e.detach().view(-1))
-            atomic.append(out[AtomicDataDict.PER_ATOM_ENERGY_KEY].detach().view(-1))
-            if PER_ATOM_LOG_SIGMA_KEY in out:
-                noise.append(torch.exp(2.0 * out[PER_ATOM_LOG_SIGMA_KEY].detach().view(-1)))
-        del out, e, grads
-        # trunk outputs some tail reads, with a zero cotangent for the samples whose tail does not
-        used = [i for i in range(len(keys)) if any(c[i] is not None for c in cotangents)]
-        outputs = [data[keys[i]] for i in used]
-        cotangents = [[torch.zeros_like(outputs[j]) if c[i] is None else c[i] for j, i in enumerate(used)]
-                      for c in cotangents]
-        g_pos = g_strain = None  # stay None where the energy does not depend on the geometry (no edges)
-        if used and batched:
-            stacked = [torch.stack([c[j] for c in cotangents]) for j in range(len(used))]
-            g_pos, g_strain = torch.autograd.grad(outputs, [pos, strain], stacked, is_grads_batched=True,
-                                                  allow_unused=True)
-        elif used:
-            pulled = [torch.autograd.grad(outputs, [pos, strain], c, retain_graph=k < k_samples - 1, allow_unused=True)
-                      for k, c in enumerate(cotangents)]
-            g_pos, g_strain = (None if pulled[0][j] is None else torch.stack([p[j] for p in pulled]) for j in (0, 1))
-    forces = torch.zeros((k_samples, *pos.shape), dtype=pos.dtype, device=pos.device) if g_pos is None else -g_pos
-    stress = None
-    if has_cell:
-        volume = torch.linalg.det(batch[AtomicDataDict.CELL_KEY].view(-1, 3, 3)).abs().view(1, -1, 1, 1)
-        virial = torch.zeros((k_samples, n_frames, 3, 3), dtype=pos.dtype, device=pos.device) \
-            if g_strain is None else g_strain
-        # frames without a volume get NaN stress, as in nequip's ForceStressOutput
-        stress = torch.where(volume > 0, virial / torch.where(volume > 0, volume, 1.0), float("nan"))
-    return SamplePredictions(
-        weights=posterior.weights,
-        energy=torch.stack(energy),
-        atomic_energy=torch.stack(atomic),
-        forces=forces.detach(),
-        stress=None if stress is None else stress.detach(),
-        forces_noise_var=torch.stack(noise) if noise else None,
-        frame=frame,
-    )
+    return SamplePass(posterior, batch).predictions(per_sample=True, batched=batched)
 
 
 @dataclass
@@ -262,6 +375,9 @@ class Moments:
             for non-periodic frames.
         energy_samples: (K, F) per-sample energies (eV); forces_samples: (K, N, 3) per-sample forces (eV/Å).
         calibration: the recalibration applied (``{}``: none).
+
+    ``forces_std``, ``forces_std_epistemic``, ``stress_std`` and ``forces_samples`` are None when the predictions
+    hold only the mean forces (:meth:`SamplePass.predictions` with ``per_sample=False``).
     """
 
     frame: np.ndarray
@@ -272,23 +388,23 @@ class Moments:
     energies: np.ndarray
     energies_std: np.ndarray
     forces: np.ndarray
-    forces_std: np.ndarray
-    forces_std_epistemic: np.ndarray
+    forces_std: Optional[np.ndarray]
+    forces_std_epistemic: Optional[np.ndarray]
     stress: Optional[np.ndarray]
     stress_std: Optional[np.ndarray]
     energy_samples: np.ndarray
-    forces_samples: np.ndarray
+    forces_samples: Optional[np.ndarray]
     calibration: Dict
 
     @property
-    def atom_force_std(self) -> np.ndarray:
+    def atom_force_std(self) -> Optional[np.ndarray]:
         """(N,) per-atom force uncertainty: sqrt of the sum of the three component variances (eV/Å)."""
-        return np.sqrt(np.sum(self.forces_std**2, axis=-1))
+        return None if self.forces_std is None else np.sqrt(np.sum(self.forces_std**2, axis=-1))
 
     @property
-    def atom_force_std_epistemic(self) -> np.ndarray:
+    def atom_force_std_epistemic(self) -> Optional[np.ndarray]:
         """(N,) epistemic part of :attr:`atom_force_std` (eV/Å)."""
-        return np.sqrt(np.sum(self.forces_std_epistemic**2, axis=-1))
+        return None if self.forces_std_epistemic is None else np.sqrt(np.sum(self.forces_std_epistemic**2, axis=-1))
 
     def calibrated(self, calibration: Mapping) -> "Moments":
         """These moments with ``calibration`` applied (energies per atom, forces per component)."""
@@ -296,15 +412,17 @@ class Moments:
             raise ValueError("these moments are already calibrated")
         check_calibration(calibration)
         r_e = std_ratio(calibration, "energy", self.energy_std / self.n_atoms)
-        r_f = std_ratio(calibration, "forces", self.forces_std)
+        forces = {}
+        if self.forces_std is not None:
+            r_f = std_ratio(calibration, "forces", self.forces_std)
+            forces = dict(forces_std=self.forces_std * r_f, forces_std_epistemic=self.forces_std_epistemic * r_f)
         return replace(
             self,
             energy_std=self.energy_std * r_e,
             energy_std_epistemic=self.energy_std_epistemic * r_e,
             energies_std=self.energies_std * r_e[self.frame],
-            forces_std=self.forces_std * r_f,
-            forces_std_epistemic=self.forces_std_epistemic * r_f,
             calibration=dict(calibration),
+            **forces,
         )
 
 
@@ -316,15 +434,24 @@ def predictive_moments(pred: SamplePredictions) -> Moments:
     def numpy(x: torch.Tensor) -> np.ndarray:
         return x.cpu().numpy()
 
-    forces_var_epistemic = p.epistemic_var(p.forces)
-    aleatoric = p.forces_aleatoric_var()
-    forces_var = forces_var_epistemic if aleatoric is None else forces_var_epistemic + aleatoric
+    def voigt(stress: torch.Tensor) -> torch.Tensor:
+        sym = 0.5 * (stress + stress.transpose(-1, -2))
+        return sym[..., _VOIGT[0], _VOIGT[1]]
+
     energy_std = p.epistemic_var(p.energy).sqrt()
-    stress = stress_std = None
-    if p.stress is not None:
-        sym = 0.5 * (p.stress + p.stress.transpose(-1, -2))
-        voigt = sym[..., _VOIGT[0], _VOIGT[1]]
-        stress, stress_std = numpy(p.mean(voigt)), numpy(p.epistemic_var(voigt).sqrt())
+    stress = stress_std = forces_std = forces_std_epistemic = forces_samples = None
+    if p.forces is None:  # only the mean was pulled back
+        forces = numpy(p.mean_forces)
+        if p.mean_stress is not None:
+            stress = numpy(voigt(p.mean_stress))
+    else:
+        forces, forces_samples = numpy(p.mean(p.forces)), numpy(p.forces)
+        forces_var_epistemic = p.epistemic_var(p.forces)
+        aleatoric = p.forces_aleatoric_var()
+        forces_var = forces_var_epistemic if aleatoric is None else forces_var_epistemic + aleatoric
+        forces_std, forces_std_epistemic = numpy(forces_var.sqrt()), numpy(forces_var_epistemic.sqrt())
+        if p.stress is not None:
+            stress, stress_std = numpy(p.mean(voigt(p.stress))), numpy(p.epistemic_var(voigt(p.stress)).sqrt())
     frame = numpy(p.frame)
     return Moments(
         frame=frame,
@@ -334,12 +461,12 @@ def predictive_moments(pred: SamplePredictions) -> Moments:
         energy_std_epistemic=numpy(energy_std),
         energies=numpy(p.mean(p.atomic_energy)),
         energies_std=numpy(p.epistemic_var(p.atomic_energy).sqrt()),
-        forces=numpy(p.mean(p.forces)),
-        forces_std=numpy(forces_var.sqrt()),
-        forces_std_epistemic=numpy(forces_var_epistemic.sqrt()),
+        forces=forces,
+        forces_std=forces_std,
+        forces_std_epistemic=forces_std_epistemic,
         stress=stress,
         stress_std=stress_std,
         energy_samples=numpy(p.energy),
-        forces_samples=numpy(p.forces),
+        forces_samples=forces_samples,
         calibration={},
     )

@@ -6,6 +6,12 @@ initialisations, 2 samples each) on 40 structures of the bundled subset, trained
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -43,7 +49,7 @@ def bare(atoms):
 
 def tiny_posterior(k=2):
     config = ModelConfig(type_names=["O", "Ti"], r_max=3.5, num_layers=1, num_features=4, radial_mlp_width=8,
-                         avg_num_neighbors=15.0)
+                         avg_num_neighbors=15.0, dtype="float64")
     return Posterior.from_state_dicts(
         config, [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in range(k)])
 
@@ -110,6 +116,43 @@ def test_on_uncertain_is_called_whenever_the_rule_fires(frames):
     assert not never.stopped and never.steps_done == 5 and len(calls) == 4
 
 
+def first_above(trace, threshold, every):
+    """The first step, among multiples of ``every``, whose max atom force std is above ``threshold`` (or None)."""
+    return next((s for s in sorted(trace) if s % every == 0 and trace[s] > threshold), None)
+
+
+def test_checking_every_10_steps_stops_at_the_check_the_every_step_run_would(frames):
+    k, steps = 3, 60
+    reference = run_md(bare(frames[0]), UQCalculator(tiny_posterior(k)), steps=steps, temperature_K=2000.0, seed=3,
+                       progress=False)
+    trace = {r["step"]: r["max_atom_force_std"] for r in reference.records}
+    # a threshold that the every-step run crosses between two checks, before the first check above it
+    threshold = next(t for t in sorted(trace.values())
+                     if (first_above(trace, t, 10) or 0) > first_above(trace, t, 1) and first_above(trace, t, 10))
+    expected, earlier = first_above(trace, threshold, 10), first_above(trace, threshold, 1)
+    rule = ForceStdRule(threshold)
+    every_step = run_md(bare(frames[0]), UQCalculator(tiny_posterior(k)), steps=steps, temperature_K=2000.0, seed=3,
+                        stop_rule=rule, progress=False)
+    assert every_step.stopped and every_step.steps_done == earlier
+    calc = UQCalculator(tiny_posterior(k))
+    checked = run_md(bare(frames[0]), calc, steps=steps, temperature_K=2000.0, seed=3, stop_rule=rule, uq_every=10,
+                     progress=False)
+    assert checked.stopped and checked.steps_done == expected > earlier
+    assert checked.checks == expected // 10 + 1
+    # one pull-back per step for the mean forces, K - 1 more at each check
+    assert calc.pullbacks == (expected + 1) + (k - 1) * checked.checks
+    assert calc.keep_trunk_graph  # run_md set it per step and gave it back as it found it
+    for r in checked.records:
+        ref = reference.records[r["step"]]
+        assert r["energy"] == ref["energy"] and r["max_atom_energy_std"] == ref["max_atom_energy_std"] > 0
+        if r["step"] % 10:
+            assert np.isnan(r["max_atom_force_std"]) and np.isnan(r["mean_atom_force_std"])
+        else:
+            assert r["max_atom_force_std"] == pytest.approx(ref["max_atom_force_std"], rel=1e-12)
+    with pytest.raises(ValueError, match="uq_every"):
+        run_md(bare(frames[0]), calc, steps=1, uq_every=0)
+
+
 def test_relative_rule_divides_by_the_force_magnitude():
     rule = ForceStdRule(threshold=0.5, relative=True, eps=0.1)
     std = np.array([0.1, 0.3])
@@ -163,4 +206,74 @@ def test_md_command(frames, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "1 steps; stopped: stop rule fired at step 1" in printed
+    rc = main(["md", str(tmp_path / "p.h5"), str(tmp_path / "start.xyz"), "--steps", "4", "--max-force-std", "1e-9",
+               "--consecutive", "2", "--uq-every", "3", "--out", str(tmp_path / "run3"), "--ensemble", "nve"])
+    assert rc == 0 and "3 steps; stopped: stop rule fired at step 3" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "run3" / "md_log.csv")))
+    assert [np.isnan(float(r["max_atom_force_std"])) for r in rows] == [False, True, True, False]
     assert (tmp_path / "run" / "uncertainty.png").is_file() and (tmp_path / "run" / "md_log.csv").is_file()
+
+
+def test_a_killed_md_command_keeps_the_earlier_run_and_its_own_rows(frames, tmp_path):
+    tiny_posterior().save(tmp_path / "p.h5")
+    ase.io.write(tmp_path / "start.xyz", bare(frames[0]))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mlip_uq.cli", "md", str(tmp_path / "p.h5"), str(tmp_path / "start.xyz"),
+               "--out", str(out), "--ensemble", "nve", "--uq-every", "2"]
+    assert main(command[3:] + ["--steps", "3"]) == 0  # an earlier, complete run
+    earlier = {name: (out / name).read_bytes() for name in ("md_log.csv", "trajectory.extxyz")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command + ["--steps", "100000"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial_log = out / "md_log.csv.partial"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial_log.is_file() and len(partial_log.read_text().splitlines()) > 6:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the MD run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    for name, content in earlier.items():  # the earlier run's files are as they were
+        assert (out / name).read_bytes() == content, name
+    rows = list(csv.DictReader(open(partial_log)))
+    assert len(rows) >= 6
+    # every row written has its frame, complete, before it (a frame is flushed before its row)
+    traj = ase.io.read(out / "trajectory.extxyz.partial", f":{len(rows)}", format="extxyz")
+    assert len(traj) == len(rows)
+    for i, (row, frame) in enumerate(zip(rows, traj)):
+        assert int(row["step"]) == frame.info["step"] == i
+        assert float(row["energy"]) == pytest.approx(frame.get_potential_energy(), abs=1e-7)
+        checked = i % 2 == 0
+        assert np.isnan(float(row["max_atom_force_std"])) != checked
+        assert ("atom_force_std" in frame.arrays) == checked  # no stale copy from the last check
+        if checked:
+            assert float(row["max_atom_force_std"]) == pytest.approx(frame.arrays["atom_force_std"].max(), rel=1e-6)
+
+
+def test_md_command_errors_name_the_problem(frames, tmp_path, capsys):
+    tiny_posterior().save(tmp_path / "p.h5")
+    ase.io.write(tmp_path / "two.extxyz", [bare(frames[0]), bare(frames[1])])
+    base = ["md", str(tmp_path / "p.h5"), str(tmp_path / "two.extxyz"), "--steps", "2", "--out", str(tmp_path / "o")]
+    assert main(base + ["--index", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--index 5" in err and "has 2 frame(s)" in err and "Traceback" not in err
+    assert main(base + ["--temperature", "-10"]) == 2
+    err = capsys.readouterr().err
+    assert "temperature_K must be >= 0 K, got -10.0" in err
+    assert not (tmp_path / "o" / "md_log.csv").exists()
+
+
+def test_coincident_atoms_are_named_before_the_model_runs(frames):
+    atoms = bare(frames[0])
+    atoms.positions[5] = atoms.positions[2] + [0.03, 0.0, 0.0]
+    atoms.calc = UQCalculator(tiny_posterior())
+    with pytest.raises(ValueError, match=r"atoms closer than 0.1 Å .*: (2 and 5|5 and 2) at 0.03 Å"):
+        atoms.get_forces()
+    with pytest.raises(ValueError, match="closer than"):
+        run_md(atoms, atoms.calc, steps=1, progress=False)

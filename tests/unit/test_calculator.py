@@ -11,11 +11,12 @@ from nequip.data import AtomicDataDict
 
 import mlip_uq.calculator as calculator_module
 from mlip_uq import UQCalculator, uq_to_atoms
+from mlip_uq.calculator import FORCE_UNCERTAINTY_PROPERTIES
 from mlip_uq.data import atoms_to_graph, collate
 from mlip_uq.inference.priors import select_stochastic
 from mlip_uq.model import ModelConfig, build_model
 from mlip_uq.posterior import Posterior
-from mlip_uq.posterior.predict import predict_samples, split_model
+from mlip_uq.posterior.predict import SamplePass, predict_samples, split_model
 
 # float64: the checks below compare against finite differences and other code paths at tight tolerances
 CONFIG = ModelConfig(type_names=["O", "Ti"], r_max=4.0, num_layers=2, num_features=8, radial_mlp_width=16,
@@ -79,6 +80,69 @@ def test_trunk_once_equals_the_per_sample_loop(tio2, kind, batched):
         assert split.tail_names[0] == "type_embed"
 
 
+@pytest.mark.parametrize("kind", ["partial", "full"])
+def test_property_driven_results_equal_the_all_at_once_results(tio2, kind):
+    config = ModelConfig.from_dict({**CONFIG.to_dict(), "noise_head": True})
+    post = partial_posterior(config=config) if kind == "partial" else full_posterior(config=config)
+    post = post.with_calibration({"energy": 1.3, "forces": 0.8})
+    stepwise, at_once = tio2.copy(), tio2.copy()
+    stepwise.calc = UQCalculator(post, return_samples=True)
+    at_once.calc = UQCalculator(post, return_samples=True)
+    keys = at_once.calc.implemented_properties
+    at_once.calc.calculate(at_once, keys)
+    assert set(at_once.calc.results) == set(keys)
+    assert at_once.calc.pullbacks == post.n_samples  # the mean forces come from the samples' forces
+    for key in ("forces", "energy_std", "stress", "atom_force_std", "forces_samples", "stress_std"):
+        stepwise.calc.get_property(key, stepwise)  # as ASE asks: one key at a time, the mean forces first
+    assert stepwise.calc.pullbacks == post.n_samples  # 1 for the mean, K - 1 more for the samples
+    for key in keys:
+        np.testing.assert_allclose(stepwise.calc.results[key], at_once.calc.results[key], rtol=1e-10, atol=1e-12,
+                                   err_msg=key)
+    assert np.ptp(at_once.calc.results["forces_samples"], axis=0).min() > 1e-6  # the samples really differ
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_per_sample_gradients_after_the_mean_equal_a_fresh_pass(tio2, batched):
+    post = partial_posterior(k=3)
+    graph = collate([atoms_to_graph(tio2, CONFIG.type_names, CONFIG.r_max, with_labels=False)])
+    fresh = predict_samples(post, graph, batched=batched)
+    evaluation = SamplePass(post, graph)
+    mean = evaluation.predictions(per_sample=False)
+    assert mean.forces is None and evaluation.pullbacks == 1
+    torch.testing.assert_close(mean.mean_forces, fresh.forces.mean(0), rtol=1e-10, atol=1e-12)
+    later = evaluation.predictions(per_sample=True, batched=batched)
+    assert evaluation.pullbacks == 3  # one sample's gradient follows from the mean and the other two
+    torch.testing.assert_close(later.forces, fresh.forces, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(later.stress, fresh.stress, rtol=1e-10, atol=1e-12)
+
+
+def test_a_forces_only_step_pulls_back_once(tio2):
+    k = 4
+    atoms = tio2.copy()
+    atoms.calc = calc = UQCalculator(partial_posterior(k=k))
+    atoms.get_forces()  # what every ASE dynamics step asks
+    assert calc.pullbacks == 1
+    assert not FORCE_UNCERTAINTY_PROPERTIES & set(calc.results)
+    assert {"energy", "forces", "stress", "energy_std", "energies_std"} <= set(calc.results)
+    for key in ("energy", "energy_std", "energies_std", "stress"):  # come with the same pass
+        calc.get_property(key, atoms)
+    assert calc.pullbacks == 1
+    calc.get_property("atom_force_std", atoms)
+    assert calc.pullbacks == k and {"forces_std", "stress_std"} <= set(calc.results)
+    calc.get_property("forces_std_epistemic", atoms)  # nothing twice for the same positions
+    assert calc.pullbacks == k
+    atoms.positions[0] += 0.01
+    atoms.get_forces()
+    assert calc.pullbacks == k + 1 and "atom_force_std" not in calc.results
+    # without the kept trunk graph a later force-uncertainty key re-evaluates the model: same numbers, K pull-backs
+    freed = atoms.copy()
+    freed.calc = UQCalculator(partial_posterior(k=k), keep_trunk_graph=False)
+    np.testing.assert_array_equal(freed.get_forces(), atoms.get_forces())
+    np.testing.assert_allclose(freed.calc.get_property("atom_force_std", freed),
+                               calc.get_property("atom_force_std", atoms), rtol=1e-10)
+    assert freed.calc.pullbacks == 1 + k and calc.pullbacks == 2 * k
+
+
 def test_forces_and_stress_match_finite_differences(tio2):
     atoms = tio2.copy()
     atoms.calc = UQCalculator(full_posterior((0, 1)))
@@ -128,7 +192,7 @@ def test_noise_head_adds_aleatoric_variance_to_forces_only(tio2):
     config = ModelConfig.from_dict({**CONFIG.to_dict(), "noise_head": True, "noise_sigma_init": 0.2})
     atoms = tio2.copy()
     atoms.calc = UQCalculator(full_posterior((0, 1), config=config))
-    atoms.get_forces()
+    atoms.calc.get_property("forces_std", atoms)
     r = atoms.calc.results
     aleatoric = r["forces_std"] ** 2 - r["forces_std_epistemic"] ** 2
     assert aleatoric.min() > 0.01  # σ ≈ 0.2 eV/Å per component at initialisation
@@ -156,7 +220,7 @@ def test_float32_model_agrees_with_float64(tio2):
     assert a32.calc.posterior.config.dtype == "float32" and post.config.dtype == "float64"
     assert a32.get_potential_energy() == pytest.approx(a64.get_potential_energy(), rel=1e-5)
     np.testing.assert_allclose(a32.get_forces(), a64.get_forces(), atol=1e-4)
-    np.testing.assert_allclose(a32.calc.get_property("atom_force_std", a32), a64.calc.results["atom_force_std"],
+    np.testing.assert_allclose(a32.calc.get_property("atom_force_std", a32), a64.calc.get_property("atom_force_std", a64),
                                rtol=1e-3, atol=1e-5)
 
 
@@ -217,8 +281,8 @@ def test_molecule_without_cell_has_no_stress():
 
 def test_bad_inputs_raise_before_the_model_runs(tio2, monkeypatch):
     calls = []
-    original = calculator_module.predict_samples
-    monkeypatch.setattr(calculator_module, "predict_samples", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = calculator_module.SamplePass
+    monkeypatch.setattr(calculator_module, "SamplePass", lambda *a, **k: calls.append(1) or original(*a, **k))
     calc = UQCalculator(full_posterior((0, 1)))
     atoms = tio2.copy()
     atoms.calc = calc
