@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import mlip_uq.inference.ensemble as ensemble
+import mlip_uq.inference.common as common
 from mlip_uq.data import atoms_to_graph, fit_energy_references, read_frames
 from mlip_uq.evaluate import predict_graphs
 from mlip_uq.inference.ensemble import EnsembleSettings, fit_ensemble
@@ -85,7 +85,7 @@ def test_bootstrap_resamples_the_training_set_per_member(data, tmp_path, monkeyp
         seen.append([next(i for i, g in enumerate(train) if g is h) for h in member_train])
         return model.state_dict()
 
-    monkeypatch.setattr(ensemble, "fit_map", fake_fit_map)
+    monkeypatch.setattr(common, "fit_map", fake_fit_map)
     fit_ensemble(config, train, val, EnsembleSettings(3, bootstrap=True, training=member_settings()), tmp_path / "a")
     fit_ensemble(config, train, val, EnsembleSettings(3, bootstrap=True, training=member_settings()), tmp_path / "b")
     first, again = seen[:3], seen[3:]
