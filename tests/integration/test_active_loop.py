@@ -12,6 +12,8 @@ from ase.build import molecule
 from ase.calculators.calculator import Calculator, all_changes
 from tblite.ase import TBLite
 
+from conftest import TINY_MODEL
+
 from mlip_uq.active import Oracle, oracle_from_config, run_active
 from mlip_uq.active import state as state_module
 from mlip_uq.active import update as update_module
@@ -38,7 +40,7 @@ def tiny_config(shared_data, **sections):
         "update": {"settle_steps": 4, "n_samples": 2},
         "train": {
             "method": "sgmcmc",
-            "model": {"r_max": 3.5, "num_layers": 1, "l_max": 1, "num_features": 4, "radial_mlp_width": 8},
+            "model": dict(TINY_MODEL),
             "sgmcmc": {"lr": 1e-3, "batch_size": 3, "burnin_steps": 20, "preheat_steps": 2, "n_samples": 2,
                        "thinning": 3, "checkpoint_every": 5, "noise": {"energy": 0.01, "forces": 0.1}},
         },

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_model_config
+
 import mlip_uq.inference.common as common
 from mlip_uq.data import atoms_to_graph, fit_energy_references, read_frames
 from mlip_uq.evaluate import predict_graphs
@@ -19,8 +21,7 @@ TYPES = ["O", "Ti"]
 def data(tio2_path):
     frames = read_frames(tio2_path)[:30]
     graphs = [atoms_to_graph(a, TYPES, 4.0) for a in frames]
-    config = ModelConfig(type_names=TYPES, r_max=4.0, num_layers=1, num_features=4, radial_mlp_width=8,
-                         energy_shifts=fit_energy_references(frames[:24], TYPES), seed=10)
+    config = tiny_model_config(TYPES, r_max=4.0, energy_shifts=fit_energy_references(frames[:24], TYPES), seed=10)
     return config, graphs[:24], graphs[24:]
 
 
