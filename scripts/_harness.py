@@ -1,5 +1,5 @@
 """Shared pieces of the benchmark scripts: the docs/benchmarks.md section writer, the benchmarked TiO2 system,
-timing rounds, the memory probe and the machine description.
+timing rounds in rotating order, the memory probe and the machine description.
 
 The scripts import it as ``_harness`` (they run from ``scripts/``, whose folder Python puts on ``sys.path``).
 """
@@ -10,9 +10,8 @@ import gc
 import os
 import platform
 import resource
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from mlip_uq.files import atomic_write
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILE = REPO / "data" / "tio2_aenet_subset_1000.extxyz"
 RATTLE_STDEV = 0.01  # Å, the displacement of the benchmark cells' atoms
+T = TypeVar("T")
 
 
 def update_section(path: Path, heading: str, body: str) -> None:
@@ -86,16 +86,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def timed_rounds(call: Callable[[], object], rounds: int, warmup: int = 1) -> List[float]:
-    """Wall times (s, ``time.perf_counter``) of ``rounds`` calls of ``call`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
+def rotating_rounds(paths: Sequence[str], call: Callable[[str], T], n_rounds: int) -> Iterator[Dict[str, T]]:
+    """``n_rounds`` timing rounds of ``call(path)`` for every path, the order rotating from round to round so
+    that no path always runs first; yields each round's results by path as soon as the round is done."""
+    for r in range(n_rounds):
+        order = list(paths[r % len(paths):]) + list(paths[: r % len(paths)])
+        yield {path: call(path) for path in order}
 
 
 def peak_rss_growth_mib(call: Callable[[], object]) -> float:

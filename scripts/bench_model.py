@@ -62,6 +62,7 @@ from _harness import (
     make_cell,
     model_config,
     peak_rss_growth_mib,
+    rotating_rounds,
     update_section,
 )
 
@@ -206,9 +207,7 @@ def time_size(runner: Runner, reps, variant: str, max_repeats: int) -> SizeResul
     times: Dict[str, Dict[str, List[float]]] = {p: {} for p in PATHS}
     ratios: Dict[str, List[float]] = {ref: [] for ref in REFERENCES}
     faults = []
-    for r in range(n_rounds):
-        order = PATHS[r % len(PATHS) :] + PATHS[: r % len(PATHS)]
-        this_round = {path: runner.call(path, atoms) for path in order}
+    for this_round in rotating_rounds(PATHS, lambda path: runner.call(path, atoms), n_rounds):
         for path, parts in this_round.items():
             for part, seconds in parts.items():
                 times[path].setdefault(part, []).append(seconds)
