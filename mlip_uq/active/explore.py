@@ -175,8 +175,8 @@ class Explorer:
         frames: the structures the explorer starts from (MD starts, pool candidates).
     """
 
-    kind = ""
-    frames: List[ase.Atoms] = []
+    kind: str
+    frames: List[ase.Atoms]
 
     def check_rule(self, rule) -> None:
         """Raise a :class:`~mlip_uq.config.ConfigError` for a rule this explorer cannot use."""
