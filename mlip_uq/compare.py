@@ -36,10 +36,11 @@ import torch
 from .config import ConfigError, apply_override, merge_sections, read_config_file
 from .data import FrameStore
 from .evaluate import Predictions, metrics_and_plots, predict_graphs, write_json
+from .files import atomic_write
 from .posterior import load_posterior
 from .train import train
 from .uq.calibration import fit_calibration
-from .uq.plots import _new_figure, _save
+from .uq.plots import new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ def compare(config_path, out_dir, budget: Optional[str] = None) -> Dict:
         rows.append(_run(study, regime, split, method, out / regime / split / method))
     results = {"budget": study["budget"], "calibration": study["calibration"], "runs": rows}
     write_json(results, out / "results.json")
-    (out / "results.md").write_text(results_markdown(rows))
+    with atomic_write(out / "results.md") as tmp:
+        tmp.write_text(results_markdown(rows))
     for regime, split in dict.fromkeys((r, s) for r, s, _ in runs):
         _plot_split(out, regime, split, list(study["methods"]))
     for regime in study["regimes"]:
@@ -222,7 +224,7 @@ def _plot_split(out: Path, regime: str, split: str, methods: List[str]) -> None:
             data[m] = np.load(path)
     if not data:
         return
-    fig = _new_figure(11, 4.5)
+    fig = new_figure(11, 4.5)
     ax_cal, ax_err = fig.subplots(1, 2)
     for m, d in data.items():
         expected, observed = coverage_curve(d["forces_error"], d["forces_std_calibrated"])
@@ -236,7 +238,7 @@ def _plot_split(out: Path, regime: str, split: str, methods: List[str]) -> None:
     lims = ax_err.get_xlim()
     ax_err.plot(lims, lims, "k--", lw=0.8)
     ax_err.set(xlabel="predicted std, binned RMV (eV/Å)", ylabel="RMSE (eV/Å)", title="error vs predicted std")
-    _save(fig, out / f"calibration_{regime}_{split}.png")
+    save_figure(fig, out / f"calibration_{regime}_{split}.png")
 
 
 def _plot_bars(rows: List[Dict], path: Path) -> None:
@@ -246,7 +248,7 @@ def _plot_bars(rows: List[Dict], path: Path) -> None:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     panels = [("forces_mae", "force MAE (eV/Å)"), ("forces_nll", "force NLL"), ("forces_miscal_area", "force miscal. area")]
-    fig = _new_figure(5 * len(panels), 4)
+    fig = new_figure(5 * len(panels), 4)
     width = 0.8 / len(methods)
     for ax, (key, label) in zip(fig.subplots(1, len(panels)), panels):
         for j, m in enumerate(methods):
@@ -261,4 +263,4 @@ def _plot_bars(rows: List[Dict], path: Path) -> None:
         if key == "forces_nll":
             ax.set_yscale("symlog")
     fig.axes[0].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)

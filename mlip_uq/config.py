@@ -1,8 +1,10 @@
 """Run configurations: YAML files plus ``key=value`` overrides on the command line.
 
-A configuration has the top-level sections ``method``, ``seed``, ``data``, ``model``, ``training``, ``sgmcmc``,
-``vi``, ``ensemble``, ``dropout`` and ``evaluate``; see ``configs/*.yaml`` for documented examples. Relative
-paths (data files, store, pre-trained weights) are resolved against the folder of the configuration file.
+A configuration has the top-level sections ``name``, ``method``, ``seed``, ``data``, ``model``, ``evaluate``
+and one or more sections per training method (``training``, ``sgmcmc``, ``vi``, ``ensemble``, ``dropout``: the
+sections of :data:`mlip_uq.inference.METHODS`); see ``configs/*.yaml`` for documented examples. Relative paths
+(data files, store, and the options a method's ``Settings.PATHS`` names, such as pre-trained weights) are
+resolved against the folder of the configuration file.
 
 Which sections a method reads:
 
@@ -21,15 +23,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import yaml
 
-SECTIONS = {"name", "method", "seed", "data", "model", "training", "sgmcmc", "vi", "ensemble", "dropout", "evaluate"}
-METHODS = ("map", "sgmcmc", "vi", "ensemble", "dropout")
+from .files import atomic_write
+from .inference import METHODS, method_sections
 
-DEFAULTS: Dict[str, Any] = {
+#: sections of every run configuration; the methods' sections come from :data:`mlip_uq.inference.METHODS`
+BASE_SECTIONS = ("name", "method", "seed", "data", "model", "evaluate")
+
+BASE_DEFAULTS: Dict[str, Any] = {
     "method": "map",
     "seed": 0,
     "data": {
@@ -46,13 +53,22 @@ DEFAULTS: Dict[str, Any] = {
         "store": None,
     },
     "model": {},
-    "training": {},
-    "sgmcmc": {},
-    "vi": {},
-    "ensemble": {},
-    "dropout": {},
     "evaluate": {"batch_size": 16},
 }
+
+
+def training_sections() -> set:
+    """The sections of a training configuration: :data:`BASE_SECTIONS` and every method's."""
+    return {*BASE_SECTIONS, *method_sections()}
+
+
+def defaults() -> Dict[str, Any]:
+    """The default configuration: :data:`BASE_DEFAULTS` with an empty section per method section before
+    ``evaluate``."""
+    out = {k: copy.deepcopy(v) for k, v in BASE_DEFAULTS.items() if k != "evaluate"}
+    out.update({s: {} for s in method_sections()})
+    out["evaluate"] = copy.deepcopy(BASE_DEFAULTS["evaluate"])
+    return out
 
 
 class ConfigError(ValueError):
@@ -84,9 +100,18 @@ def merge_sections(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, An
     return out
 
 
-def apply_override(config: Dict[str, Any], override: str, sections=SECTIONS) -> None:
+def apply_override(config: Dict[str, Any], override: str, sections: Optional[Iterable[str]] = None) -> None:
     """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``5``, ``1e-3``, ``[a, b]``).
-    The first key must be one of ``sections`` (default: those of a training configuration)."""
+    The first key must be one of ``sections`` (default: those of a training configuration,
+    :func:`training_sections`).
+
+    Example:
+        >>> config = {"training": {"lr": 0.01}}
+        >>> apply_override(config, "training.loss_weights.forces=10")
+        >>> config
+        {'training': {'lr': 0.01, 'loss_weights': {'forces': 10}}}
+    """
+    sections = training_sections() if sections is None else set(sections)
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. training.max_epochs=5)")
     key, raw = override.split("=", 1)
@@ -121,10 +146,11 @@ def read_config_file(source) -> Tuple[Dict[str, Any], Path]:
 def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
     """Read a YAML configuration (path or dict), fill defaults, apply overrides and resolve data paths."""
     raw, base_dir = read_config_file(source)
-    unknown = set(raw) - SECTIONS
+    known = training_sections()
+    unknown = set(raw) - known
     if unknown:
-        raise ConfigError(f"unknown configuration section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
-    config = merge_sections(DEFAULTS, raw)
+        raise ConfigError(f"unknown configuration section(s) {sorted(unknown)}; known: {sorted(known)}")
+    config = merge_sections(defaults(), raw)
     if "split" in raw.get("data", {}):  # a split is taken whole: another kind has other options than the default's
         config["data"]["split"] = copy.deepcopy(raw["data"]["split"])
     for override in overrides:
@@ -136,31 +162,168 @@ def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
         raise ConfigError("data.path is required (the file of labelled structures to train on)")
     for key in ("path", "test_path", "store"):
         if data.get(key):
-            data[key] = str(_resolve(data[key], base_dir))
-    for section in (config["sgmcmc"], config["vi"]):
-        if section.get("init"):
-            section["init"] = str(_resolve(section["init"], base_dir))
-        if isinstance(section.get("prior"), dict) and section["prior"].get("center"):
-            section["prior"]["center"] = str(_resolve(section["prior"]["center"], base_dir))
+            data[key] = str(resolve_path(data[key], base_dir))
+    resolve_method_paths(config, base_dir)
     return config
 
 
-def settings_from(cls, values: Dict[str, Any], section: str):
-    """``cls(**values)`` for a settings dataclass, naming unknown options of configuration ``section``."""
-    known = {f.name for f in dataclasses.fields(cls)}
+def resolve_method_paths(config: Dict[str, Any], base_dir: Path) -> None:
+    """Resolve, in place, the path options (``Settings.PATHS``) of every method whose sections ``config`` fills
+    in, against ``base_dir``; only those methods' modules are imported. Values that are not strings are left
+    to the settings' type check."""
+    for method in METHODS.values():
+        if not any(config.get(s) for s in method.sections):
+            continue
+        for dotted in method.load().Settings.PATHS:
+            *parents, last = dotted.split(".")
+            node = config
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and isinstance(node.get(last), str) and node[last]:
+                node[last] = str(resolve_path(node[last], base_dir))  # a mistyped value is reported later
+
+
+def settings_from(cls, values: Any, section: str):
+    """``cls(**values)`` for a settings dataclass, with every option's type checked against ``cls``'s annotations.
+
+    Args:
+        cls: the dataclass.
+        values: the options (a mapping; None is read as no options).
+        section: the configuration key of ``values``, named in errors (e.g. ``training``, ``sgmcmc.noise``).
+
+    Raises:
+        ConfigError: ``values`` is not a mapping, an option is unknown, or a value has the wrong type (the error
+            names the key, its value and what is expected).
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Example:
+        ...     max_epochs: int = 10
+        >>> settings_from(Example, {"max_epochs": 5}, "training")
+        Example(max_epochs=5)
+        >>> settings_from(Example, {"max_epochs": "ten"}, "training")
+        Traceback (most recent call last):
+        ...
+        mlip_uq.config.ConfigError: training.max_epochs='ten': expected an integer
+    """
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}={values!r}: expected a mapping of options")
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown {section} option(s) {sorted(unknown)}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        check_type(value, hints[name], f"{section}.{name}")
     return cls(**values)
 
 
-def _resolve(path: str, base_dir: Path) -> Path:
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+             list: "a list", type(None): "null"}
+
+
+def check_type(value: Any, hint: Any, key: str) -> None:
+    """Check a configuration value against a type annotation (``int``, ``float``, ``bool``, ``str``, ``dict``,
+    ``list``, their ``Optional``/``Union``, ``Literal``, a dataclass = a mapping).
+
+    An ``int`` is not a ``bool`` (``true`` for ``max_epochs`` is an error), a ``float`` accepts integers.
+
+    Raises:
+        ConfigError: ``key=value: expected ...``.
+
+    Example:
+        >>> check_type(5, typing.Optional[int], "sgmcmc.cycle_steps")
+        >>> check_type(1.5, int, "sgmcmc.n_chains")
+        Traceback (most recent call last):
+        ...
+        mlip_uq.config.ConfigError: sgmcmc.n_chains=1.5: expected an integer
+    """
+    options = _alternatives(hint)
+    if any(_matches(value, option) for option in options):
+        return
+    raise ConfigError(f"{key}={value!r}: expected {' or '.join(_describe(o) for o in options)}")
+
+
+def _alternatives(hint: Any) -> Tuple[Any, ...]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(a for arg in typing.get_args(hint) for a in _alternatives(arg))
+    return (hint,)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint) or hint
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, typing.Sequence, Sequence):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, typing.Mapping, typing.Dict):
+        return isinstance(value, dict)
+    return isinstance(value, origin)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint) or hint
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    if origin in (tuple, typing.Sequence, Sequence):
+        origin = list
+    return _EXPECTED.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    """``path`` (``~`` expanded) relative to ``base_dir`` unless it is absolute."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (base_dir / p).resolve()
 
 
 def dump_config(config: Dict[str, Any], path: Optional[Path]) -> str:
+    """``config`` as YAML (key order kept), written atomically to ``path`` unless it is None."""
     text = yaml.safe_dump(config, sort_keys=False)
     if path is not None:
-        Path(path).write_text(text)
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
     return text
+
+
+def check_resumed_config(saved: Path, config: Dict[str, Any], may_change: Sequence[str], what: str,
+                         allowed: Optional[str] = None) -> None:
+    """Check that a resumed run's configuration is the one it started with (``saved``, a YAML file written by
+    :func:`dump_config`), but for the dotted keys ``may_change``.
+
+    Args:
+        saved: the configuration file the run wrote when it started.
+        config: the configuration it is resumed with.
+        may_change: dotted keys (``training.max_epochs``) or sections (``budget``) that may differ.
+        what: the kind of run, named in errors (``run``, ``active-learning run``).
+        allowed: how the errors name ``may_change`` (default: the keys, comma-separated).
+
+    Raises:
+        FileNotFoundError: ``saved`` does not exist (the folder holds no such run).
+        ConfigError: the configurations differ elsewhere.
+    """
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume: {saved.parent} holds no {what} (no {saved.name})")
+    started = yaml.safe_load(saved.read_text())
+    now = yaml.safe_load(dump_config(config, None))
+    for c in (started, now):
+        for dotted in may_change:
+            *parents, last = dotted.split(".")
+            node = c
+            for part in parents:
+                node = node.get(part, {})
+            node.pop(last, None)
+    if started != now:
+        raise ConfigError(f"--resume: the configuration differs from the one the {what} in {saved.parent} started "
+                          f"with (only {allowed or ', '.join(may_change)} may change)")

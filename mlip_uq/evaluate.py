@@ -13,6 +13,7 @@ import torch
 from nequip.data import AtomicDataDict
 
 from .data import LabelKeys, atoms_to_graph, collate, read_frames
+from .files import atomic_write
 from .posterior import Posterior, load_posterior
 from .posterior.io import write_calibration
 from .posterior.predict import predict_samples, predictive_moments
@@ -201,6 +202,6 @@ def calibrate_file(
 
 
 def write_json(values: Dict, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(values, indent=2, allow_nan=True) + "\n")
+    """``values`` as JSON (indent 2, NaN allowed), written atomically to ``path``."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=2, allow_nan=True) + "\n")

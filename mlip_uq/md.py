@@ -50,7 +50,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 
 from .calculator import uq_to_atoms
-from .uq.plots import _new_figure, _save
+from .uq.plots import new_figure as _new_figure, save_figure as _save
 
 log = logging.getLogger(__name__)
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
-import yaml
 from ase.data import atomic_numbers
 from nequip.data import AtomicDataDict
 
-from .config import ConfigError, dump_config, load_config, settings_from
+from .config import ConfigError, check_resumed_config, dump_config, load_config, settings_from
 from .data import (
     FrameStore,
     LabelKeys,
@@ -28,13 +28,8 @@ from .data import (
     referenced_energy_per_atom,
 )
 from .evaluate import metrics_and_plots, predict_graphs, write_json
-from .inference.dropout import DropoutSettings, dropout_posterior
-from .inference.ensemble import EnsembleSettings, fit_ensemble
-from .inference.map import MAPSettings, fit_map
-from .inference.sampling import SGMCMCSettings, run_sgmcmc
-from .inference.vi import VISettings, fit_vi
-from .model import ModelConfig, build_model
-from .posterior import Posterior
+from .inference import FitContext, load_method
+from .model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -162,51 +157,25 @@ def model_config_from_data(config: Dict, data: PreparedData) -> ModelConfig:
     return ModelConfig.from_dict(values)
 
 
-def method_settings(cfg: Dict) -> Dict[str, Any]:
-    """The settings objects of the configuration's method, checked before any data are prepared.
-
-    Returns ``{section: settings}``: ``training`` (MAPSettings: map, dropout, ensemble members, VI's MAP phase),
-    ``sgmcmc``, ``vi``, ``ensemble`` or ``dropout``, as the method uses them (see :mod:`mlip_uq.config`).
+def method_settings(cfg: Dict) -> Any:
+    """The typed settings of the configuration's method (its ``Settings.from_dict``; see
+    :mod:`mlip_uq.inference`), and the model section's keys, checked before any data are prepared.
 
     Raises:
-        ConfigError: a mistyped option, ``model.noise_head`` without the heteroscedastic likelihood that trains
-            it (or the reverse), ``model.dropout`` with a method that does not train with dropout.
+        ConfigError: a mistyped option (named with its value and the expected type), an unknown model option,
+            ``model.noise_head`` without the heteroscedastic likelihood that trains it (or the reverse),
+            ``model.dropout`` with a method that does not train with dropout.
     """
-    method, model = cfg["method"], cfg["model"]
-    if float(model.get("dropout", 0.0)) > 0 and method in ("sgmcmc", "vi"):
-        raise ConfigError(f"model.dropout is for methods dropout, map and ensemble, not {method}")
-    out: Dict[str, Any] = {}
-    if method == "sgmcmc":
-        out["sgmcmc"] = settings_from(SGMCMCSettings, cfg["sgmcmc"], "sgmcmc")
-        checks = [(out["sgmcmc"].noise.get("heteroscedastic", False), "sgmcmc.noise.heteroscedastic")]
-    elif method == "vi":
-        out["vi"] = settings_from(VISettings, cfg["vi"], "vi")
-        checks = [(out["vi"].noise.get("heteroscedastic", False), "vi.noise.heteroscedastic")]
-        if not out["vi"].init:  # the means start from a MAP phase trained with the same kind of likelihood
-            out["training"] = MAPSettings.from_dict(cfg["training"])
-            checks.append((out["training"].heteroscedastic, "training.heteroscedastic (VI's MAP phase)"))
-    else:
-        out["training"] = MAPSettings.from_dict(cfg["training"])
-        checks = [(out["training"].heteroscedastic, "training.heteroscedastic")]
-        if method == "ensemble":
-            if "training" in cfg["ensemble"]:
-                raise ConfigError("the members' training settings go in the training section, not ensemble.training")
-            out["ensemble"] = settings_from(EnsembleSettings, {**cfg["ensemble"], "training": out["training"]},
-                                            "ensemble")
-        elif method == "dropout":
-            if not model.get("dropout"):
-                raise ConfigError("method dropout needs model.dropout > 0 (the rate of dropping hidden units)")
-            out["dropout"] = settings_from(DropoutSettings, {"seed": int(cfg["seed"]), **cfg["dropout"]}, "dropout")
-    # the noise head's σ is reported as aleatoric uncertainty, so it exists only where the likelihood trains it
-    for heteroscedastic, option in checks:
-        if bool(heteroscedastic) != bool(model.get("noise_head", False)):
-            raise ConfigError(f"model.noise_head and {option} go together: set both to true or leave both out")
-    return out
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(cfg["model"]) - known
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(known)}")
+    return load_method(cfg["method"]).Settings.from_dict(cfg)
 
 
 def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False) -> Path:
-    """Run a training configuration (path or dict) with its method (``map``, ``sgmcmc``, ``vi``, ``ensemble``
-    or ``dropout``) and return the output folder.
+    """Run a training configuration (path or dict) with its method (``map``, ``sgmcmc``, ``vi``, ``ensemble``,
+    ``dropout``: an entry of :data:`mlip_uq.inference.METHODS`) and return the output folder.
 
     Writes ``posterior.h5``, ``metrics.json`` (test-set metrics, DESIGN.md names), ``parity.png`` and the
     resolved ``config.yaml``; checkpoints go to ``checkpoints/``. With ``resume`` the run continues from its
@@ -216,16 +185,8 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
     out = Path(out_dir or Path("runs") / cfg.get("name", cfg["method"]))
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no run (no config.yaml)")
-        started = yaml.safe_load(saved.read_text())
-        now = yaml.safe_load(dump_config(cfg, None))
-        for c in (started, now):
-            c["training"].pop("max_epochs", None)  # a resumed run may be given more epochs
-        if started != now:
-            raise ConfigError(f"--resume: the configuration differs from the one the run in {out} started with "
-                              "(only training.max_epochs may change)")
+    if resume:  # a resumed run may be given more epochs
+        check_resumed_config(saved, cfg, ["training.max_epochs"], "run")
     # settings first, so that a mistyped option is reported before the data are prepared
     settings = method_settings(cfg)
     dump_config(cfg, saved)
@@ -233,27 +194,10 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
     data = prepare_data(cfg, out)
     write_json(data.indices, out / "splits.json")
     model_config = model_config_from_data(cfg, data)
-    metadata = dict(energy_references=data.energy_references, data_fingerprint=data.fingerprint)
-    method = cfg["method"]
-    if method in ("map", "dropout"):
-        state = fit_map(build_model(model_config), data.train, data.val, settings["training"], out,
-                        seed=model_config.seed, resume=resume)
-        if method == "map":
-            posterior = Posterior.from_state_dicts(model_config, [state], method="map",
-                                                   hyperparameters=cfg["training"], **metadata)
-        else:
-            hyper = {**asdict(settings["dropout"]), "rate": model_config.dropout, "training": cfg["training"]}
-            posterior = dropout_posterior(model_config, state, settings["dropout"], hyperparameters=hyper, **metadata)
-        posterior.save(out / "posterior.h5")
-    elif method == "ensemble":
-        posterior = fit_ensemble(model_config, data.train, data.val, settings["ensemble"], out, resume=resume,
-                                 metadata=metadata)
-        posterior.save(out / "posterior.h5")
-    elif method == "vi":
-        posterior = fit_vi(model_config, data.train, data.val, settings["vi"], out, resume=resume,
-                           map_settings=settings.get("training"), metadata=metadata)
-    else:
-        posterior = run_sgmcmc(model_config, data.train, settings["sgmcmc"], out, resume=resume, metadata=metadata)
+    context = FitContext(model_config=model_config, train=data.train, val=data.val, settings=settings, out_dir=out,
+                         config=cfg, resume=resume,
+                         metadata=dict(energy_references=data.energy_references, data_fingerprint=data.fingerprint))
+    posterior = load_method(cfg["method"]).fit(context)
     eval_set = data.test or data.val
     metrics = metrics_and_plots(
         predict_graphs(posterior, eval_set, cfg["evaluate"]["batch_size"]), out, title=cfg.get("name")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from nequip.utils.global_state import set_global_state
 
+from _harness import update_section
 from mlip_uq.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +32,6 @@ RUNS = {
     "ethanol": ROOT / "configs" / "ethanol_map.yaml",
     "tio2": ROOT / "configs" / "tio2_map.yaml",
 }
-
-
-def update_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the markdown section starting at ``heading`` up to the next ``## `` heading."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    section = f"{heading}\n\n{body.strip()}\n"
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    path.write_text(text)
 
 
 def main() -> None:

@@ -56,18 +56,17 @@ from typing import Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import update_section  # noqa: E402  (the one writer of a docs/benchmarks.md section)
-from bench_model import (  # noqa: E402  (the shared cell, architecture, machine description and memory probe)
+from _harness import (  # noqa: E402  (the shared cell, architecture, section writer, machine and memory probe)
     REPO,
-    _reset_peak_rss,
-    _status_kib,
     fmt,
     load_average,
     machine,
     machine_busy,
     make_cell,
     model_config,
+    update_section,
 )
+from _harness import reset_peak_rss as _reset_peak_rss, status_kib as _status_kib  # noqa: E402
 
 SECTION_TITLE = "## Calculator cost per MD step with K samples (scripts/bench_calculator.py)"
 GPU_SECTION_TITLE = "## Calculator cost per MD step with K samples on a GPU (scripts/bench_calculator.py --device cuda)"

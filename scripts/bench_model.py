@@ -41,7 +41,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -53,10 +52,20 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from bench_accuracy import update_section  # the one writer of a docs/benchmarks.md section
+from _harness import (
+    RATTLE_STDEV,
+    REPO,
+    fmt,
+    load_average,
+    machine,
+    machine_busy,
+    make_cell,
+    model_config,
+    peak_rss_growth_mib,
+    rotating_rounds,
+    update_section,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_FILE = REPO / "data" / "tio2_aenet_subset_1000.extxyz"
 SECTION_TITLE = "## Model cost per energy+forces call (scripts/bench_model.py)"
 
 # repeats of the 24-atom base cell (5.93 x 9.30 x 4.65 Å) for 24 ... 3,000 atoms, kept roughly cubic
@@ -64,40 +73,12 @@ REPEATS = [(1, 1, 1), (2, 1, 2), (2, 2, 2), (2, 2, 4), (4, 2, 4), (4, 4, 4), (5,
 FLOAT32_ATOMS = (192, 1536)  # sizes also timed with a float32 model
 THP_ATOMS = (768, 3000)  # sizes also timed with THP_MEM_ALLOC_ENABLE=1 (float64)
 FIT_MIN_ATOMS = 96  # the scaling exponent is fitted over cells of at least this many atoms
-RATTLE_STDEV = 0.01  # Å
 WARMUP_CALLS = 2
 PATH_BUDGET_S = 45.0  # rough wall time per size for the timed rounds; bounds the rounds of large cells
 MIN_ROUNDS = 3
 
 PATHS = ("ours", "nequip_vesin", "nequip_frozen", "nequip_matscipy")
 REFERENCES = ("nequip_vesin", "nequip_frozen")  # the paths ours is compared with, round by round
-
-
-def model_config(dtype: str):
-    """The benchmarked architecture: a representative TiO2 model (165k parameters)."""
-    from mlip_uq.model import ModelConfig
-
-    return ModelConfig(
-        type_names=["O", "Ti"],
-        r_max=5.0,
-        num_layers=3,
-        l_max=1,
-        num_features=32,
-        avg_num_neighbors=50.0,  # ≈ the mean number of neighbours within 5 Å in these cells
-        energy_shifts={"O": -432.5, "Ti": -1604.6},  # eV, close to the aenet set's per-element energies
-        dtype=dtype,
-    )
-
-
-def make_cell(reps: Tuple[int, int, int], seed: int = 0):
-    """The first bundled TiO2 frame (24 atoms) repeated ``reps`` times and rattled by ``RATTLE_STDEV`` Å."""
-    import ase.io
-
-    base = ase.io.read(DATA_FILE, index=0)
-    base.calc = None
-    atoms = base.repeat(reps)
-    atoms.rattle(stdev=RATTLE_STDEV, seed=seed)
-    return atoms
 
 
 def n_atoms(reps) -> int:
@@ -226,9 +207,7 @@ def time_size(runner: Runner, reps, variant: str, max_repeats: int) -> SizeResul
     times: Dict[str, Dict[str, List[float]]] = {p: {} for p in PATHS}
     ratios: Dict[str, List[float]] = {ref: [] for ref in REFERENCES}
     faults = []
-    for r in range(n_rounds):
-        order = PATHS[r % len(PATHS) :] + PATHS[: r % len(PATHS)]
-        this_round = {path: runner.call(path, atoms) for path in order}
+    for this_round in rotating_rounds(PATHS, lambda path: runner.call(path, atoms), n_rounds):
         for path, parts in this_round.items():
             for part, seconds in parts.items():
                 times[path].setdefault(part, []).append(seconds)
@@ -291,28 +270,6 @@ def run_thp(sizes, max_repeats: int, threads: int, started: float) -> List[SizeR
     return results
 
 
-def _status_kib(key: str) -> Optional[int]:
-    """A ``kB`` field of /proc/self/status (``VmRSS``: resident set now, ``VmHWM``: its peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the peak-RSS mark ``VmHWM`` to the current RSS (write 5 to /proc/self/clear_refs, Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_probe(path: str, reps, dtype: str) -> float:
     """Peak resident-set growth (MiB) during one call over the resting state before it (this process).
 
@@ -325,16 +282,7 @@ def memory_probe(path: str, reps, dtype: str) -> float:
     runner = Runner(dtype)
     runner.call(path, make_cell((1, 1, 1)))
     atoms = make_cell(reps)
-    gc.collect()
-    if _reset_peak_rss() and _status_kib("VmHWM") is not None:
-        before = _status_kib("VmRSS")
-        runner.call(path, atoms)
-        after = _status_kib("VmHWM")
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        runner.call(path, atoms)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024.0  # both in KiB on Linux
+    return peak_rss_growth_mib(lambda: runner.call(path, atoms))
 
 
 def measure_memory(path: str, reps, dtype: str, threads: int) -> Optional[float]:
@@ -355,49 +303,6 @@ def fit_exponent(results: List[SizeResult], path: str, part: str = "total") -> f
         return float("nan")
     x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
     return float(np.polyfit(x, y, 1)[0])
-
-
-def machine() -> Dict[str, str]:
-    import e3nn
-    import nequip
-    import torch
-    import vesin
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except OSError:
-        thp = "unknown"
-    return {
-        "nproc": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "nequip": nequip.__version__,
-        "e3nn": e3nn.__version__,
-        "vesin": getattr(vesin, "__version__", "?"),
-        "thp": thp,
-    }
-
-
-def load_average() -> str:
-    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def machine_busy(threads: int) -> bool:
-    """Whether other jobs were running: a 1-minute load average clearly above this benchmark's own threads."""
-    return os.getloadavg()[0] > threads + 0.75
-
-
-def fmt(x: Optional[float], digits: int = 1) -> str:
-    return "–" if x is None or not np.isfinite(x) else f"{x:,.{digits}f}"
 
 
 def table(results: List[SizeResult]) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from nequip.utils.global_state import set_global_state
 
-from bench_accuracy import update_section
+from _harness import update_section
 from mlip_uq.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,11 +30,11 @@ from pathlib import Path
 
 from nequip.utils.global_state import set_global_state
 
-from bench_accuracy import update_section
+from _harness import update_section
 from mlip_uq.active import ActiveLoop, load_active_config, run_active
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.posterior import load_posterior
-from mlip_uq.uq.plots import _new_figure, _save
+from mlip_uq.uq.plots import new_figure, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "active_ethanol_xtb.yaml"
@@ -92,7 +92,7 @@ def control(args, runs):
     loop.run()  # labels the initial and test sets, fits, stops: budget of 0 calls used
     train, val = loop._training_sets()
     metadata = {"energy_references": loop._data()[0].energy_references}
-    history = [dict(loop.state["history"][0])]
+    history = [dict(loop.state.history[0])]
     for k in range(1, args.calls + 1):
         loop.updater.settle_steps = 40 + k % 2
         posterior = load_posterior(loop.updater.fit(train, val, k, False, metadata))
@@ -112,7 +112,7 @@ def mae_at(history, calls):
 
 
 def plot(results, no_new_data, path):
-    fig = _new_figure(10.0, 4.2)
+    fig = new_figure(10.0, 4.2)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, prefix, title in ((axes[0], "md_", "MD exploration"), (axes[1], "pool_", "candidate pool")):
         for name, summary in results.items():
@@ -132,7 +132,7 @@ def plot(results, no_new_data, path):
         ax.legend()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test force MAE (meV/Å)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def table(results, args, checkpoints):

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 from nequip.utils.global_state import set_global_state
 
+from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.posterior import Posterior
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MLIP_UQ_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 BUNDLED_TIO2 = REPO_ROOT / "data" / "tio2_aenet_subset_1000.extxyz"
@@ -27,6 +30,13 @@ def tio2_path() -> Path:
     return BUNDLED_TIO2
 
 
+@pytest.fixture(scope="session")
+def tio2_store(tmp_path_factory) -> Path:
+    """One data store (frames and neighbour lists of the bundled TiO2 subset at the tiny model's ``r_max``) for
+    every tiny TiO2 run of the session: set it as ``data.store``."""
+    return tmp_path_factory.mktemp("tio2_store") / "data.h5"
+
+
 def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, **sections) -> dict:
     """A run configuration on a few structures of the bundled TiO2 subset with a very small model; ``sections``
     (``method``, ``training``, ``sgmcmc``, ...) are added as given."""
@@ -43,3 +53,18 @@ def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, **sections) -> 
         "model": {"r_max": 4.0, "num_layers": 2, "l_max": 1, "num_features": 8, "radial_mlp_width": 16},
         **sections,
     }
+
+
+#: the smallest model the tests train or predict with (override per test)
+TINY_MODEL = {"r_max": 3.5, "num_layers": 1, "l_max": 1, "num_features": 4, "radial_mlp_width": 8}
+
+
+def tiny_model_config(type_names, **overrides) -> ModelConfig:
+    """A :data:`TINY_MODEL` architecture for ``type_names``, with ``overrides`` (any ModelConfig option)."""
+    return ModelConfig(type_names=list(type_names), **{**TINY_MODEL, **overrides})
+
+
+def seeded_posterior(config: ModelConfig, seeds=(0, 1, 2), **kwargs) -> Posterior:
+    """A posterior of untrained members of ``config``, one per seed (``kwargs``: method, metadata, ...)."""
+    states = [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in seeds]
+    return Posterior.from_state_dicts(config, states, **kwargs)

@@ -1,25 +1,40 @@
-"""Explorers: where candidate structures come from.
+"""Explorers: where candidate structures come from, behind one interface (:class:`Explorer`).
 
-- :class:`Walker` — one MD trajectory from a starting structure, run with the current posterior through
-  :func:`mlip_uq.md.run_md` in chunks; its state (positions, momenta, steps done) is saved with the loop state.
-- :func:`pool_uncertainty` — the posterior's predicted forces and per-atom force std on a pool of candidate
-  structures, in batches (the pool explorer ranks candidates by it).
+- :class:`MDExplorer` (``explore.kind: md``, :class:`MDOptions`) — MD walkers (:class:`Walker`: one trajectory
+  from a starting structure, run with the current posterior through :func:`mlip_uq.md.run_md` in chunks; its
+  positions, momenta and steps done are saved with the loop state); the rule is checked along the trajectory.
+- :class:`PoolExplorer` (``explore.kind: pool``, :class:`PoolOptions`) — a fixed pool of candidates, ranked in
+  batches by :func:`pool_uncertainty` (the posterior's forces and per-atom force std).
+
+An explorer is given the loop (:class:`~mlip_uq.active.loop.ActiveLoop`) in :meth:`Explorer.step`: it asks the
+loop for the calculator or posterior, labels through ``loop.call`` and commits through ``loop.journal``. A new
+MD option is a field of :class:`MDOptions` (its default is the configuration's) and, if ``run_md`` takes it, an
+entry of :meth:`MDOptions.md_kwargs`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import ase
 import numpy as np
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from nequip.data import AtomicDataDict
 
-from ..data import collate
+from ..config import ConfigError
+from ..data import FrameStore, collate
+from ..files import atomic_write
+from ..md import RECORD_KEYS, run_md
 from ..posterior import Posterior
 from ..posterior.predict import predict_samples, predictive_moments
-from .state import atoms_from_dict, atoms_to_dict, bare_atoms
+from .oracle import FAILED, LABELLED
+from .state import LoopState, atoms_from_dict, atoms_to_dict, bare_atoms
+
+if TYPE_CHECKING:
+    from .loop import ActiveLoop
 
 
 @dataclass
@@ -103,3 +118,269 @@ def next_walker(walkers: Sequence[Walker], after: int) -> Optional[Walker]:
         if not walker.done:
             return walker
     return None
+
+
+@dataclass
+class MDOptions:
+    """Options of MD exploration (``explore`` with ``kind: md``).
+
+    Args:
+        starts: ``{path, index, n, max_atoms}``: the walkers' starting structures (default path: the initial set's).
+        steps: MD steps per walker.
+        chunk_steps: MD steps per chunk (the unit of work between two saved states).
+        min_gap: at least this many steps between two reference calls of a walker.
+        timestep_fs: MD time step (fs).
+        temperature_K: thermostat (and initial velocity) temperature (K).
+        ensemble: ``langevin``, ``nvt`` or ``nve`` (as :func:`mlip_uq.md.run_md`).
+    """
+
+    starts: Dict = field(default_factory=lambda: {"path": None, "index": "0"})
+    steps: int = 1000
+    chunk_steps: int = 200
+    min_gap: int = 10
+    timestep_fs: float = 0.5
+    temperature_K: float = 300.0
+    ensemble: str = "langevin"
+
+    def md_kwargs(self) -> Dict:
+        """The options passed on to :func:`mlip_uq.md.run_md` for every chunk."""
+        return {"timestep_fs": float(self.timestep_fs), "temperature_K": float(self.temperature_K),
+                "ensemble": self.ensemble}
+
+
+@dataclass
+class PoolOptions:
+    """Options of pool exploration (``explore`` with ``kind: pool``).
+
+    Args:
+        pool: ``{path, index, n, max_atoms}``: the candidate structures.
+        batch: candidates selected (and labelled) per batch.
+        batch_size: structures per prediction batch when ranking the pool.
+    """
+
+    pool: Dict = field(default_factory=lambda: {"path": None, "index": ":", "n": None})
+    batch: int = 5
+    batch_size: int = 16
+
+
+#: the options class of each ``explore.kind``
+EXPLORER_OPTIONS = {"md": MDOptions, "pool": PoolOptions}
+
+
+class Explorer:
+    """Where the loop's candidates come from.
+
+    Attributes:
+        kind: ``md`` or ``pool`` (``explore.kind``).
+        frames: the structures the explorer starts from (MD starts, pool candidates).
+    """
+
+    kind: str
+    frames: List[ase.Atoms]
+
+    def check_rule(self, rule) -> None:
+        """Raise a :class:`~mlip_uq.config.ConfigError` for a rule this explorer cannot use."""
+
+    def new_state(self, state: LoopState) -> None:
+        """Fill in this explorer's part of a new loop state."""
+
+    def resume(self, state: LoopState) -> None:
+        """Repair what a kill left behind in this explorer's files."""
+
+    def batch_open(self, state: LoopState) -> bool:
+        """True while a selected batch is still being labelled (updates wait until it is done)."""
+        return False
+
+    def stop_reason(self, state: LoopState) -> Optional[str]:
+        """Why exploration is over (None: it goes on)."""
+        raise NotImplementedError
+
+    def step(self, loop: "ActiveLoop") -> None:
+        """Explore until one decision is committed or the explorer's state has advanced (and is saved)."""
+        raise NotImplementedError
+
+
+class MDExplorer(Explorer):
+    """MD walkers, one chunk per step, round robin; a structure where the rule fires is labelled and the walker
+    goes on from it (a failed reference call sends the walker back to its start with fresh velocities).
+
+    Args:
+        options: the MD options.
+        starts: the walkers' starting structures.
+        seed: the loop's seed (velocities, thermostat).
+        out: the loop's output folder (traces in ``md/walker<i>.csv``).
+    """
+
+    kind = "md"
+
+    def __init__(self, options: MDOptions, starts: List[ase.Atoms], seed: int, out: Path):
+        self.options, self.frames, self.seed, self.out = options, starts, seed, Path(out)
+
+    def check_rule(self, rule) -> None:
+        if rule.kind == "top_k":
+            raise ConfigError("rule top_k ranks a candidate pool; with explore.kind md use force_std, calibrated "
+                              "or random")
+        if rule.kind == "random" and rule.probability is None:
+            raise ConfigError("rule random during MD needs rule.probability (the chance of a call per MD step)")
+
+    def new_state(self, state: LoopState) -> None:
+        state.walkers = [Walker.new(i, a, float(self.options.temperature_K), self.seed).__dict__
+                         for i, a in enumerate(self.frames)]
+
+    def stop_reason(self, state: LoopState) -> Optional[str]:
+        return "every MD walker finished its steps" if all(w["done"] for w in state.walkers) else None
+
+    def step(self, loop: "ActiveLoop") -> None:
+        """Run one chunk of the next walker; label the structure where the rule fires."""
+        state, journal, rule, options = loop.state, loop.journal, loop.rule, self.options
+        walkers = [Walker(**w) for w in state.walkers]
+        walker = next_walker(walkers, state.current_walker)
+        state.current_walker = walker.index
+        total = int(options.steps)
+        steps = min(int(options.chunk_steps), total - walker.steps_done)
+        atoms = walker.current()
+        before, min_gap = walker.steps_done, int(options.min_gap)
+        fired: Dict = {}
+
+        def on_uncertain(step, current, record):
+            # not the chunk's starting structure (labelled already, or checked at the end of the last chunk), and
+            # not within min_gap steps of the walker's last call (consecutive MD frames are nearly the same)
+            if step == 0 or (walker.last_call >= 0 and before + step - walker.last_call < min_gap):
+                return False
+            results = current.calc.results
+            fired.update(step=int(step), atoms=atoms_to_dict(current, momenta=True),
+                         forces=np.array(results["forces"]), std=np.array(results["atom_force_std"]))
+            return True
+
+        with journal.timed("explore"):
+            result = run_md(atoms, loop.calculator(), steps=steps, out_dir=None, stop_rule=rule,
+                            on_uncertain=on_uncertain, seed=walker.chunk_seed(self.seed), progress=False,
+                            **options.md_kwargs())
+        walker.chunks += 1
+        done = fired["step"] if fired else result.steps_done
+        self._append_trace(self._trace_path(walker.index),
+                           [{**r, "step": before + r["step"]} for r in result.records if 0 < r["step"] <= done])
+        walker.steps_done += done
+        state.md_steps += done
+        if not fired:
+            walker.atoms = atoms_to_dict(atoms, momenta=True)
+            walker.done = walker.steps_done >= total
+            self._set_walkers(state, walkers, walker)
+            journal.save()
+            return
+        current = atoms_from_dict(fired["atoms"])
+        values = {"rule": rule.kind, "step": walker.steps_done, "md_steps": state.md_steps,
+                  **rule.values(fired["std"], fired["forces"])}
+        labelled = loop.call(current, "explore")
+        walker.last_call = walker.steps_done
+        if labelled.outcome == LABELLED:
+            rule.observe(fired["forces"], labelled.atoms.get_forces(), fired["std"])
+            walker.atoms = fired["atoms"]  # go on from the labelled structure, with the updated model
+        elif labelled.outcome == FAILED:
+            walker.restarts += 1  # a structure the reference cannot converge: back to the start
+            walker.reset(float(options.temperature_K), self.seed)
+        else:
+            walker.done = True  # every structure of this walker has the rejected composition
+        walker.done = walker.done or walker.steps_done >= total
+        self._set_walkers(state, walkers, walker)
+        journal.commit(loop.record("explore", f"md walker {walker.index}", labelled, **values), labelled.atoms)
+
+    def resume(self, state: LoopState) -> None:
+        """Drop trace rows beyond the saved walker states (written by a chunk that a kill cut short)."""
+        for walker in state.walkers:
+            path = self._trace_path(walker["index"])
+            if path.is_file():
+                with open(path, newline="") as handle:
+                    rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= walker["steps_done"]]
+                with atomic_write(path) as tmp:
+                    tmp.unlink()
+                    self._append_trace(tmp, rows)
+
+    def _trace_path(self, walker: int) -> Path:
+        return self.out / "md" / f"walker{walker}.csv"
+
+    @staticmethod
+    def _append_trace(path: Path, rows: List[Dict]) -> None:
+        """Add MD records (steps counted along the walker) to a walker's trace CSV."""
+        path.parent.mkdir(exist_ok=True)
+        new = not path.is_file()
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, RECORD_KEYS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    @staticmethod
+    def _set_walkers(state: LoopState, walkers: List[Walker], changed: Walker) -> None:
+        state.walkers = [(changed if w.index == changed.index else w).__dict__ for w in walkers]
+
+
+class PoolExplorer(Explorer):
+    """A pool of candidates: the rule selects a batch by the current posterior's uncertainty, the batch is
+    labelled one candidate per step, then the posterior is updated and the next batch selected.
+
+    Args:
+        options: the pool options.
+        frames: the candidate structures.
+        indices: their positions in the selection read from the pool file (named in the decision log).
+        out: the loop's output folder (``pool.h5``: the candidates' neighbour lists).
+        type_names: element names; ``r_max``: cutoff (Å); ``dtype``: the model's dtype.
+    """
+
+    kind = "pool"
+
+    def __init__(self, options: PoolOptions, frames: List[ase.Atoms], indices: List[int], out: Path,
+                 type_names: List[str], r_max: float, dtype):
+        self.options, self.frames, self.indices, self.out = options, frames, indices, Path(out)
+        self.type_names, self.r_max, self.dtype = type_names, r_max, dtype
+        self._graphs: Optional[List] = None
+
+    def batch_open(self, state: LoopState) -> bool:
+        return bool(state.pool["batch"])
+
+    def stop_reason(self, state: LoopState) -> Optional[str]:
+        if not state.pool["batch"] and len(state.pool["used"]) >= len(self.frames):
+            return "pool exhausted"
+        return None
+
+    def graphs(self) -> List:
+        """The candidates' graphs (``pool.h5``, built once)."""
+        if self._graphs is None:
+            store = FrameStore.for_frames(self.out / "pool.h5", self.frames, self.type_names, self.r_max,
+                                          source=self.options.pool["path"])
+            self._graphs = store.graphs(dtype=self.dtype)
+        return self._graphs
+
+    def step(self, loop: "ActiveLoop") -> None:
+        """Select a batch from the pool (when none is pending), then label its next candidate."""
+        state, journal, rule = loop.state, loop.journal, loop.rule
+        pool = state.pool
+        if not pool["batch"]:
+            used = set(pool["used"])
+            remaining = [i for i in range(len(self.frames)) if i not in used]
+            budget = loop.cfg["budget"].get("max_calls")
+            k = int(self.options.batch)
+            if budget is not None:
+                k = min(k, budget - state.calls["explore"])
+            graphs = self.graphs()
+            with journal.timed("explore"):
+                forces, stds = pool_uncertainty(loop.posterior(), [graphs[i] for i in remaining],
+                                                int(self.options.batch_size))
+            picks = rule.select(stds, forces, k)
+            if not picks:
+                state.stop_reason = "no pool candidate fires the rule"
+                journal.save()
+                return
+            pool["batch"] = [remaining[j] for j in picks]
+            pool["round"] += 1
+            journal.save()
+        i = pool["batch"][0]
+        with journal.timed("explore"):
+            forces, stds = pool_uncertainty(loop.posterior(), [self.graphs()[i]])
+        values = {"rule": rule.kind, "step": pool["round"], **rule.values(stds[0], forces[0])}
+        result = loop.call(self.frames[i], "explore")
+        if result.outcome == LABELLED:
+            rule.observe(forces[0], result.atoms.get_forces(), stds[0])
+        pool["used"].append(i)
+        pool["batch"].pop(0)
+        journal.commit(loop.record("explore", f"pool[{self.indices[i]}]", result, **values), result.atoms)

@@ -20,8 +20,6 @@ Root attributes: ``format`` ("mlip_uq.FrameStore"), ``format_version``, ``type_n
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +32,7 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 from nequip.data import AtomicDataDict
 
+from ..files import atomic_write
 from .frames import DataError, frames_fingerprint, validate_frames
 from .graph import _cast, _structure_graph, atoms_to_graph
 
@@ -330,15 +329,7 @@ def _fill(file: h5py.File, arrays: dict[str, np.ndarray], attrs: dict) -> None:
 
 
 def _write(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    """Write to a temporary file in ``path``'s folder, fsync it, then ``os.replace`` it onto ``path``."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
-    os.close(descriptor)
-    try:
+    """Write the store to ``path`` atomically (:func:`mlip_uq.files.atomic_write`)."""
+    with atomic_write(path) as temporary:
         with h5py.File(temporary, "w") as file:
             _fill(file, arrays, attrs)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -24,6 +24,8 @@ estimators). With M chains of N draws, chain means x̄_m, chain variances s²_m 
 The cap on τ̂ (ESS at most M N log10(M N)) is the paper's guard for antithetic chains, whose ESS exceeds the
 number of draws. A coordinate with zero variance gets NaN from both functions.
 
+:func:`write_diagnostics` and :func:`plot_traces` write a sampler run's ``diagnostics.json`` and ``trace.png``.
+
 Caveats for SG-MCMC chains. Geyer's truncation assumes the paired sums P̂_k decay (true for reversible
 chains). Underdamped SGHMC is not reversible: the autocorrelation of θ oscillates, and that of a squared
 deviation (θ - μ)² behaves like ρ_θ(t)², which touches zero every half period; the sum then stops at the first
@@ -36,10 +38,20 @@ stationary chains), so read both against the number of draws per chain.
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List
+
 import numpy as np
 from scipy import fft as sp_fft
 
-__all__ = ["effective_sample_size", "split_rhat"]
+from ..files import atomic_write
+
+if TYPE_CHECKING:
+    from ..posterior import Posterior
+
+__all__ = ["effective_sample_size", "split_rhat", "write_diagnostics", "plot_traces"]
 
 
 def _as_chains(x: np.ndarray, min_draws: int) -> np.ndarray:
@@ -133,3 +145,57 @@ def split_rhat(x: np.ndarray) -> np.ndarray:
         rhat = np.sqrt(var_plus / within)
     rhat = np.where(within > 0, rhat, np.nan)
     return rhat.reshape(out_shape)
+
+
+def write_diagnostics(posterior: Posterior, work: Path) -> Dict:
+    """ESS per layer (median and minimum over the layer's parameters, summed over chains) and split-R̂ across
+    chains (median and maximum), written to ``diagnostics.json``; and a trace plot ``trace.png``."""
+    from .priors import layer_of  # torch: imported here, so that the estimators above stay numpy-only
+
+    chains = np.asarray(posterior.hyperparameters["sample_chains"])
+    ids = sorted(set(chains.tolist()))
+    n_draws = min(int((chains == c).sum()) for c in ids)
+    out: Dict = {"n_chains": len(ids), "draws_per_chain": n_draws, "layers": {}}
+    if n_draws >= 4:
+        by_layer: Dict[str, List[np.ndarray]] = {}
+        for name, t in posterior.samples.items():
+            x = np.stack([t[chains == c][:n_draws].reshape(n_draws, -1).double().numpy() for c in ids])
+            by_layer.setdefault(layer_of(name), []).append(x)
+        for layer, xs in by_layer.items():
+            x = np.concatenate(xs, axis=-1)
+            x = x[..., x.std(axis=(0, 1)) > 0]  # constant coordinates have no ESS
+            if x.shape[-1] == 0:
+                continue
+            ess = effective_sample_size(x)
+            entry = {"ess_median": float(np.median(ess)), "ess_min": float(np.min(ess)), "n_params": int(x.shape[-1])}
+            if len(ids) > 1:
+                rhat = split_rhat(x)
+                entry.update(rhat_median=float(np.nanmedian(rhat)), rhat_max=float(np.nanmax(rhat)))
+            out["layers"][layer] = entry
+    with atomic_write(work / "diagnostics.json") as tmp:
+        tmp.write_text(json.dumps(out, indent=2) + "\n")
+    plot_traces(work)
+    return out
+
+
+def plot_traces(work: Path) -> None:
+    """``trace.png``: N · mean NLL and the median effective step size of every chain's trace CSV."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 6))
+    ax_lik, ax_step = fig.subplots(2, 1, sharex=True)
+    for path in sorted(work.glob("trace_chain*.csv")):
+        rows = list(csv.DictReader(open(path)))
+        if not rows:
+            continue
+        steps = [int(r["step"]) for r in rows]
+        ax_lik.plot(steps, [float(r["neg_log_likelihood"]) for r in rows], lw=0.8, label=path.stem.removeprefix("trace_"))
+        ax_step.plot(steps, [float(r["median_step_size"]) for r in rows], lw=0.8)
+    ax_lik.set_yscale("symlog")
+    ax_lik.set_ylabel("N · mean NLL")
+    ax_lik.legend(fontsize=8)
+    ax_step.set_yscale("log")
+    ax_step.set_ylabel("median η·P (stochastic)")
+    ax_step.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(work / "trace.png", dpi=120)

@@ -12,14 +12,17 @@ Prediction, calibration, the calculator and the posterior file need nothing drop
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, Tuple
 
 import torch
 
+from ..config import ConfigError, settings_from
 from ..model import ModelConfig, build_model
 from ..model.build import draw_keep, dropout_sites
 from ..posterior import Posterior
+from .map import MAPSettings, fit_map
+from .options import check_noise_head
 
 
 @dataclass
@@ -28,11 +31,34 @@ class DropoutSettings:
 
     Args:
         n_samples: number K of dropout masks, i.e. of posterior samples.
-        seed: seed of the masks; the same seed gives the same K masks.
+        seed: seed of the masks; the same seed gives the same K masks (default in a run: the run's ``seed``).
+        training: the MAP training (with dropout active) of the model the masks are drawn for.
     """
 
     n_samples: int = 20
     seed: int = 0
+    training: MAPSettings = field(default_factory=MAPSettings)
+
+    PATHS: ClassVar[Tuple[str, ...]] = ()
+
+    @classmethod
+    def from_dict(cls, config: Dict) -> "DropoutSettings":
+        """From a run configuration: ``dropout`` (``n_samples``, ``seed``) and ``training``.
+
+        Raises:
+            ConfigError: a mistyped option, ``model.dropout`` not > 0, ``model.noise_head`` without
+                ``training.heteroscedastic`` (or the reverse).
+        """
+        model = config.get("model", {})
+        training = MAPSettings.from_dict(config.get("training"))
+        check_noise_head(model, training.heteroscedastic, "training.heteroscedastic")
+        if not model.get("dropout"):
+            raise ConfigError("method dropout needs model.dropout > 0 (the rate of dropping hidden units)")
+        values = {"seed": int(config.get("seed", 0)), **(config.get("dropout") or {})}
+        return settings_from(cls, {**values, "training": training}, "dropout")
+
+
+Settings = DropoutSettings
 
 
 def dropout_masks(model: torch.nn.Module, rate: float, n_samples: int, seed: int) -> Dict[str, torch.Tensor]:
@@ -68,3 +94,16 @@ def dropout_posterior(config: ModelConfig, state: Dict[str, torch.Tensor], setti
     shared = {n: t.detach().clone() for n, t in state.items() if n not in masks}
     samples = {n: keep.to(state[n]).unsqueeze(-1) * state[n] for n, keep in masks.items()}
     return Posterior(config, shared, samples, method="dropout", **metadata)
+
+
+def fit(context) -> Posterior:
+    """Method ``dropout``: MAP training with dropout active (:func:`~mlip_uq.inference.map.fit_map`), then
+    the MC-dropout posterior of the trained model, written to ``posterior.h5``."""
+    config, settings = context.model_config, context.settings
+    state = fit_map(build_model(config), context.train, context.val, settings.training, context.out_dir,
+                    seed=config.seed, resume=context.resume)
+    hyper = {"n_samples": settings.n_samples, "seed": settings.seed, "rate": config.dropout,
+             "training": context.config.get("training", {})}
+    posterior = dropout_posterior(config, state, settings, hyperparameters=hyper, **context.metadata)
+    posterior.save(context.posterior_path)
+    return posterior

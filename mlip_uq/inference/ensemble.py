@@ -1,7 +1,7 @@
 """Deep ensembles: K members of one architecture, trained independently by the MAP trainer.
 
 Member k is initialised with seed ``config.seed + k`` (and, with ``bootstrap``, trained on a resampling of the
-training set drawn from that seed) and trained by :func:`~mlip_uq.inference.map.fit_map` in
+training set drawn from that seed) and trained by :func:`~mlip_uq.inference.common.fit_map_once` in
 ``out_dir/members/<k>/``. Its best state dict is then written atomically to ``members/<k>/final.pt``: a member
 is finished exactly when that file exists, so a killed run resumed with ``resume=True`` keeps its finished
 members and continues the unfinished one from its Lightning checkpoint (``members/<k>/checkpoints/last.ckpt``).
@@ -14,19 +14,22 @@ splits into the spread of the members' means and the mean of their noise varianc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 from nequip.data import AtomicDataDict
 
+from ..config import ConfigError, settings_from
 from ..model import ModelConfig, build_model
-from ..posterior import Posterior
-from .map import MAPSettings, fit_map
+from ..posterior import Posterior, load_posterior
+from .common import fit_map_once
+from .map import MAPSettings
+from .options import check_noise_head
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +49,47 @@ class EnsembleSettings:
     bootstrap: bool = False
     training: MAPSettings = field(default_factory=MAPSettings)
 
+    PATHS: ClassVar[Tuple[str, ...]] = ()
+
     def __post_init__(self):
         if self.n_members < 1:
             raise ValueError(f"ensemble.n_members must be at least 1, got {self.n_members}")
 
+    @classmethod
+    def from_dict(cls, config: Dict) -> "EnsembleSettings":
+        """From a run configuration: ``ensemble`` (``n_members``, ``bootstrap``) and ``training`` (every member).
 
-def fit_map_once(model: torch.nn.Module, train: List[AtomicDataDict.Type], val: List[AtomicDataDict.Type],
-                 settings: MAPSettings, out_dir: Path, seed: int, resume: bool) -> Dict[str, torch.Tensor]:
-    """:func:`fit_map` with a final state file: ``out_dir/final.pt`` is written atomically when training ends.
+        Raises:
+            ConfigError: a mistyped option, ``ensemble.training`` (the members' settings are the training
+                section), ``model.noise_head`` without ``training.heteroscedastic`` (or the reverse).
+        """
+        values = dict(config.get("ensemble") or {})
+        if "training" in values:
+            raise ConfigError("the members' training settings go in the training section, not ensemble.training")
+        training = MAPSettings.from_dict(config.get("training"))
+        check_noise_head(config.get("model", {}), training.heteroscedastic, "training.heteroscedastic")
+        return settings_from(cls, {**values, "training": training}, "ensemble")
 
-    With ``resume``, a finished run (``final.pt`` present) is loaded, not trained again, and an unfinished one
-    continues from ``out_dir/checkpoints/last.ckpt`` when it has one (else it starts afresh). Without
-    ``resume`` the model is trained from its current parameters.
+
+Settings = EnsembleSettings
+
+
+@dataclass
+class UpdateSettings:
+    """Active-learning updates of an ensemble (the ``update`` section).
+
+    Args:
+        max_epochs: fine-tuning epochs per member and update (None: ``training.max_epochs``).
     """
-    out_dir = Path(out_dir)
-    final = out_dir / "final.pt"
-    if resume and final.is_file():
-        return torch.load(final, map_location="cpu", weights_only=True)
-    has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").is_file()
-    state = fit_map(model, train, val, settings, out_dir, seed=seed, resume=resume and has_checkpoint)
-    tmp = final.with_suffix(".tmp")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    tmp.replace(final)
-    return state
+
+    max_epochs: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, values: Dict, settings: EnsembleSettings) -> "UpdateSettings":
+        options = settings_from(cls, values, "update")
+        if options.max_epochs is None:
+            options.max_epochs = settings.training.max_epochs
+        return options
 
 
 def fit_ensemble(
@@ -124,3 +144,28 @@ def fit_ensemble(
     hyper = {**asdict(settings), "member_seeds": [config.seed + k for k in range(settings.n_members)],
              "warm_start": init is not None}
     return Posterior.from_state_dicts(config, states, method="ensemble", hyperparameters=hyper, **(metadata or {}))
+
+
+def fit(context) -> Posterior:
+    """Method ``ensemble``: :func:`fit_ensemble` on the context's data, written to ``posterior.h5``."""
+    posterior = fit_ensemble(context.model_config, context.train, context.val, context.settings, context.out_dir,
+                             resume=context.resume, metadata=context.metadata)
+    posterior.save(context.posterior_path)
+    return posterior
+
+
+def update(context, options: UpdateSettings, index: int) -> Path:
+    """Fit ``index`` of an active-learning loop, in ``out_dir/round<index>/``: the first (``index`` 0) as
+    :func:`fit`, then fine-tuning every member from round ``index - 1`` for ``options.max_epochs`` epochs.
+    A killed update is finished by calling it again with ``context.resume``. Returns the posterior file."""
+    rounds = Path(context.out_dir)
+    init = load_posterior(rounds / f"round{index - 1:03d}" / "posterior.h5") if index > 0 else None
+    settings = context.settings
+    if index > 0:
+        settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training,
+                                                                              max_epochs=options.max_epochs))
+    out = rounds / f"round{index:03d}"
+    posterior = fit_ensemble(context.model_config, context.train, context.val, settings, out,
+                             resume=context.resume, init=init, metadata=context.metadata)
+    posterior.save(out / "posterior.h5")
+    return out / "posterior.h5"

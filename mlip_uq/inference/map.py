@@ -12,7 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import ClassVar, Dict, List, Tuple
 
 import lightning as L
 import torch
@@ -22,8 +22,12 @@ from nequip.data import AtomicDataDict
 from nequip.nn import GraphModel
 from torch.utils.data import DataLoader
 
+from ..config import settings_from
 from ..data import collate
+from ..model import build_model
+from ..posterior import Posterior
 from .loss import LossWeights, loss_terms, weighted_loss
+from .options import check_noise_head
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,9 @@ class MAPSettings:
 
     @classmethod
     def from_dict(cls, values: Dict) -> "MAPSettings":
-        from ..config import settings_from
-
-        values = dict(values)
-        if "loss_weights" in values:
+        """The settings of a ``training`` section (types checked; ``loss_weights`` a mapping)."""
+        values = dict(values or {})
+        if isinstance(values.get("loss_weights"), dict):
             values["loss_weights"] = settings_from(LossWeights, values["loss_weights"], "training.loss_weights")
         return settings_from(cls, values, "training")
 
@@ -228,3 +231,34 @@ class _EpochLog(L.Callback):
             float(m.get("val_forces_mae", float("nan"))), lr, self.train_seconds, self.val_seconds,
             now - self.start,
         )
+
+
+@dataclass
+class Settings:
+    """Settings of method ``map``: the ``training`` section.
+
+    Args:
+        training: the MAP training settings.
+    """
+
+    training: MAPSettings
+
+    PATHS: ClassVar[Tuple[str, ...]] = ()
+
+    @classmethod
+    def from_dict(cls, config: Dict) -> "Settings":
+        """From a run configuration; ``model.noise_head`` must go with ``training.heteroscedastic``."""
+        training = MAPSettings.from_dict(config.get("training"))
+        check_noise_head(config.get("model", {}), training.heteroscedastic, "training.heteroscedastic")
+        return cls(training)
+
+
+def fit(context) -> Posterior:
+    """Method ``map``: one model trained by :func:`fit_map` (its best validation state), as a posterior with
+    one sample, written to ``posterior.h5``; the hyperparameters record the ``training`` section as given."""
+    state = fit_map(build_model(context.model_config), context.train, context.val, context.settings.training,
+                    context.out_dir, seed=context.model_config.seed, resume=context.resume)
+    posterior = Posterior.from_state_dicts(context.model_config, [state], method="map",
+                                           hyperparameters=context.config.get("training", {}), **context.metadata)
+    posterior.save(context.posterior_path)
+    return posterior

@@ -139,18 +139,13 @@ def pretrained_weights(source: Union[str, Path], names: Sequence[str], shapes: D
     return centers
 
 
-def prior_from_spec(spec: Dict, model: torch.nn.Module, stochastic: Sequence[str], section: str) -> GaussianPrior:
-    """The Gaussian prior of a configuration's ``{scale, layer_scales, center}`` mapping (``section`` names it in
-    errors, e.g. ``sgmcmc.prior``); ``center`` a posterior file or checkpoint of a pre-trained model."""
-    spec = dict(spec)
-    center = spec.pop("center", None)
-    unknown = set(spec) - {"scale", "layer_scales"}
-    if unknown:
-        raise ValueError(f"unknown {section} option(s) {sorted(unknown)}; use scale, layer_scales, center")
+def prior_from_spec(spec, model: torch.nn.Module, stochastic: Sequence[str]) -> GaussianPrior:
+    """The Gaussian prior of a :class:`~mlip_uq.inference.options.PriorSettings` (scale, layer scales, centre);
+    ``center`` a posterior file or checkpoint of a pre-trained model."""
     centers = {}
-    if center:
+    if spec.center:
         shapes = {n: p.shape for n, p in model.named_parameters()}
-        centers = pretrained_weights(center, stochastic, shapes)
+        centers = pretrained_weights(spec.center, stochastic, shapes)
         log.info("prior centred on %s for %d of %d stochastic tensors (the rest zero-centred)",
-                 center, len(centers), len(stochastic))
-    return GaussianPrior(scale=float(spec.get("scale", 1.0)), layer_scales=spec.get("layer_scales", {}), centers=centers)
+                 spec.center, len(centers), len(stochastic))
+    return GaussianPrior(scale=float(spec.scale), layer_scales=dict(spec.layer_scales), centers=centers)

@@ -13,8 +13,9 @@ closed form. ``kl_weight`` = 1 is the ELBO; < 1 tempers the prior (a "cold" post
 The core is model-agnostic and written init/step/sample style: :func:`init_vi` makes a :class:`VIState`
 (means, raw scales ρ, Adam state, RNG), :func:`vi_step` takes one optimiser step on any ``nn.Module`` whose
 ``forward`` takes the batch and any per-datum NLL function, :func:`sample_gaussian` draws K parameter sets.
-:func:`fit_vi` is the driver for the NequIP model: means from a MAP model (a file, or a MAP phase run by
-``fit_map``), minibatches that are a pure function of (seed, step), checkpoints with ``--resume``, a trace.
+:func:`fit` is the driver for the NequIP model (method ``vi``): means from a MAP model (a file, or a MAP phase
+run by ``fit_map``), minibatches that are a pure function of (seed, step), checkpoints with ``--resume``, a
+trace.
 
 The posterior file stores the K draws used for evaluation as ordinary samples and the fitted Gaussian itself in
 the groups ``/vi/mean`` and ``/vi/scale``, so that it can be sampled again at any K (:func:`resample`).
@@ -22,29 +23,27 @@ the groups ``/vi/mean`` and ``/vi/scale``, so that it can be sampled again at an
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import h5py
 import numpy as np
 import torch
 from nequip.data import AtomicDataDict
 
-from ..config import settings_from
+from ..config import ConfigError, settings_from
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, PosteriorFileError, load_posterior
 from ..posterior.io import save_posterior
-from .ensemble import fit_map_once
+from .common import fit_map_once, minibatch, resolve_device, resumed_trace, save_checkpoint
 from .loss import NoiseModel, neg_log_likelihood
 from .map import MAPSettings
-from .priors import GaussianPrior, pretrained_weights, select_stochastic
-from .priors import prior_from_spec
-from .sampling import minibatch, resolve_device
+from .options import PriorSettings, check_no_dropout, check_noise_head, likelihood_options
+from .priors import GaussianPrior, pretrained_weights, prior_from_spec, select_stochastic
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +70,7 @@ class VISettings:
         checkpoint_every: steps between checkpoints.
         trace_every: steps between trace rows.
         accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        training: the MAP phase's settings (the ``training`` section) when ``init`` is None; else None.
     """
 
     lr: float = 1e-3
@@ -82,11 +82,36 @@ class VISettings:
     n_samples: int = 20
     stochastic: Union[str, Dict] = "all"
     init: Optional[str] = None
-    prior: Dict = field(default_factory=lambda: {"scale": 1.0})
-    noise: Dict = field(default_factory=dict)
+    prior: PriorSettings = field(default_factory=PriorSettings)
+    noise: NoiseModel = field(default_factory=NoiseModel)
     checkpoint_every: int = 200
     trace_every: int = 10
     accelerator: str = "auto"
+    training: Optional[MAPSettings] = None
+
+    PATHS: ClassVar[Tuple[str, ...]] = ("vi.init", "vi.prior.center")
+
+    @classmethod
+    def from_dict(cls, config: Dict) -> "VISettings":
+        """From a run configuration: the ``vi`` section (``noise``, ``prior``, ``stochastic`` parsed) and, when
+        ``vi.init`` is not set, ``training`` for the MAP phase that initialises the means.
+
+        Raises:
+            ConfigError: a mistyped option; ``model.dropout``; ``model.noise_head`` without
+                ``vi.noise.heteroscedastic`` (or the reverse), or, for the MAP phase, without
+                ``training.heteroscedastic``: the means start from a MAP model trained with the same likelihood.
+        """
+        model = config.get("model", {})
+        check_no_dropout(model, "vi")
+        values = likelihood_options(config.get("vi"), "vi")
+        if "training" in values:
+            raise ConfigError("the MAP phase's settings go in the training section, not vi.training")
+        settings = settings_from(cls, values, "vi")
+        check_noise_head(model, settings.noise.heteroscedastic, "vi.noise.heteroscedastic")
+        if not settings.init:
+            settings.training = MAPSettings.from_dict(config.get("training"))
+            check_noise_head(model, settings.training.heteroscedastic, "training.heteroscedastic (VI's MAP phase)")
+        return settings
 
     def __post_init__(self):
         if self.accelerator not in ("auto", "cpu", "cuda"):
@@ -240,44 +265,31 @@ def resample(path, n_samples: int, seed: int) -> Posterior:
     post = load_posterior(path)
     means, scales = load_gaussian(path)
     hyper = {**post.hyperparameters, "n_samples": n_samples, "sample_seed": seed}
-    return posterior_from_gaussian(post.config, post.shared, means, scales, n_samples, seed, method=post.method,
-                                   hyperparameters=hyper, calibration=post.calibration,
-                                   energy_references=post.energy_references, data_fingerprint=post.data_fingerprint)
+    return post.replace(samples=sample_gaussian(means, scales, n_samples, seed), hyperparameters=hyper)
 
 
 _TRACE_FIELDS = ["step", "neg_elbo", "nll", "kl", "median_scale"]
 
+Settings = VISettings
 
-def fit_vi(
-    config: ModelConfig,
-    train: List[AtomicDataDict.Type],
-    val: List[AtomicDataDict.Type],
-    settings: VISettings,
-    out_dir: Path,
-    resume: bool = False,
-    map_settings: Optional[MAPSettings] = None,
-    metadata: Optional[Dict] = None,
-) -> Posterior:
-    """Fit the mean-field Gaussian of ``config``'s stochastic parameters and write ``out_dir/posterior.h5``.
 
-    Args:
-        config: the architecture.
-        train: training graphs (N = len(train) in the KL weight).
-        val: validation graphs (used by the MAP phase only).
-        settings: VI settings.
-        out_dir: run folder: ``map/`` (MAP phase, when ``settings.init`` is None), ``vi/vi.ckpt`` (checkpoint),
-            ``vi/trace.csv``, ``posterior.h5``.
-        resume: continue from ``vi/vi.ckpt`` (and a finished or checkpointed MAP phase).
-        map_settings: settings of the MAP phase (required when ``settings.init`` is None).
-        metadata: passed to :class:`Posterior` (energy_references, data_fingerprint).
+def fit(context) -> Posterior:
+    """Method ``vi``: fit the mean-field Gaussian of the stochastic parameters and write ``posterior.h5``.
+
+    Files in ``context.out_dir``: ``map/`` (the MAP phase, when ``settings.init`` is None), ``vi/vi.ckpt``
+    (checkpoint), ``vi/trace.csv``, ``posterior.h5``. With ``context.resume`` the fit continues from
+    ``vi/vi.ckpt`` (and a finished or checkpointed MAP phase). N = ``len(context.train)`` in the KL weight; the
+    validation graphs are used by the MAP phase only.
 
     Returns:
-        The posterior: ``settings.n_samples`` draws (seed ``config.seed``) from the fitted Gaussian.
+        The posterior: ``settings.n_samples`` draws (seed ``model_config.seed``) from the fitted Gaussian, the
+        Gaussian itself in ``/vi/mean`` and ``/vi/scale``.
     """
-    out_dir = Path(out_dir)
+    config, settings, train = context.model_config, context.settings, context.train
+    out_dir = Path(context.out_dir)
     work = out_dir / "vi"
     work.mkdir(parents=True, exist_ok=True)
-    noise = settings_from(NoiseModel, settings.noise, "vi.noise")
+    noise = settings.noise
     if noise.heteroscedastic and not config.noise_head:
         raise ValueError("vi.noise.heteroscedastic needs model.noise_head: true")
     model = build_model(config)
@@ -289,18 +301,18 @@ def fit_vi(
             raise ValueError(f"vi.init {settings.init} has no value for {missing}")
         model.load_state_dict(start)
     else:
-        if map_settings is None:
+        if settings.training is None:
             raise ValueError("vi.init is not set: the MAP phase needs the training settings")
-        model.load_state_dict(fit_map_once(model, train, val, map_settings, out_dir / "map", seed=config.seed,
-                                           resume=resume))
+        model.load_state_dict(fit_map_once(model, train, context.val, settings.training, out_dir / "map",
+                                           seed=config.seed, resume=context.resume))
     stochastic = select_stochastic(model, settings.stochastic)
-    prior = prior_from_spec(settings.prior, model, stochastic, "vi.prior")
+    prior = prior_from_spec(settings.prior, model, stochastic)
     device = resolve_device(settings.accelerator)
     model.to(device).train().requires_grad_(False)  # train mode: forces keep their graph for parameter gradients
     params = dict(model.named_parameters())
     state = init_vi({n: params[n] for n in stochastic}, settings.init_scale, settings.lr, seed=config.seed)
     checkpoint = work / "vi.ckpt"
-    if resume and checkpoint.is_file():
+    if context.resume and checkpoint.is_file():
         state.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         log.info("VI resumed at step %d", state.step)
     _run(state, model, train, settings, noise, prior, config.seed, work, device)
@@ -309,37 +321,22 @@ def fit_vi(
     partial = len(stochastic) < len(params)
     posterior = posterior_from_gaussian(
         config, shared, state.means, scales, settings.n_samples, seed=config.seed, method="vi",
-        hyperparameters={**asdict(settings), "partial": partial, "sample_seed": config.seed,
-                         "training": None if settings.init else asdict(map_settings)},
-        **(metadata or {}),
+        hyperparameters={**asdict(settings), "partial": partial, "sample_seed": config.seed}, **context.metadata,
     )
     save_vi_posterior(posterior, {n: t.cpu() for n, t in state.means.items()}, {n: t.cpu() for n, t in scales.items()},
-                      out_dir / "posterior.h5")
+                      context.posterior_path)
     return posterior
 
 
 def _run(state: VIState, model, train, settings: VISettings, noise: NoiseModel, prior: GaussianPrior, seed: int,
          work: Path, device: torch.device) -> None:
-    trace_path, checkpoint = work / "trace.csv", work / "vi.ckpt"
-    # rows after the checkpoint being resumed from are written again
-    kept = []
-    if trace_path.is_file():
-        with open(trace_path, newline="") as f:
-            kept = list(csv.DictReader(f))
+    checkpoint = work / "vi.ckpt"
     start = time.perf_counter()
 
     def nll(out, batch):
         return neg_log_likelihood(out, batch, noise)
 
-    def save():
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save(state.state_dict(), tmp)
-        tmp.replace(checkpoint)
-
-    with open(trace_path, "w", newline="") as trace_file:
-        writer = csv.DictWriter(trace_file, fieldnames=_TRACE_FIELDS)
-        writer.writeheader()
-        writer.writerows(r for r in kept if int(r["step"]) < state.step)
+    with resumed_trace(work / "trace.csv", _TRACE_FIELDS, state.step) as writer:
         while state.step < settings.steps:
             step = state.step
             batch = AtomicDataDict.to_(minibatch(train, settings.batch_size, seed, step), device)
@@ -348,6 +345,6 @@ def _run(state: VIState, model, train, settings: VISettings, noise: NoiseModel, 
                 sigma = torch.cat([s.detach().flatten() for s in state.scales().values()])
                 writer.writerow({"step": step, **terms, "median_scale": float(sigma.median())})
             if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
-                save()
+                save_checkpoint(state.state_dict(), checkpoint)
                 log.info("VI step %d/%d  neg_elbo %.5g  nll %.5g  KL %.5g  (%.0f s)", state.step, settings.steps,
                          terms["neg_elbo"], terms["nll"], terms["kl"], time.perf_counter() - start)

@@ -20,9 +20,7 @@ a half-written file and an interrupted write leaves the previous file intact.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..files import atomic_write
 from ..model import ModelConfig
 from .posterior import Posterior
 
@@ -43,23 +42,12 @@ class PosteriorFileError(ValueError):
 
 def atomic_h5_write(path, write, update: bool = False) -> None:
     """Call ``write(h5file)`` on a temporary HDF5 file next to ``path`` (with ``update``: a copy of ``path``,
-    opened for appending), then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    opened for appending), then rename it into place (:func:`mlip_uq.files.atomic_write`)."""
+    with atomic_write(path) as tmp:
         if update:
             shutil.copyfile(path, tmp)
         with h5py.File(tmp, "a" if update else "w") as f:
             write(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_posterior(posterior: Posterior, path, extra_groups=None) -> None:

@@ -138,6 +138,22 @@ class Posterior:
             self._model.to(self.device)
         return self
 
+    def replace(self, **changes) -> "Posterior":
+        """A new posterior with the given constructor arguments changed and the others (tensors included, not
+        copied) taken from this one; e.g. ``post.replace(samples=new, hyperparameters=...)``.
+
+        Raises:
+            TypeError: a name that is not an argument of :class:`Posterior`.
+        """
+        fields = ("config", "shared", "samples", "weights", "method", "hyperparameters", "calibration",
+                  "energy_references", "data_fingerprint")
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"Posterior.replace: unknown argument(s) {sorted(unknown)}; arguments: {list(fields)}")
+        if "samples" in changes and "weights" not in changes:
+            changes["weights"] = None  # new samples: equal weights unless given
+        return Posterior(**{name: changes.get(name, getattr(self, name)) for name in fields})
+
     def with_calibration(self, calibration: Dict[str, float]) -> "Posterior":
         """A copy sharing the tensors, with other recalibration factors."""
         other = copy.copy(self)

@@ -29,7 +29,7 @@ _MANY_POINTS = 2000
 PathLike = Union[str, Path]
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A Figure attached to its own Agg canvas (no pyplot state, no backend switch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -39,7 +39,8 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: PathLike) -> Path:
+def save_figure(fig, path: PathLike) -> Path:
+    """Write ``fig`` as PNG (``DPI`` dots per inch) to ``path``, creating its folder; returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")
@@ -126,7 +127,7 @@ def parity_plot(
     if fs is not None and fs.shape != fp.shape:
         raise ValueError("forces_std must match forces_pred")
 
-    fig = _new_figure(11.0, 5.0)
+    fig = new_figure(11.0, 5.0)
     ax_e, ax_f = fig.subplots(1, 2)
     _parity_panel(fig, ax_e, ep, et, es, "reference energy (eV/atom)", "predicted energy (eV/atom)",
                   "energy per atom", "eV/atom")
@@ -134,7 +135,7 @@ def parity_plot(
                   "predicted force component (eV/Å)", "force components", "eV/Å")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def calibration_plot(error, std, path: PathLike, label: str = "forces") -> Path:
@@ -152,7 +153,7 @@ def calibration_plot(error, std, path: PathLike, label: str = "forces") -> Path:
     """
     expected, observed = coverage_curve(error, std, CALIBRATION_LEVELS)
     area = miscalibration_area(error, std)
-    fig = _new_figure(5.0, 5.0)
+    fig = new_figure(5.0, 5.0)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
     ax.fill_between(expected, expected, observed, color="tab:orange", alpha=0.3,
@@ -166,7 +167,7 @@ def calibration_plot(error, std, path: PathLike, label: str = "forces") -> Path:
     ax.set_ylabel("observed coverage")
     ax.set_title(f"calibration: {label}")
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def error_vs_std_plot(abs_error, std, path: PathLike, label: str = "forces", n_bins: int = 20) -> Path:
@@ -194,7 +195,7 @@ def error_vs_std_plot(abs_error, std, path: PathLike, label: str = "forces", n_b
     shown = (a > 0) & (s > 0) & np.isfinite(a) & np.isfinite(s)
     rmv, rmse, _ = binned_rmse_rmv(a, s, n_bins=n_bins)
 
-    fig = _new_figure(5.5, 5.0)
+    fig = new_figure(5.5, 5.0)
     ax = fig.subplots()
     if np.any(shown):
         x, y = s[shown], a[shown]
@@ -221,4 +222,4 @@ def error_vs_std_plot(abs_error, std, path: PathLike, label: str = "forces", n_b
     hidden_note = f"\n({n_hidden} zero items not shown)" if n_hidden else ""
     ax.set_title(f"error vs uncertainty: {label}{hidden_note}")
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

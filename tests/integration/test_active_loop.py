@@ -12,11 +12,14 @@ from ase.build import molecule
 from ase.calculators.calculator import Calculator, all_changes
 from tblite.ase import TBLite
 
+from conftest import TINY_MODEL
+
 from mlip_uq.active import Oracle, oracle_from_config, run_active
 from mlip_uq.active import state as state_module
 from mlip_uq.active import update as update_module
 from mlip_uq.cli import main
 from mlip_uq.data import FrameStore
+from mlip_uq.inference import sampling as sampling_module
 from mlip_uq.posterior import load_posterior
 
 N_INITIAL, BUDGET = 6, 3
@@ -37,7 +40,7 @@ def tiny_config(shared_data, **sections):
         "update": {"settle_steps": 4, "n_samples": 2},
         "train": {
             "method": "sgmcmc",
-            "model": {"r_max": 3.5, "num_layers": 1, "l_max": 1, "num_features": 4, "radial_mlp_width": 8},
+            "model": dict(TINY_MODEL),
             "sgmcmc": {"lr": 1e-3, "batch_size": 3, "burnin_steps": 20, "preheat_steps": 2, "n_samples": 2,
                        "thinning": 3, "checkpoint_every": 5, "noise": {"energy": 0.01, "forces": 0.1}},
         },
@@ -136,9 +139,9 @@ KILL_POINTS = {
     # second exploration label committed to the store, before the state records it
     "after store commit": (FrameStore, "append", N_INITIAL + 1, True),
     # first update: labels committed, the continuation of the chains not started
-    "before update": (update_module, "continue_sgmcmc", 1, False),
+    "before update": (sampling_module, "continue_sgmcmc", 1, False),
     # second update finished, the state does not know it yet
-    "after update": (update_module, "continue_sgmcmc", 2, True),
+    "after update": (sampling_module, "continue_sgmcmc", 2, True),
     # during the second exploration reference call
     "during oracle call": (Oracle, "label", N_INITIAL + 4 + 2, False),
 }
@@ -236,7 +239,7 @@ def test_calibrated_rule_learns_its_scale_from_the_calls(shared_data, tmp_path):
 
 
 def test_a_posterior_that_predicts_nan_stops_the_loop_with_a_clear_error(shared_data, tmp_path, monkeypatch):
-    original = update_module.SGMCMCUpdate.fit
+    original = update_module.Updater.fit
 
     def diverged(self, train, val, index, resume, metadata):
         path = original(self, train, val, index, resume, metadata)
@@ -247,7 +250,7 @@ def test_a_posterior_that_predicts_nan_stops_the_loop_with_a_clear_error(shared_
             posterior.save(path)
         return path
 
-    monkeypatch.setattr(update_module.SGMCMCUpdate, "fit", diverged)
+    monkeypatch.setattr(update_module.Updater, "fit", diverged)
     with pytest.raises(RuntimeError, match="update 1 .* predicts NaN/inf forces on its own training structures"):
         run_active(tiny_config(shared_data, test=None), tmp_path)
 

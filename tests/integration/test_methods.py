@@ -14,6 +14,7 @@ from conftest import tiny_tio2_config
 import mlip_uq.inference.vi as vi
 from mlip_uq.cli import main
 from mlip_uq.posterior import load_posterior
+from mlip_uq.testing import PosteriorContract
 from mlip_uq.train import train
 
 READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
@@ -152,3 +153,27 @@ def test_bad_method_settings_are_reported_before_the_data_are_read(tio2_path, tm
     with pytest.raises(ValueError, match=message):
         train(cfg, out_dir=tmp_path)
     assert not (tmp_path / "data.h5").exists()
+
+
+class TestEnsemblePosterior(PosteriorContract):
+    """The posterior contract (:mod:`mlip_uq.testing`) for method ensemble."""
+
+    @pytest.fixture
+    def contract_posterior(self, runs):
+        return load_posterior(runs["ensemble"] / "posterior.h5")
+
+
+class TestVIPosterior(PosteriorContract):
+    """The posterior contract (:mod:`mlip_uq.testing`) for method vi."""
+
+    @pytest.fixture
+    def contract_posterior(self, runs):
+        return load_posterior(runs["vi"] / "posterior.h5")
+
+
+class TestDropoutPosterior(PosteriorContract):
+    """The posterior contract (:mod:`mlip_uq.testing`) for method dropout."""
+
+    @pytest.fixture
+    def contract_posterior(self, runs):
+        return load_posterior(runs["dropout"] / "posterior.h5")

@@ -16,6 +16,7 @@ from mlip_uq.model import build_model
 from mlip_uq.posterior import Posterior
 from mlip_uq.inference.map import PotentialModule
 from mlip_uq.posterior import load_posterior
+from mlip_uq.testing import PosteriorContract
 from mlip_uq.train import train
 
 DESIGN_KEYS = {"energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "n_structures", "n_samples"}
@@ -134,3 +135,11 @@ def test_noise_head_trained_jointly_gives_aleatoric_force_uncertainty(tio2_path,
     cfg["model"]["noise_head"] = False
     with pytest.raises(ValueError, match="model.noise_head and training.heteroscedastic go together"):
         train(cfg, out_dir=tmp_path / "other")
+
+
+class TestMAPPosterior(PosteriorContract):
+    """The posterior contract (:mod:`mlip_uq.testing`) for method map."""
+
+    @pytest.fixture
+    def contract_posterior(self, trained):
+        return load_posterior(trained / "posterior.h5")

@@ -4,20 +4,17 @@ import numpy as np
 import pytest
 from ase.build import molecule
 
+from conftest import seeded_posterior, tiny_model_config
+
 from mlip_uq import UQCalculator
 from mlip_uq.active.explore import Walker, next_walker, pool_uncertainty
 from mlip_uq.data import atoms_to_graph
-from mlip_uq.model import ModelConfig, build_model
-from mlip_uq.posterior import Posterior
 
 
 @pytest.fixture(scope="module")
 def posterior():
     # float64: the pool's batched predictions are compared with the calculator's at 1e-10
-    config = ModelConfig(type_names=["H", "C", "O"], r_max=3.5, num_layers=1, num_features=4, radial_mlp_width=8,
-                         dtype="float64")
-    states = [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in range(3)]
-    return Posterior.from_state_dicts(config, states, method="ensemble")
+    return seeded_posterior(tiny_model_config(["H", "C", "O"], dtype="float64"), method="ensemble")
 
 
 def test_pool_uncertainty_matches_the_calculator_in_batches(posterior):

@@ -5,9 +5,11 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import seeded_posterior, tiny_model_config
+
 from mlip_uq import UQCalculator
 from mlip_uq.evaluate import calibrate_file, evaluate_file
-from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.model import build_model
 from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.posterior.io import write_calibration
 from mlip_uq.uq.calibration import (
@@ -20,13 +22,12 @@ from mlip_uq.uq.calibration import (
 )
 from mlip_uq.uq.metrics import gaussian_nll
 
-CONFIG = ModelConfig(type_names=["O", "Ti"], r_max=4.0, num_layers=1, num_features=4, radial_mlp_width=8,
-                     avg_num_neighbors=20.0, energy_shifts={"O": -432.503149303, "Ti": -1604.604515075})
+CONFIG = tiny_model_config(["O", "Ti"], r_max=4.0, avg_num_neighbors=20.0,
+                           energy_shifts={"O": -432.503149303, "Ti": -1604.604515075})
 
 
 def posterior(**kw):
-    sds = [build_model(ModelConfig.from_dict({**CONFIG.to_dict(), "seed": s})).state_dict() for s in range(3)]
-    return Posterior.from_state_dicts(CONFIG, sds, energy_references=dict(CONFIG.energy_shifts), **kw)
+    return seeded_posterior(CONFIG, energy_references=dict(CONFIG.energy_shifts), **kw)
 
 
 def synthetic(n=4000, seed=0):

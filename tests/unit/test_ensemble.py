@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import mlip_uq.inference.ensemble as ensemble
+from conftest import tiny_model_config
+
+import mlip_uq.inference.common as common
 from mlip_uq.data import atoms_to_graph, fit_energy_references, read_frames
 from mlip_uq.evaluate import predict_graphs
 from mlip_uq.inference.ensemble import EnsembleSettings, fit_ensemble
@@ -19,8 +21,7 @@ TYPES = ["O", "Ti"]
 def data(tio2_path):
     frames = read_frames(tio2_path)[:30]
     graphs = [atoms_to_graph(a, TYPES, 4.0) for a in frames]
-    config = ModelConfig(type_names=TYPES, r_max=4.0, num_layers=1, num_features=4, radial_mlp_width=8,
-                         energy_shifts=fit_energy_references(frames[:24], TYPES), seed=10)
+    config = tiny_model_config(TYPES, r_max=4.0, energy_shifts=fit_energy_references(frames[:24], TYPES), seed=10)
     return config, graphs[:24], graphs[24:]
 
 
@@ -85,7 +86,7 @@ def test_bootstrap_resamples_the_training_set_per_member(data, tmp_path, monkeyp
         seen.append([next(i for i, g in enumerate(train) if g is h) for h in member_train])
         return model.state_dict()
 
-    monkeypatch.setattr(ensemble, "fit_map", fake_fit_map)
+    monkeypatch.setattr(common, "fit_map", fake_fit_map)
     fit_ensemble(config, train, val, EnsembleSettings(3, bootstrap=True, training=member_settings()), tmp_path / "a")
     fit_ensemble(config, train, val, EnsembleSettings(3, bootstrap=True, training=member_settings()), tmp_path / "b")
     first, again = seen[:3], seen[3:]

@@ -4,6 +4,8 @@ import h5py
 import pytest
 import torch
 
+from conftest import tiny_model_config
+
 from mlip_uq.inference.priors import GaussianPrior
 from mlip_uq.inference.vi import (
     init_vi,
@@ -127,7 +129,7 @@ def test_gaussian_draws_are_seeded_and_have_the_fitted_moments():
 
 
 def test_posterior_file_stores_the_gaussian_and_resamples_at_any_k(tmp_path):
-    config = ModelConfig(type_names=["O", "Ti"], num_layers=1, num_features=4, radial_mlp_width=8)
+    config = tiny_model_config(["O", "Ti"], r_max=ModelConfig.r_max)
     state = build_model(config).state_dict()
     name = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
     means = {name: state[name]}

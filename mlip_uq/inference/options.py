@@ -1,0 +1,93 @@
+"""Option parsing shared by the methods' ``Settings.from_dict``: the nested likelihood, prior and
+``stochastic`` options, and the checks that span configuration sections (noise head, dropout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from ..config import ConfigError, check_type, settings_from
+from .loss import NoiseModel
+
+
+@dataclass
+class PriorSettings:
+    """The Gaussian prior of a sampling or variational method (``sgmcmc.prior``, ``vi.prior``).
+
+    Args:
+        scale: prior std of every stochastic parameter (parameter units).
+        layer_scales: per-layer overrides of ``scale`` (layer names of :func:`~mlip_uq.inference.priors.layers`).
+        center: a posterior file or checkpoint of a pre-trained model whose weights centre the prior (transfer
+            learning); None: zero-centred.
+    """
+
+    scale: float = 1.0
+    layer_scales: Dict[str, float] = field(default_factory=dict)
+    center: Optional[str] = None
+
+
+def likelihood_options(values: Any, section: str) -> Dict[str, Any]:
+    """A copy of a method section with ``noise`` parsed into a :class:`~mlip_uq.inference.loss.NoiseModel`,
+    ``prior`` into a :class:`PriorSettings` and the form of ``stochastic`` checked (``all``,
+    ``{last_layers: N}`` or ``{patterns: [...]}``; which layers exist is checked against the model later).
+
+    Raises:
+        ConfigError: an unknown or mistyped option, named with its ``section`` (e.g. ``sgmcmc.noise.force``).
+    """
+    values = dict(section_mapping(values, section))
+    if "noise" in values:
+        values["noise"] = settings_from(NoiseModel, values["noise"], f"{section}.noise")
+    if "prior" in values:
+        values["prior"] = settings_from(PriorSettings, values["prior"], f"{section}.prior")
+    if "stochastic" in values:
+        check_stochastic(values["stochastic"], f"{section}.stochastic")
+    return values
+
+
+def section_mapping(values: Any, section: str) -> Dict[str, Any]:
+    """``values`` (None: empty) as a dict, or a :class:`~mlip_uq.config.ConfigError` naming ``section``."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}={values!r}: expected a mapping of options")
+    return values
+
+
+def check_stochastic(spec: Any, key: str) -> None:
+    """Check the form of a ``stochastic`` option: ``all``, ``{last_layers: N}`` or ``{patterns: [...]}``.
+
+    Example:
+        >>> check_stochastic({"last_layers": 2}, "sgmcmc.stochastic")
+        >>> check_stochastic({"last_layer": 2}, "sgmcmc.stochastic")
+        Traceback (most recent call last):
+        ...
+        mlip_uq.config.ConfigError: sgmcmc.stochastic={'last_layer': 2}: expected 'all', {last_layers: N} or {patterns: [...]}
+    """
+    if spec == "all":
+        return
+    if not isinstance(spec, dict) or len(spec) != 1 or not set(spec) <= {"last_layers", "patterns"}:
+        raise ConfigError(f"{key}={spec!r}: expected 'all', {{last_layers: N}} or {{patterns: [...]}}")
+    if "last_layers" in spec:
+        check_type(spec["last_layers"], int, f"{key}.last_layers")
+    else:
+        check_type(spec["patterns"], list, f"{key}.patterns")
+
+
+def check_noise_head(model: Dict, heteroscedastic: bool, option: str) -> None:
+    """The noise head's σ is reported as aleatoric uncertainty, so it exists only where the likelihood trains it.
+
+    Raises:
+        ConfigError: ``model.noise_head`` and the heteroscedastic ``option`` disagree.
+    """
+    if bool(heteroscedastic) != bool(model.get("noise_head", False)):
+        raise ConfigError(f"model.noise_head and {option} go together: set both to true or leave both out")
+
+
+def check_no_dropout(model: Dict, method: str) -> None:
+    """Sampling and variational methods have no dropout masks.
+
+    Raises:
+        ConfigError: ``model.dropout`` > 0.
+    """
+    if float(model.get("dropout", 0.0)) > 0:
+        raise ConfigError(f"model.dropout is for methods dropout, map and ensemble, not {method}")
