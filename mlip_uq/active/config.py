@@ -16,6 +16,7 @@ from ..config import (
     apply_override,
     load_config,
     merge_sections,
+    settings_from,
     read_config_file,
     resolve_method_paths,
     resolve_path,
@@ -67,6 +68,7 @@ def load_active_config(source, overrides: Iterable[str] = ()) -> Dict:
     if unknown:
         raise ConfigError(f"unknown explore option(s) {sorted(unknown)} for kind {kind}; "
                           f"known: {sorted(EXPLORE_DEFAULTS[kind])}")
+    settings_from(EXPLORER_OPTIONS[kind], explore, "explore")  # types and cross-checks, before any reference call
     cfg["explore"] = {"kind": kind, **explore}
     unknown = set(cfg["budget"]) - set(DEFAULTS["budget"])
     if unknown:

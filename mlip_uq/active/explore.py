@@ -132,6 +132,9 @@ class MDOptions:
         timestep_fs: MD time step (fs).
         temperature_K: thermostat (and initial velocity) temperature (K).
         ensemble: ``langevin``, ``nvt`` or ``nve`` (as :func:`mlip_uq.md.run_md`).
+        uq_every: check the force uncertainty, and test the rule, every this many MD steps (from each chunk's
+            first step; :func:`mlip_uq.md.run_md`); the steps between checks cost one model's forces. It must
+            divide ``chunk_steps``. A ``random`` rule's probability is then per check, not per step.
     """
 
     starts: Dict = field(default_factory=lambda: {"path": None, "index": "0"})
@@ -141,11 +144,17 @@ class MDOptions:
     timestep_fs: float = 0.5
     temperature_K: float = 300.0
     ensemble: str = "langevin"
+    uq_every: int = 1
+
+    def __post_init__(self):
+        if self.uq_every < 1 or self.chunk_steps % self.uq_every:
+            raise ConfigError(f"explore.uq_every={self.uq_every!r}: expected a positive integer that divides "
+                              f"explore.chunk_steps ({self.chunk_steps})")
 
     def md_kwargs(self) -> Dict:
         """The options passed on to :func:`mlip_uq.md.run_md` for every chunk."""
         return {"timestep_fs": float(self.timestep_fs), "temperature_K": float(self.temperature_K),
-                "ensemble": self.ensemble}
+                "ensemble": self.ensemble, "uq_every": int(self.uq_every)}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import pytest
 
+from mlip_uq.active.explore import MDOptions
 from mlip_uq.active.loop import ActiveLoop, load_active_config
 from mlip_uq.config import ConfigError
 
@@ -30,6 +31,10 @@ def test_defaults_and_overrides(shared_data):
     assert cfg["budget"] == {"max_calls": 7, "target_forces_mae": None}
     assert cfg["rule"]["threshold"] == 0.02  # YAML 1.2 float
     assert cfg["explore"]["chunk_steps"] == 200 and cfg["explore"]["temperature_K"] == 300.0
+    assert cfg["explore"]["uq_every"] == 1
+    every = load_active_config(minimal(shared_data), overrides=["explore.uq_every=10"])
+    options = MDOptions(**{k: v for k, v in every["explore"].items() if k != "kind"})
+    assert options.md_kwargs()["uq_every"] == 10  # what run_md is given for every chunk
 
 
 @pytest.mark.parametrize("change,message", [
@@ -39,6 +44,9 @@ def test_defaults_and_overrides(shared_data):
     ({"explore": {"kind": "md", "stepz": 5}}, r"unknown explore option\(s\) \['stepz'\]"),
     ({"explore": {"kind": "pool", "pool": {"path": "x.xyz", "size": 5}}}, r"unknown explore.pool option\(s\)"),
     ({"budget": {"calls": 5}}, r"unknown budget option\(s\) \['calls'\]"),
+    ({"explore": {"kind": "md", "steps": "many"}}, r"explore.steps='many': expected an integer"),
+    ({"explore": {"kind": "md", "uq_every": 7}}, r"explore.uq_every=7: expected a positive integer that divides"),
+    ({"explore": {"kind": "md", "uq_every": 0}}, r"explore.uq_every=0"),
     ({"train": {"data": {"path": "x.xyz"}}}, "train.data.path is filled in by the loop"),
 ])
 def test_bad_configuration_is_named(shared_data, change, message):
