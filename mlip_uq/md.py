@@ -27,7 +27,8 @@ at that step, via :func:`~mlip_uq.calculator.uq_to_atoms`, plus ``step`` and ``t
 trace against time). Trajectory and log are written to ``trajectory.extxyz.partial`` and ``md_log.csv.partial``,
 each frame and row flushed as it is written, and renamed into place when the run ends (finished or stopped by the
 rule): a run that fails or is killed leaves the files of an earlier run in ``out_dir`` as they were, and its own
-frames and rows, up to the last one written, in the ``.partial`` files.
+frames and rows, up to the last one written, in the ``.partial`` files (``ase.io.read(...,
+format="extxyz")`` reads the trajectory's).
 """
 
 from __future__ import annotations
