@@ -20,7 +20,8 @@ epoch of each block (warm-up) is dropped and the median over the rest is reporte
     OMP_NUM_THREADS=1 python scripts/bench_training.py [--data ethanol|tio2] [--rounds 3] [--epochs 5]
         [--dtypes float32 float64] [--profile] [--out docs/benchmarks.md]
 
-``--profile`` adds a cProfile of one short ``fit_map`` run (the functions with the most own time) to the section.
+``--profile`` adds a cProfile of one short ``fit_map`` and one short ``run_sgmcmc`` run (the functions with the
+most own time) to the section.
 """
 
 import argparse
@@ -141,18 +142,18 @@ def sgmcmc_steps(model_config, data, batch_size: int, n_steps: int, work: Path):
     return [(b[-1] - a[-1]) / (b[1] - a[1]) for a, b in zip(rows, rows[1:])]
 
 
-def profile_fit_map(model_config, data, settings: MAPSettings, work: Path, top: int = 18) -> str:
-    """The functions with the most own time in a short ``fit_map`` run, as cProfile prints them."""
+def profile(run, work: Path, top: int = 15) -> str:
+    """The functions with the most own time in ``run(out_dir)``, as cProfile prints them."""
     profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory(dir=work) as out, contextlib.redirect_stderr(io.StringIO()):
         profiler.enable()
-        fit_map(build_model(model_config), data.train, data.val, settings, Path(out), seed=0)
+        run(Path(out))
         profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     lines = text.getvalue().splitlines()
     start = next(i for i, line in enumerate(lines) if "ncalls" in line)
-    return "\n".join(line.replace(str(Path(torch.__file__).parents[1]) + "/", "") for line in lines[start:])
+    return "\n".join(line.replace(str(Path(torch.__file__).parents[1]) + "/", "") for line in lines[start:]).rstrip()
 
 
 ACCURACY_RUNS = """\
@@ -220,16 +221,21 @@ def main() -> None:
         }
     model_config, data, settings = runs[args.dtypes[0]]
     n_batches = -(-len(data.train) // settings.batch_size)
-    profile = profile_fit_map(model_config, data, settings, args.runs) if args.profile else None
+    profiles = {}
+    if args.profile:
+        profiles["fit_map"] = profile(lambda out: fit_map(build_model(model_config), data.train, data.val,
+                                                          settings, out), args.runs)
+        profiles["run_sgmcmc"] = profile(lambda out: sgmcmc_steps(model_config, data, settings.batch_size,
+                                                                  args.sgmcmc_steps, out), args.runs)
     shape = (f"{len(data.train)} training / {len(data.val)} validation structures, batch "
              f"{settings.batch_size} ({n_batches} steps per epoch), {model_config.num_layers} layers, l_max "
              f"{model_config.l_max}, {model_config.num_features} features")
-    body = report(results, args, shape, profile, time.perf_counter() - started)
+    body = report(results, args, shape, profiles, time.perf_counter() - started)
     update_section(args.out, HEADING, body)
     print(body)
 
 
-def report(results, args, shape: str, profile, seconds: float) -> str:
+def report(results, args, shape: str, profiles, seconds: float) -> str:
     threads = torch.get_num_threads()
     lines = [
         f"{date.today().isoformat()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -254,9 +260,10 @@ def report(results, args, shape: str, profile, seconds: float) -> str:
         f32, f64 = results["float32"]["ours"][2], results["float64"]["ours"][2]
         lines += ["", f"float64 / float32 per epoch (ours): {f64 / f32:.2f}x."]
     lines += ["", ACCURACY_RUNS]
-    if profile:
-        lines += ["", f"Where one short `fit_map` run ({args.dtypes[0]}, {args.epochs} epochs) spends its time "
-                  "(cProfile, own time):", "", "```", profile, "```"]
+    for name, text in profiles.items():
+        what = f"{args.epochs} epochs" if name == "fit_map" else f"{args.sgmcmc_steps} steps"
+        lines += ["", f"Where one short `{name}` run ({args.dtypes[0]}, {what}) spends its time (cProfile, "
+                  "own time):", "", "```", text, "```"]
     return "\n".join(lines)
 
 
