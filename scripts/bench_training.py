@@ -41,9 +41,10 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.utils.global_state import set_global_state
 
-from bench_accuracy import update_section  # the one writer of a docs/benchmarks.md section
+from _harness import update_section  # the one writer of a docs/benchmarks.md section
 from mlip_uq.config import load_config
 from mlip_uq.data import collate
+from mlip_uq.inference.loss import NoiseModel
 from mlip_uq.inference.map import MAPSettings, fit_map
 from mlip_uq.inference.sampling import SGMCMCSettings, run_sgmcmc
 from mlip_uq.model import build_model
@@ -134,8 +135,8 @@ def sgmcmc_steps(model_config, data, batch_size: int, n_steps: int, work: Path):
     every = 10
     settings = SGMCMCSettings(lr=1e-4, batch_size=batch_size, burnin_steps=n_steps // 2, preheat_steps=0,
                               n_samples=1, thinning=n_steps - n_steps // 2, checkpoint_every=every,
-                              accelerator="cpu", noise={"energy": 0.001, "forces": 0.03})
-    with collecting("mlip_uq.inference.sampling", "chain %d: step") as rows, \
+                              accelerator="cpu", noise=NoiseModel(energy=0.001, forces=0.03))
+    with collecting("mlip_uq.inference.chains", "chain %d: step") as rows, \
             tempfile.TemporaryDirectory(dir=work) as out:
         run_sgmcmc(model_config, data.train, settings, Path(out))
     # (chain, step, end, phase, temperature, N*nll, elapsed): per-step seconds between progress lines

@@ -88,6 +88,10 @@ def test_killed_vi_run_resumes_to_the_same_result(runs, tio2_path, store, tmp_pa
     # both runs start from the means of the module's VI run (its MAP phase), so only the VI phase is compared
     start = str(runs["vi"] / "map" / "final.pt")
     cfg = config(tio2_path, store, "vi", vi={**VI, "init": start})
+    # float64: bit-for-bit equality is the claim. In float32 the resumed run differed in 12 of 512 elements by one
+    # ulp (1.5e-8), although the state round trip is exact: float32 CPU kernels may take other code paths for
+    # other memory alignments, so float32 runs are reproducible to rounding only
+    cfg["model"]["dtype"] = "float64"
     reference = train(cfg, out_dir=tmp_path / "straight")
     original = vi.vi_step
 
