@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,36 +161,49 @@ def method_settings(cfg: Dict) -> Any:
     :mod:`mlip_uq.inference`), and the model section's keys, checked before any data are prepared.
 
     Raises:
-        ConfigError: a mistyped option (named with its value and the expected type), an unknown model option,
+        ConfigError: a mistyped option (named with its value and the expected type; model options included),
+            an unknown model option,
             ``model.noise_head`` without the heteroscedastic likelihood that trains it (or the reverse),
             ``model.dropout`` with a method that does not train with dropout.
     """
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(cfg["model"]) - known
-    if unknown:
-        raise ConfigError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(known)}")
+    model = dict(cfg["model"])
+    shifts = model.pop("energy_shifts", "fit")  # filled in from the data: checked here for its kind only
+    if shifts not in ("fit", "references") and not isinstance(shifts, dict):
+        raise ConfigError(f"model.energy_shifts must be 'fit', 'references' or a mapping element -> eV, got {shifts!r}")
+    settings_from(ModelConfig, {"type_names": [], **model}, "model")  # types and names of the model options
     return load_method(cfg["method"]).Settings.from_dict(cfg)
 
 
-def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False) -> Path:
+def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False, overwrite: bool = False) -> Path:
     """Run a training configuration (path or dict) with its method (``map``, ``sgmcmc``, ``vi``, ``ensemble``,
     ``dropout``: an entry of :data:`mlip_uq.inference.METHODS`) and return the output folder.
 
     Writes ``posterior.h5``, ``metrics.json`` (test-set metrics, DESIGN.md names), ``parity.png`` and the
-    resolved ``config.yaml``; checkpoints go to ``checkpoints/``. With ``resume`` the run continues from its
-    last checkpoint; the configuration must be the one the run started with, but for ``training.max_epochs``.
+    resolved ``config.yaml``; checkpoints go to ``checkpoints/``.
+
+    Folder rule: a folder that holds a run (its ``config.yaml``) is continued with ``resume`` (the
+    configuration must be the one the run started with, but for ``training.max_epochs``) or replaced with
+    ``overwrite``; without either it is refused. ``config.yaml`` is written only once the settings and the data
+    are checked, so a run that fails on them leaves the folder as it was.
+
+    Raises:
+        ConfigError: the folder holds a run and neither ``resume`` nor ``overwrite`` is given (or both are).
     """
     cfg = load_config(config, overrides)
     out = Path(out_dir or Path("runs") / cfg.get("name", cfg["method"]))
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.yaml"
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one")
     if resume:  # a resumed run may be given more epochs
         check_resumed_config(saved, cfg, ["training.max_epochs"], "run")
+    elif saved.is_file() and not overwrite:
+        raise ConfigError(f"{out} already holds a run ({saved.name}); continue it with --resume or replace it "
+                          "with --overwrite")
     # settings first, so that a mistyped option is reported before the data are prepared
     settings = method_settings(cfg)
-    dump_config(cfg, saved)
-
+    out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, out)
+    dump_config(cfg, saved)
     write_json(data.indices, out / "splits.json")
     model_config = model_config_from_data(cfg, data)
     context = FitContext(model_config=model_config, train=data.train, val=data.val, settings=settings, out_dir=out,
