@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Literal, Optional, Union
 
 import numpy as np
 import torch
 from ase.data import atomic_numbers
 from nequip.data import AtomicDataDict
 
-from .config import ConfigError, check_resumed_config, dump_config, load_config, settings_from
+from .config import ConfigError, check_resumed_config, check_type, dump_config, load_config, settings_from
 from .data import (
     FrameStore,
     LabelKeys,
@@ -45,6 +45,53 @@ class PreparedData:
     indices: Dict[str, List[int]]
     fingerprint: str
     fitted_energies: Dict[str, float]
+
+
+#: the options of the ``data`` section and their types (defaults in :data:`mlip_uq.config.BASE_DEFAULTS`)
+DATA_OPTIONS = {
+    "path": str, "test_path": Optional[str], "keys": dict,
+    "energy_references": Union[Literal["fit"], Dict[str, float]], "filter": dict, "split": dict,
+    "n_train": Optional[int], "n_val": Optional[int], "n_test": Optional[int], "min_distance": float,
+    "store": Optional[str],
+}
+FILTER_OPTIONS = {"max_energy_per_atom": Optional[float], "max_force": Optional[float]}
+_FRACTIONS = {"val_fraction": float, "test_fraction": float}
+_CLUSTERS = {"test_clusters": Optional[List[str]], "test_fraction": float, "n_clusters": int, "val_fraction": float,
+             "r_max": float, "n_bins": int}
+#: per ``data.split.kind``: its options and their types (the arguments of :mod:`mlip_uq.data.splits`'s functions)
+SPLIT_OPTIONS = {"random": _FRACTIONS, "property_range": _FRACTIONS, "composition": _CLUSTERS, "kmeans": _CLUSTERS,
+                 "cell_size": {"max_train_atoms": int, "val_fraction": float}}
+SPLIT_REQUIRED = {"random": ("val_fraction", "test_fraction"), "property_range": ("val_fraction", "test_fraction"),
+                  "cell_size": ("max_train_atoms",)}
+
+
+def check_data_section(data: Dict) -> None:
+    """Check the names and types of the ``data`` options, of ``data.keys``, ``data.filter`` and of
+    ``data.split`` (for its ``kind``), before any file is read.
+
+    Raises:
+        ConfigError: an unknown or missing option, or a value of the wrong type; the error names the key, the
+            value and what is expected.
+    """
+    def check(section: Dict, options: Dict, name: str, known_for: str = "") -> None:
+        unknown = set(section) - set(options)
+        if unknown:
+            raise ConfigError(f"unknown {name} option(s) {sorted(unknown)}{known_for}; known: {sorted(options)}")
+        for key, value in section.items():
+            check_type(value, options[key], f"{name}.{key}")
+
+    check(data, DATA_OPTIONS, "data")
+    settings_from(LabelKeys, data["keys"], "data.keys")
+    check(data["filter"], FILTER_OPTIONS, "data.filter")
+    split = dict(data["split"])
+    kind = split.pop("kind", "random")
+    if kind not in SPLIT_OPTIONS:
+        raise ConfigError(f"data.split.kind={kind!r}: expected one of {', '.join(SPLIT_OPTIONS)}")
+    check(split, SPLIT_OPTIONS[kind], "data.split", f" for kind {kind}")
+    given = set(split) | ({"test_fraction"} if data["test_path"] else set())  # a test file: no test part
+    missing = [k for k in SPLIT_REQUIRED.get(kind, ()) if k not in given]
+    if missing:
+        raise ConfigError(f"data.split of kind {kind} needs {', '.join(missing)}")
 
 
 def _split(frames, kept: np.ndarray, split: Dict, seed: int, has_test_file: bool,
@@ -86,9 +133,6 @@ def prepare_data(config: Dict, out_dir: Path) -> PreparedData:
     refs = data["energy_references"]
     given_refs = isinstance(refs, dict)
     filter_refs = refs if given_refs else fit_energy_references(frames, type_names)
-    unknown = set(data["filter"]) - {"max_energy_per_atom", "max_force"}
-    if unknown:
-        raise ConfigError(f"unknown data.filter option(s) {sorted(unknown)}; known: max_energy_per_atom, max_force")
     _, keep = filter_frames(frames, filter_refs, **data["filter"])
     kept = np.flatnonzero(keep)
     if len(kept) < len(frames):
@@ -158,7 +202,7 @@ def model_config_from_data(config: Dict, data: PreparedData) -> ModelConfig:
 
 def method_settings(cfg: Dict) -> Any:
     """The typed settings of the configuration's method (its ``Settings.from_dict``; see
-    :mod:`mlip_uq.inference`), and the model section's keys, checked before any data are prepared.
+    :mod:`mlip_uq.inference`), and the model and data sections' keys, checked before any data are prepared.
 
     Raises:
         ConfigError: a mistyped option (named with its value and the expected type; model options included),
@@ -171,6 +215,7 @@ def method_settings(cfg: Dict) -> Any:
     if shifts not in ("fit", "references") and not isinstance(shifts, dict):
         raise ConfigError(f"model.energy_shifts must be 'fit', 'references' or a mapping element -> eV, got {shifts!r}")
     settings_from(ModelConfig, {"type_names": [], **model}, "model")  # types and names of the model options
+    check_data_section(cfg["data"])
     return load_method(cfg["method"]).Settings.from_dict(cfg)
 
 
