@@ -13,7 +13,7 @@ from typing import List, Optional
 def _train(args) -> int:
     from .train import train
 
-    out = train(args.config, out_dir=args.out, overrides=args.overrides, resume=args.resume)
+    out = train(args.config, out_dir=args.out, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"posterior: {out / 'posterior.h5'}")
     print(f"metrics:   {out / 'metrics.json'}  ({metrics['evaluated_on']} set: "
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override configuration values, e.g. training.max_epochs=5")
     p.add_argument("--out", help="output folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds (without it, or --resume, such a folder is refused)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics (and plots) of a posterior on labelled structures")

@@ -146,7 +146,7 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
     timing = run_dir / "train_seconds.json"  # written once training finished: evaluation may be redone alone
     if not timing.is_file():
         start = time.perf_counter()
-        train(config, out_dir=run_dir)
+        train(config, out_dir=run_dir, overwrite=True)  # a run killed before it finished is redone
         write_json({"train_seconds": time.perf_counter() - start}, timing)
     train_seconds = json.loads(timing.read_text())["train_seconds"]
     posterior = load_posterior(run_dir / "posterior.h5")

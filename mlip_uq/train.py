@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Literal, Optional, Union
 
 import numpy as np
 import torch
 from ase.data import atomic_numbers
 from nequip.data import AtomicDataDict
 
-from .config import ConfigError, check_resumed_config, dump_config, load_config, settings_from
+from .config import ConfigError, check_resumed_config, check_type, dump_config, load_config, settings_from
 from .data import (
     FrameStore,
     LabelKeys,
@@ -46,6 +45,53 @@ class PreparedData:
     indices: Dict[str, List[int]]
     fingerprint: str
     fitted_energies: Dict[str, float]
+
+
+#: the options of the ``data`` section and their types (defaults in :data:`mlip_uq.config.BASE_DEFAULTS`)
+DATA_OPTIONS = {
+    "path": str, "test_path": Optional[str], "keys": dict,
+    "energy_references": Union[Literal["fit"], Dict[str, float]], "filter": dict, "split": dict,
+    "n_train": Optional[int], "n_val": Optional[int], "n_test": Optional[int], "min_distance": float,
+    "store": Optional[str],
+}
+FILTER_OPTIONS = {"max_energy_per_atom": Optional[float], "max_force": Optional[float]}
+_FRACTIONS = {"val_fraction": float, "test_fraction": float}
+_CLUSTERS = {"test_clusters": Optional[List[str]], "test_fraction": float, "n_clusters": int, "val_fraction": float,
+             "r_max": float, "n_bins": int}
+#: per ``data.split.kind``: its options and their types (the arguments of :mod:`mlip_uq.data.splits`'s functions)
+SPLIT_OPTIONS = {"random": _FRACTIONS, "property_range": _FRACTIONS, "composition": _CLUSTERS, "kmeans": _CLUSTERS,
+                 "cell_size": {"max_train_atoms": int, "val_fraction": float}}
+SPLIT_REQUIRED = {"random": ("val_fraction", "test_fraction"), "property_range": ("val_fraction", "test_fraction"),
+                  "cell_size": ("max_train_atoms",)}
+
+
+def check_data_section(data: Dict) -> None:
+    """Check the names and types of the ``data`` options, of ``data.keys``, ``data.filter`` and of
+    ``data.split`` (for its ``kind``), before any file is read.
+
+    Raises:
+        ConfigError: an unknown or missing option, or a value of the wrong type; the error names the key, the
+            value and what is expected.
+    """
+    def check(section: Dict, options: Dict, name: str, known_for: str = "") -> None:
+        unknown = set(section) - set(options)
+        if unknown:
+            raise ConfigError(f"unknown {name} option(s) {sorted(unknown)}{known_for}; known: {sorted(options)}")
+        for key, value in section.items():
+            check_type(value, options[key], f"{name}.{key}")
+
+    check(data, DATA_OPTIONS, "data")
+    settings_from(LabelKeys, data["keys"], "data.keys")
+    check(data["filter"], FILTER_OPTIONS, "data.filter")
+    split = dict(data["split"])
+    kind = split.pop("kind", "random")
+    if kind not in SPLIT_OPTIONS:
+        raise ConfigError(f"data.split.kind={kind!r}: expected one of {', '.join(SPLIT_OPTIONS)}")
+    check(split, SPLIT_OPTIONS[kind], "data.split", f" for kind {kind}")
+    given = set(split) | ({"test_fraction"} if data["test_path"] else set())  # a test file: no test part
+    missing = [k for k in SPLIT_REQUIRED.get(kind, ()) if k not in given]
+    if missing:
+        raise ConfigError(f"data.split of kind {kind} needs {', '.join(missing)}")
 
 
 def _split(frames, kept: np.ndarray, split: Dict, seed: int, has_test_file: bool,
@@ -87,9 +133,6 @@ def prepare_data(config: Dict, out_dir: Path) -> PreparedData:
     refs = data["energy_references"]
     given_refs = isinstance(refs, dict)
     filter_refs = refs if given_refs else fit_energy_references(frames, type_names)
-    unknown = set(data["filter"]) - {"max_energy_per_atom", "max_force"}
-    if unknown:
-        raise ConfigError(f"unknown data.filter option(s) {sorted(unknown)}; known: max_energy_per_atom, max_force")
     _, keep = filter_frames(frames, filter_refs, **data["filter"])
     kept = np.flatnonzero(keep)
     if len(kept) < len(frames):
@@ -159,39 +202,53 @@ def model_config_from_data(config: Dict, data: PreparedData) -> ModelConfig:
 
 def method_settings(cfg: Dict) -> Any:
     """The typed settings of the configuration's method (its ``Settings.from_dict``; see
-    :mod:`mlip_uq.inference`), and the model section's keys, checked before any data are prepared.
+    :mod:`mlip_uq.inference`), and the model and data sections' keys, checked before any data are prepared.
 
     Raises:
-        ConfigError: a mistyped option (named with its value and the expected type), an unknown model option,
+        ConfigError: a mistyped option (named with its value and the expected type; model options included),
+            an unknown model option,
             ``model.noise_head`` without the heteroscedastic likelihood that trains it (or the reverse),
             ``model.dropout`` with a method that does not train with dropout.
     """
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(cfg["model"]) - known
-    if unknown:
-        raise ConfigError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(known)}")
+    model = dict(cfg["model"])
+    shifts = model.pop("energy_shifts", "fit")  # filled in from the data: checked here for its kind only
+    if shifts not in ("fit", "references") and not isinstance(shifts, dict):
+        raise ConfigError(f"model.energy_shifts must be 'fit', 'references' or a mapping element -> eV, got {shifts!r}")
+    settings_from(ModelConfig, {"type_names": [], **model}, "model")  # types and names of the model options
+    check_data_section(cfg["data"])
     return load_method(cfg["method"]).Settings.from_dict(cfg)
 
 
-def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False) -> Path:
+def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False, overwrite: bool = False) -> Path:
     """Run a training configuration (path or dict) with its method (``map``, ``sgmcmc``, ``vi``, ``ensemble``,
     ``dropout``: an entry of :data:`mlip_uq.inference.METHODS`) and return the output folder.
 
     Writes ``posterior.h5``, ``metrics.json`` (test-set metrics, DESIGN.md names), ``parity.png`` and the
-    resolved ``config.yaml``; checkpoints go to ``checkpoints/``. With ``resume`` the run continues from its
-    last checkpoint; the configuration must be the one the run started with, but for ``training.max_epochs``.
+    resolved ``config.yaml``; checkpoints go to ``checkpoints/``.
+
+    Folder rule: a folder that holds a run (its ``config.yaml``) is continued with ``resume`` (the
+    configuration must be the one the run started with, but for ``training.max_epochs``) or replaced with
+    ``overwrite``; without either it is refused. ``config.yaml`` is written only once the settings and the data
+    are checked, so a run that fails on them leaves the folder as it was.
+
+    Raises:
+        ConfigError: the folder holds a run and neither ``resume`` nor ``overwrite`` is given (or both are).
     """
     cfg = load_config(config, overrides)
     out = Path(out_dir or Path("runs") / cfg.get("name", cfg["method"]))
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.yaml"
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one")
     if resume:  # a resumed run may be given more epochs
         check_resumed_config(saved, cfg, ["training.max_epochs"], "run")
+    elif saved.is_file() and not overwrite:
+        raise ConfigError(f"{out} already holds a run ({saved.name}); continue it with --resume or replace it "
+                          "with --overwrite")
     # settings first, so that a mistyped option is reported before the data are prepared
     settings = method_settings(cfg)
-    dump_config(cfg, saved)
-
+    out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, out)
+    dump_config(cfg, saved)
     write_json(data.indices, out / "splits.json")
     model_config = model_config_from_data(cfg, data)
     context = FitContext(model_config=model_config, train=data.train, val=data.val, settings=settings, out_dir=out,

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import torch
 from nequip.data import AtomicDataDict
 
+from ..files import appending_csv, load_checkpoint
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
-from .common import minibatch, resumed_trace, save_checkpoint
+from .common import minibatch, save_checkpoint
 from .loss import neg_log_likelihood
 from .priors import GaussianPrior, layer_of
 from .schedule import Schedule
@@ -95,7 +96,7 @@ class Chain:
         save_checkpoint(self.state(), path or self.checkpoint_path)
 
     def load(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = load_checkpoint(path, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.n_drawn, self.status = state["step"], state["n_drawn"], state["status"]
@@ -179,7 +180,7 @@ def run_chain(chain: Chain, job: Job, stop: int) -> None:
     noise = settings.noise
     start = time.perf_counter()
     n = len(job.train)
-    with resumed_trace(chain.trace_path, TRACE_FIELDS, chain.step) as writer:
+    with appending_csv(chain.trace_path, TRACE_FIELDS, "step", chain.step) as writer:
         while chain.step < stop:
             step = chain.step
             temperature, lr = schedule.temperature_at(step), settings.lr * schedule.lr_factor(step)

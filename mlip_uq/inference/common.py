@@ -1,19 +1,16 @@
 """Run-time helpers the training methods share: minibatches, devices, one MAP fit with a final state file,
-checkpoints and resumable trace files."""
+checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, List
 
 import torch
 from nequip.data import AtomicDataDict
 
 from ..data import collate
-from ..files import atomic_write
+from ..files import atomic_write, load_checkpoint
 from .map import MAPSettings, fit_map
 
 
@@ -50,7 +47,7 @@ def fit_map_once(model: torch.nn.Module, train: List[AtomicDataDict.Type], val: 
     out_dir = Path(out_dir)
     final = out_dir / "final.pt"
     if resume and final.is_file():
-        return torch.load(final, map_location="cpu", weights_only=True)
+        return load_checkpoint(final)
     has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").is_file()
     state = fit_map(model, train, val, settings, out_dir, seed=seed, resume=resume and has_checkpoint)
     with atomic_write(final) as tmp:
@@ -62,28 +59,3 @@ def save_checkpoint(state: Dict, path: Path) -> None:
     """``torch.save`` a checkpoint (plain tensors and numbers, loadable with ``weights_only=True``) atomically."""
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
-
-
-@contextlib.contextmanager
-def resumed_trace(path: Path, fields: Sequence[str], step: int) -> Iterator[csv.DictWriter]:
-    """A CSV writer for a run's trace that continues an earlier trace at ``step``.
-
-    The rows of steps before ``step`` (those up to the checkpoint being resumed from) are kept, rewritten
-    atomically; later rows of the killed run are dropped, since the run writes them again. New rows are
-    appended (and flushed to disk when the block ends).
-    """
-    kept = []
-    if path.is_file():
-        with open(path, newline="") as handle:
-            kept = [r for r in csv.DictReader(handle) if int(r["step"]) < step]
-    with atomic_write(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(fields))
-            writer.writeheader()
-            writer.writerows(kept)
-    with open(path, "a", newline="") as handle:
-        try:
-            yield csv.DictWriter(handle, fieldnames=list(fields))
-        finally:
-            handle.flush()
-            os.fsync(handle.fileno())

@@ -6,6 +6,7 @@ the progress bar, checkpointing with ``--resume`` and multi-device training.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -17,13 +18,13 @@ from typing import ClassVar, Dict, List, Tuple
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModel
 from torch.utils.data import DataLoader
 
 from ..config import settings_from
 from ..data import collate
+from ..files import appending_csv, load_checkpoint
 from ..model import build_model
 from ..posterior import Posterior
 from .loss import LossWeights, loss_terms, weighted_loss
@@ -145,16 +146,23 @@ def fit_map(
     """Train ``model`` in place and return the state dict with the lowest validation loss.
 
     Checkpoints go to ``out_dir/checkpoints`` (``last.ckpt`` every epoch, ``best.ckpt``); with ``resume``
-    training continues from ``last.ckpt`` (optimizer, schedule, early-stopping state and epoch included).
+    training continues from ``last.ckpt`` (optimizer, schedule, early-stopping state and epoch included). One
+    row per epoch goes to ``out_dir/logs/metrics.csv`` (:class:`_MetricsRows`).
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if resume and not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    if resume:
+        load_checkpoint(last)  # refused by name if it is not weights-only, before Lightning reads it
     module = PotentialModule(model, settings)
     interactive = sys.stderr.isatty()
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", save_top_k=1, save_last=True)
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", save_top_k=1,
+                           enable_version_counter=False)
+    # every epoch, after its validation and its metrics row (so that --resume repeats no epoch)
+    every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, save_on_train_epoch_end=True,
+                                  enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=settings.max_epochs,
         max_time=None if settings.max_time_minutes is None else {"minutes": settings.max_time_minutes},
@@ -162,14 +170,16 @@ def fit_map(
         devices=settings.devices,
         precision="64-true" if next(model.parameters()).dtype == torch.float64 else "32-true",
         callbacks=[
+            _MetricsRows(out_dir / "logs" / "metrics.csv"),
             best,
+            every_epoch,
             EarlyStopping(monitor="val_loss", patience=settings.patience),
             _StopAtMinLR(settings.min_lr),
             *([] if interactive else [_EpochLog()]),
         ],
         # a live progress bar on a terminal; one line per epoch in logs and CI
         enable_progress_bar=interactive,
-        logger=CSVLogger(out_dir, name="logs", version=""),
+        logger=False,  # the epoch rows are written by _MetricsRows, flushed one by one
         inference_mode=False,
         enable_model_summary=False,
         deterministic=False,
@@ -179,9 +189,37 @@ def fit_map(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         L.seed_everything(seed, verbose=False)
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
-    state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+    state = load_checkpoint(best.best_model_path)["state_dict"]
     return {name.removeprefix("model."): t for name, t in state.items()}
+
+
+class _MetricsRows(L.Callback):
+    """``metrics.csv``: one row per epoch (epoch, optimiser steps so far, the epoch means of the training and
+    validation losses and MAEs, the learning rate), handed to the operating system as it is written; a resumed
+    training appends the rows from the epoch it resumes at (:func:`mlip_uq.files.appending_csv`)."""
+
+    FIELDS = ["epoch", "step", "train_loss", "train_energy_mae", "train_forces_mae", "val_loss", "val_energy_mae",
+              "val_forces_mae", "lr"]
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._files = contextlib.ExitStack()
+
+    def on_train_start(self, trainer, pl_module):
+        self.rows = self._files.enter_context(appending_csv(self.path, self.FIELDS, "epoch", trainer.current_epoch))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        metrics = trainer.callback_metrics
+        self.rows.writerow({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                            **{k: float(metrics[k]) for k in self.FIELDS[2:-1] if k in metrics},
+                            "lr": trainer.optimizers[0].param_groups[0]["lr"]})
+
+    def on_train_end(self, trainer, pl_module):
+        self._files.close()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._files.close()
 
 
 class _StopAtMinLR(L.Callback):

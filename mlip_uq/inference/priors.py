@@ -21,6 +21,8 @@ from typing import Dict, List, Sequence, Union
 
 import torch
 
+from ..files import load_checkpoint
+
 log = logging.getLogger(__name__)
 
 HEADS = ("per_atom_energy_readout", "noise_head", "noise_head_offset")
@@ -126,7 +128,7 @@ def pretrained_weights(source: Union[str, Path], names: Sequence[str], shapes: D
         state = dict(post.shared)
         state.update({n: torch.einsum("k,k...->...", w.to(t.dtype), t) for n, t in post.samples.items()})
     else:
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
+        loaded = load_checkpoint(source)
         state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
         if not isinstance(state, dict):
             raise ValueError(f"{source} holds no state dict")

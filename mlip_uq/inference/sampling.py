@@ -197,7 +197,9 @@ def run_sgmcmc(
     per layer, split-R̂ across chains), ``trace.png``. With ``resume``, chains continue from their checkpoints.
     """
     work = Path(out_dir) / "sgmcmc"
-    if not resume and work.is_dir():  # a fresh run: nothing of an earlier run in this folder is reused
+    # a fresh run: nothing of an earlier run in this folder is reused (``mlip-uq train`` refuses a folder that
+    # holds a run unless told --overwrite; an active-learning loop refuses one unless resumed)
+    if not resume and work.is_dir():
         for stale in [*work.glob("*.ckpt"), *work.glob("samples_chain*.h5"), work / "rounds.json"]:
             stale.unlink(missing_ok=True)
     job = _make_job(config, train, settings, out_dir, metadata, resume, {"round": 0})

@@ -36,10 +36,11 @@ import torch
 from nequip.data import AtomicDataDict
 
 from ..config import ConfigError, settings_from
+from ..files import appending_csv, load_checkpoint
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, PosteriorFileError, load_posterior
 from ..posterior.io import save_posterior
-from .common import fit_map_once, minibatch, resolve_device, resumed_trace, save_checkpoint
+from .common import fit_map_once, minibatch, resolve_device, save_checkpoint
 from .loss import NoiseModel, neg_log_likelihood
 from .map import MAPSettings
 from .options import PriorSettings, check_no_dropout, check_noise_head, likelihood_options
@@ -313,7 +314,7 @@ def fit(context) -> Posterior:
     state = init_vi({n: params[n] for n in stochastic}, settings.init_scale, settings.lr, seed=config.seed)
     checkpoint = work / "vi.ckpt"
     if context.resume and checkpoint.is_file():
-        state.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        state.load_state_dict(load_checkpoint(checkpoint))
         log.info("VI resumed at step %d", state.step)
     _run(state, model, train, settings, noise, prior, config.seed, work, device)
     scales = state.scales()
@@ -336,7 +337,7 @@ def _run(state: VIState, model, train, settings: VISettings, noise: NoiseModel, 
     def nll(out, batch):
         return neg_log_likelihood(out, batch, noise)
 
-    with resumed_trace(work / "trace.csv", _TRACE_FIELDS, state.step) as writer:
+    with appending_csv(work / "trace.csv", _TRACE_FIELDS, "step", state.step) as writer:
         while state.step < settings.steps:
             step = state.step
             batch = AtomicDataDict.to_(minibatch(train, settings.batch_size, seed, step), device)
