@@ -18,8 +18,8 @@ DEMO_DATA = data/tio2_aenet_subset_1000.extxyz
 DEMO_MAP = $(abspath $(DEMO_OUT))
 
 demo: install
-	$(PYTHON) -m mlip_uq.cli train configs/demo_tio2.yaml --out $(DEMO_OUT)
-	$(PYTHON) -m mlip_uq.cli train configs/demo_tio2_sgmcmc.yaml --out $(DEMO_OUT)/sgmcmc \
+	$(PYTHON) -m mlip_uq.cli train configs/demo_tio2.yaml --out $(DEMO_OUT) --overwrite
+	$(PYTHON) -m mlip_uq.cli train configs/demo_tio2_sgmcmc.yaml --out $(DEMO_OUT)/sgmcmc --overwrite \
 		sgmcmc.init=$(DEMO_MAP)/posterior.h5 sgmcmc.prior.center=$(DEMO_MAP)/posterior.h5 data.store=$(DEMO_MAP)/data.h5
 	$(PYTHON) -m mlip_uq.cli calibrate $(DEMO_OUT)/sgmcmc/posterior.h5 $(DEMO_DATA) --split $(DEMO_OUT)/splits.json \
 		--out $(DEMO_OUT)/sgmcmc/calibration.json
