@@ -26,12 +26,15 @@ from the residuals of the reference calls made so far (estimator in the class do
 
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from scipy import stats
 
+from ..config import ConfigError
 from ..md import ForceStdRule
 
 
@@ -273,15 +276,27 @@ def rule_from_config(section: Dict, seed: int = 0) -> Rule:
     """A rule from a configuration section ``{kind: force_std | top_k | random | calibrated, <options>}``.
 
     Raises:
-        ValueError: unknown kind or options (named).
+        ConfigError: unknown kind, an unknown or missing option, or a number option that is not a number (the
+            error names the option and its value).
     """
     options = dict(section)
     kind = options.pop("kind", None)
     if kind not in RULES:
-        raise ValueError(f"rule.kind {kind!r} unknown; choose from {sorted(RULES)}")
+        raise ConfigError(f"rule.kind {kind!r} unknown; choose from {sorted(RULES)}")
     if kind == "random":
         options.setdefault("seed", seed)
-    try:
-        return RULES[kind](**options)
-    except TypeError as error:
-        raise ValueError(f"rule {kind!r}: {error}") from None
+    cls = RULES[kind]
+    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = set(options) - set(params)
+    if unknown:
+        raise ConfigError(f"unknown rule option(s) {sorted(unknown)} for kind {kind}; known: {sorted(params)}")
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in options]
+    if missing:
+        raise ConfigError(f"rule kind {kind} needs rule.{missing[0]}")
+    hints = typing.get_type_hints(cls.__init__)
+    for name, value in options.items():
+        number = hints.get(name) in (int, float)
+        if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"rule.{name}={value!r}: expected a number")
+    return cls(**options)

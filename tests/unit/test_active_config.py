@@ -71,6 +71,19 @@ def test_rules_that_do_not_fit_the_explorer_are_refused_before_any_call(shared_d
             "path": minimal(shared_data)["initial"]["path"], "max_atoms": 3})), tmp_path / "c")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"update": {"stepz": 10}}, r"stepz"),
+    ({"update": {"settle_steps": "ten"}}, r"update.settle_steps='ten': expected an integer"),
+    ({"rule": {"kind": "force_std", "treshold": 0.1}}, r"treshold"),
+    ({"rule": {"kind": "force_std", "threshold": "high"}}, r"threshold"),
+    ({"rule": {"kind": "calibrated"}}, r"tolerance"),
+])
+def test_bad_update_and_rule_settings_are_named_before_any_reference_call(shared_data, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        ActiveLoop(load_active_config(minimal(shared_data, **change)), tmp_path / "run")
+    assert not any((tmp_path / "run").glob("*.h5"))  # nothing labelled, no store written
+
+
 def test_resume_needs_a_run_and_the_same_configuration(shared_data, tmp_path):
     cfg = load_active_config(minimal(shared_data))
     with pytest.raises(FileNotFoundError, match="holds no active-learning run"):
