@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -144,10 +145,20 @@ def test_a_killed_sgmcmc_run_resumes_with_every_trace_row_once(tio2_path, tmp_pa
     killed_train(config, out, log, rows=20)
     checkpointed = torch.load(out / "sgmcmc" / "chain0.ckpt", weights_only=True)["step"]
     assert 0 < checkpointed < 82
+    before = log.read_text().splitlines()
     train(config, out_dir=out, resume=True)
     rows = list(csv.DictReader(open(log)))
     assert [int(r["step"]) for r in rows] == list(range(82))  # 60 burn-in, 2 pre-heat, 4 x 5 sampling steps
-    assert log.read_text() == reference.read_text()  # the resumed chain repeats the killed one's steps exactly
+    # the rows up to the checkpoint are the killed process's own lines, untouched (header + steps < checkpointed)
+    assert log.read_text().splitlines()[:1 + checkpointed] == before[:1 + checkpointed]
+    # and the resumed chain repeats the uninterrupted one's steps; the killed run was another process (float32
+    # model, its own intra-op threads), so its numbers agree to rounding, not bit for bit
+    expected = list(csv.DictReader(open(reference)))
+    assert [r["phase"] for r in rows] == [r["phase"] for r in expected]
+    for key in rows[0]:
+        if key not in ("step", "phase"):
+            np.testing.assert_allclose([float(r[key]) for r in rows], [float(r[key]) for r in expected], rtol=1e-4,
+                                       err_msg=key)
     assert load_posterior(out / "posterior.h5").n_samples == 4
 
 
