@@ -1,6 +1,10 @@
 """Shared test fixtures: paths to the public data sets in ../shared/data and small frame sets."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +72,24 @@ def seeded_posterior(config: ModelConfig, seeds=(0, 1, 2), **kwargs) -> Posterio
     """A posterior of untrained members of ``config``, one per seed (``kwargs``: method, metadata, ...)."""
     states = [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in seeds]
     return Posterior.from_state_dicts(config, states, **kwargs)
+
+
+def run_and_kill(args, log: Path, rows: int, timeout_s: float = 300.0) -> None:
+    """Run ``python -m mlip_uq.cli *args`` in a subprocess (this checkout, one thread) and SIGKILL it once the file
+    ``log`` holds more than ``rows`` lines; fails if the run ends before that."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlip_uq.cli", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and len(log.read_text().splitlines()) > rows:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL

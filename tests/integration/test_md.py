@@ -6,19 +6,13 @@ initialisations, 2 samples each) on 40 structures of the bundled subset, trained
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import ase.io
 import numpy as np
 import pytest
 from ase.build import bulk
 
-from conftest import tiny_tio2_config
+from conftest import run_and_kill, tiny_tio2_config
 
 from mlip_uq import UQCalculator
 from mlip_uq.cli import main
@@ -218,27 +212,12 @@ def test_a_killed_md_command_keeps_the_earlier_run_and_its_own_rows(frames, tmp_
     tiny_posterior().save(tmp_path / "p.h5")
     ase.io.write(tmp_path / "start.xyz", bare(frames[0]))
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "mlip_uq.cli", "md", str(tmp_path / "p.h5"), str(tmp_path / "start.xyz"),
-               "--out", str(out), "--ensemble", "nve", "--uq-every", "2"]
-    assert main(command[3:] + ["--steps", "3"]) == 0  # an earlier, complete run
+    command = ["md", str(tmp_path / "p.h5"), str(tmp_path / "start.xyz"), "--out", str(out), "--ensemble", "nve",
+               "--uq-every", "2"]
+    assert main(command + ["--steps", "3"]) == 0  # an earlier, complete run
     earlier = {name: (out / name).read_bytes() for name in ("md_log.csv", "trajectory.extxyz")}
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command + ["--steps", "100000"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     partial_log = out / "md_log.csv.partial"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if partial_log.is_file() and len(partial_log.read_text().splitlines()) > 6:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the MD run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    run_and_kill(command + ["--steps", "100000"], partial_log, rows=6, timeout_s=120)
     for name, content in earlier.items():  # the earlier run's files are as they were
         assert (out / name).read_bytes() == content, name
     rows = list(csv.DictReader(open(partial_log)))

@@ -2,12 +2,7 @@
 resume appends exactly the missing rows, and a pickled checkpoint is refused by name."""
 
 import csv
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_tio2_config
+from conftest import run_and_kill, tiny_tio2_config
 
 from mlip_uq.cli import main
 from mlip_uq.config import ConfigError
@@ -102,22 +97,7 @@ def killed_train(config: dict, out: Path, log: Path, rows: int) -> None:
     """Run ``mlip-uq train`` on ``config`` in a subprocess and SIGKILL it once ``log`` holds ``rows`` rows."""
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlip_uq.cli", "train", str(path), "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if log.is_file() and len(log.read_text().splitlines()) > rows:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    run_and_kill(["train", path, "--out", out], log, rows)
 
 
 def test_a_killed_map_training_resumes_with_every_epoch_logged_once(tio2_path, tmp_path):
