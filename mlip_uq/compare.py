@@ -35,7 +35,8 @@ import torch
 
 from .config import ConfigError, apply_override, merge_sections, read_config_file
 from .data import FrameStore
-from .evaluate import Predictions, metrics_and_plots, predict_graphs, write_json
+from .evaluate import Predictions, metrics_and_plots, predict_graphs
+from .files import write_json
 from .files import atomic_write
 from .posterior import load_posterior
 from .train import train

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from nequip.data import AtomicDataDict
 
 from .data import LabelKeys, atoms_to_graph, collate, read_frames
-from .files import atomic_write
+from .files import write_json
 from .posterior import Posterior, load_posterior
 from .posterior.io import write_calibration
 from .posterior.predict import predict_samples, predictive_moments
@@ -199,9 +198,3 @@ def calibrate_file(
     if out is not None:
         write_json(report, out)
     return report
-
-
-def write_json(values: Dict, path) -> None:
-    """``values`` as JSON (indent 2, NaN allowed), written atomically to ``path``."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(values, indent=2, allow_nan=True) + "\n")

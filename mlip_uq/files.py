@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import pickle
 import tempfile
@@ -158,3 +159,9 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path} cannot be loaded safely: it is not a weights-only torch file "
                          f"(it holds pickled Python objects, or is no torch checkpoint at all): {reason}") from None
+
+
+def write_json(values, path) -> None:
+    """``values`` as JSON (indent 2, NaN allowed, final newline), written atomically to ``path``."""
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(values, indent=2, allow_nan=True) + "\n")

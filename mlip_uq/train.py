@@ -26,7 +26,8 @@ from .data import (
     read_frames,
     referenced_energy_per_atom,
 )
-from .evaluate import metrics_and_plots, predict_graphs, write_json
+from .evaluate import metrics_and_plots, predict_graphs
+from .files import write_json
 from .inference import FitContext, load_method
 from .model import ModelConfig
 

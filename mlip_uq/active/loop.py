@@ -68,7 +68,8 @@ from .config import EXPLORER_OPTIONS, load_active_config, pick_structures, train
 from .explore import Explorer, MDExplorer, PoolExplorer, pool_uncertainty
 from .oracle import LABELLED, REJECTED, Oracle, OracleResult, oracle_from_config
 from .rules import CalibratedRule, rule_from_config
-from .state import Journal, LoopState, composition_key, write_json_atomic
+from ..files import write_json
+from .state import Journal, LoopState, composition_key
 from .update import Updater, update_options
 
 __all__ = ["ActiveLoop", "load_active_config", "run_active", "summarize"]
@@ -340,7 +341,7 @@ class ActiveLoop:
                 break
             self.explorer.step(self)
         summary = summarize(state)
-        write_json_atomic(summary, self.out / "summary.json")
+        write_json(summary, self.out / "summary.json")
         return summary
 
 

@@ -24,14 +24,7 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..data import FrameStore, frames_fingerprint
-from ..files import atomic_write
-
-
-def write_json_atomic(values: Dict, path: Path) -> None:
-    """Write ``values`` as JSON (indent 1, final newline) atomically (:func:`mlip_uq.files.atomic_write`)."""
-    with atomic_write(path) as tmp, open(tmp, "w") as handle:
-        json.dump(values, handle, indent=1)
-        handle.write("\n")
+from ..files import atomic_write, write_json
 
 
 def read_json(path: Path) -> Dict:
@@ -240,7 +233,7 @@ class Journal:
         """Write the state (with the rule's state and the total wall time) atomically."""
         self.state.rule = self.rule.state_dict()
         self.state.timings["total"] = self._total0 + (time.perf_counter() - self._t0)
-        write_json_atomic(self.state.to_dict(), self.state_path)
+        write_json(self.state.to_dict(), self.state_path)
 
     @contextlib.contextmanager
     def timed(self, key: str) -> Iterator[None]:

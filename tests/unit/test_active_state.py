@@ -7,7 +7,8 @@ import pytest
 from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from mlip_uq.active.state import DecisionLog, atoms_from_dict, atoms_to_dict, composition_key, write_json_atomic
+from mlip_uq.active.state import DecisionLog, atoms_from_dict, atoms_to_dict, composition_key
+from mlip_uq.files import write_json
 
 
 def test_structures_with_labels_and_momenta_round_trip_exactly():
@@ -29,10 +30,10 @@ def test_structures_with_labels_and_momenta_round_trip_exactly():
 
 def test_atomic_json_write_replaces_or_keeps(tmp_path, monkeypatch):
     path = tmp_path / "state.json"
-    write_json_atomic({"a": 1}, path)
-    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    write_json({"a": 1}, path)
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        write_json_atomic({"a": 2}, path)
+        write_json({"a": 2}, path)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
 
