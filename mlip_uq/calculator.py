@@ -9,11 +9,11 @@ key                        shape    meaning
 ``energies``               (N,)     mean per-atom energy contributions (eV)
 ``forces``                 (N, 3)   mean forces (eV/Å)
 ``stress``                 (6,)     mean stress (eV/Å³), periodic cells only
-``energy_std``             ()       total-energy predictive std (eV)
-``energies_std``           (N,)     std of each atom's energy contribution (eV)
-``forces_std``             (N, 3)   std of each force component (eV/Å), epistemic + aleatoric (noise head)
+``energy_std``             ()       total-energy predictive std (eV), epistemic + aleatoric
+``energies_std``           (N,)     std of each atom's energy contribution (eV), epistemic (not observed)
+``forces_std``             (N, 3)   std of each force component (eV/Å), epistemic + aleatoric
 ``atom_force_std``         (N,)     sqrt of the sum of an atom's three force-component variances (eV/Å)
-``stress_std``             (6,)     std of each stress component (eV/Å³), periodic cells only
+``stress_std``             (6,)     std of each stress component (eV/Å³), epistemic + aleatoric, periodic cells
 ``energy_std_epistemic``   ()       the sample-spread part of ``energy_std`` alone (eV)
 ``forces_std_epistemic``   (N, 3)   the sample-spread part of ``forces_std`` alone (eV/Å)
 ``atom_force_std_epistemic`` (N,)   the sample-spread part of ``atom_force_std`` alone (eV/Å)
@@ -35,8 +35,9 @@ same positions: an ASE dynamics step (which asks only for ``forces``) costs one 
 Means are weighted over the posterior's samples; a std is sqrt(epistemic + aleatoric variance)
 (:mod:`mlip_uq.posterior.predict`), multiplied by the posterior's recalibration factor where it has one
 (:mod:`mlip_uq.uq.calibration`; ``calculator.calibration`` says which): energy stds (and ``energies_std``, by the
-factor of their structure's energy std) and force stds; ``stress_std`` is left as predicted. Energy stds have no
-aleatoric part (the noise head models force noise only), so ``energy_std`` equals ``energy_std_epistemic``.
+factor of their structure's energy std) and force stds; ``stress_std`` is left as predicted. The aleatoric part
+is each sample's observation noise (:class:`~mlip_uq.model.build.ObservationNoise`: learned with the model by
+default), so a predictive std is never below it, even for a single model.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ class Predictions:
 
     Energies are per atom (eV/atom) per structure, relative to the posterior's energy references where it has
     them ((E − Σ_i E_ref(Z_i)) / N, so that structures of different composition share one scale; errors are
-    unchanged); forces per component (eV/Å) for all atoms. Stds are None for a single deterministic model;
-    otherwise they include the aleatoric part where the model has a noise head. ``energy_std`` and
+    unchanged); forces per component (eV/Å) for all atoms. Stds are predictive: epistemic (spread of the samples)
+    plus aleatoric (the model's observation noise), so a single model has them too. ``energy_std`` and
     ``forces_std`` carry ``calibration`` (the posterior's recalibration, ``{}``: none); the ``_uncalibrated``
     fields are the raw stds.
     """
@@ -76,7 +76,6 @@ def predict_graphs(posterior: Posterior, graphs: List[AtomicDataDict.Type], batc
         cols["fp"].append(m.forces)
         cols["fs"].append(m.forces_std)
     cat = {k: np.concatenate(v) for k, v in cols.items()}
-    has_forces_std = posterior.n_samples > 1 or posterior.config.noise_head
     raw = Predictions(
         n_atoms=cat["n"].astype(int),
         energy_true=cat["et"],
@@ -86,8 +85,8 @@ def predict_graphs(posterior: Posterior, graphs: List[AtomicDataDict.Type], batc
         forces_pred=cat["fp"],
         forces_std=None,
         n_samples=posterior.n_samples,
-        energy_std_uncalibrated=cat["es"] if posterior.n_samples > 1 else None,
-        forces_std_uncalibrated=cat["fs"] if has_forces_std else None,
+        energy_std_uncalibrated=cat["es"],
+        forces_std_uncalibrated=cat["fs"],
     )
     return raw.with_calibration(posterior.calibration)
 
@@ -177,15 +176,10 @@ def calibrate_file(
     Returns:
         ``{"calibration": description, "before": metrics with the raw stds, "after": metrics recalibrated}``,
         both on the validation structures.
-
-    Raises:
-        ValueError: the posterior has no predictive std (one sample and no noise head).
     """
     posterior = load_posterior(posterior_path).to(device)
     graphs = _labelled_graphs(posterior, data_path, keys, indices)
     raw = predict_graphs(posterior, graphs, batch_size).with_calibration({})
-    if raw.forces_std_uncalibrated is None:
-        raise ValueError(f"{posterior_path} has one sample and no noise head: no predictive std to calibrate")
     calibration = fit_calibration(raw.energy_pred - raw.energy_true, raw.energy_std_uncalibrated,
                                   raw.forces_pred - raw.forces_true, raw.forces_std_uncalibrated, isotonic=isotonic)
     write_calibration(posterior_path, calibration)

@@ -208,7 +208,6 @@ def method_settings(cfg: Dict) -> Any:
     Raises:
         ConfigError: a mistyped option (named with its value and the expected type; model options included),
             an unknown model option,
-            ``model.noise_head`` without the heteroscedastic likelihood that trains it (or the reverse),
             ``model.dropout`` with a method that does not train with dropout.
     """
     model = dict(cfg["model"])

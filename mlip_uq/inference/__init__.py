@@ -3,9 +3,9 @@
 A method is a module with
 
 - ``Settings``: a dataclass of its typed options; ``Settings.from_dict(config)`` builds it from a run
-  configuration (the sections of :data:`METHODS`), parses the nested ``noise`` / ``prior`` / ``stochastic``
-  options into their types, checks every value's type (errors name the key, its value and what is expected) and
-  the cross-section rules (e.g. ``model.noise_head`` with a heteroscedastic likelihood); the class attribute
+  configuration (the sections of :data:`METHODS`), parses the nested ``prior`` / ``stochastic`` options
+  into their types, checks every value's type (errors name the key, its value and what is expected) and the
+  cross-section rules (e.g. ``model.dropout`` only with a method that trains with dropout); the class attribute
   ``Settings.PATHS`` names the options that are file paths (dotted, from the configuration's root), which
   :func:`mlip_uq.config.load_config` resolves against the configuration's folder;
 - ``fit(context: FitContext) -> Posterior``: trains on ``context.train`` / ``context.val`` and always writes

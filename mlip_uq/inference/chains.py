@@ -177,7 +177,6 @@ TRACE_FIELDS = ["step", "phase", "temperature", "neg_log_likelihood", "neg_log_p
 def run_chain(chain: Chain, job: Job, stop: int) -> None:
     """Step ``chain`` until step ``stop``, drawing the samples its schedule asks for."""
     settings, schedule = job.settings, chain.schedule(job.rounds)
-    noise = settings.noise
     start = time.perf_counter()
     n = len(job.train)
     with appending_csv(chain.trace_path, TRACE_FIELDS, "step", chain.step) as writer:
@@ -187,7 +186,7 @@ def run_chain(chain: Chain, job: Job, stop: int) -> None:
             for group in chain.optimizer.param_groups:
                 group["temperature"], group["lr"] = temperature, lr
             batch = AtomicDataDict.to_(minibatch(job.train, settings.batch_size, chain.seed, step), chain.device)
-            nll = neg_log_likelihood(chain.model(batch), batch, noise).mean()
+            nll = neg_log_likelihood(chain.model(batch), batch).mean()
             chain.optimizer.zero_grad(set_to_none=True)
             try:
                 if not torch.isfinite(nll):
@@ -207,7 +206,7 @@ def run_chain(chain: Chain, job: Job, stop: int) -> None:
             if schedule.sample_index(step) is not None:
                 # a step can blow the parameters up while the loss it started from was finite: a sample must
                 # predict finite values on the minibatch before it is kept
-                check = neg_log_likelihood(chain.model(batch), batch, noise).mean()
+                check = neg_log_likelihood(chain.model(batch), batch).mean()
                 if not torch.isfinite(check):
                     chain.status = "diverged"
                     log.error("chain %d diverged at step %d (its sample predicts %s); it stops here, keeping its "

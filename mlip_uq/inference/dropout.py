@@ -22,7 +22,6 @@ from ..model import ModelConfig, build_model
 from ..model.build import draw_keep, dropout_sites
 from ..posterior import Posterior
 from .map import MAPSettings, fit_map
-from .options import check_noise_head
 
 
 @dataclass
@@ -46,12 +45,10 @@ class DropoutSettings:
         """From a run configuration: ``dropout`` (``n_samples``, ``seed``) and ``training``.
 
         Raises:
-            ConfigError: a mistyped option, ``model.dropout`` not > 0, ``model.noise_head`` without
-                ``training.heteroscedastic`` (or the reverse).
+            ConfigError: a mistyped option, ``model.dropout`` not > 0.
         """
         model = config.get("model", {})
         training = MAPSettings.from_dict(config.get("training"))
-        check_noise_head(model, training.heteroscedastic, "training.heteroscedastic")
         if not model.get("dropout"):
             raise ConfigError("method dropout needs model.dropout > 0 (the rate of dropping hidden units)")
         values = {"seed": int(config.get("seed", 0)), **(config.get("dropout") or {})}

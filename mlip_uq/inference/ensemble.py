@@ -7,9 +7,9 @@ is finished exactly when that file exists, so a killed run resumed with ``resume
 members and continues the unfinished one from its Lightning checkpoint (``members/<k>/checkpoints/last.ckpt``).
 
 Members train one after the other; each member's training uses the devices that ``training.accelerator`` /
-``training.devices`` give Lightning (several GPUs: data-parallel within a member). Members carry the noise
-head when the model has one (``training.heteroscedastic``: a mean-variance ensemble, whose predictive variance
-splits into the spread of the members' means and the mean of their noise variances).
+``training.devices`` give Lightning (several GPUs: data-parallel within a member). Every member learns its
+own observation noise with its energy model (a mean-variance ensemble: the predictive variance is the spread of
+the members' means plus the mean of their noise variances).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
 from .common import fit_map_once
 from .map import MAPSettings
-from .options import check_noise_head
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +60,12 @@ class EnsembleSettings:
 
         Raises:
             ConfigError: a mistyped option, ``ensemble.training`` (the members' settings are the training
-                section), ``model.noise_head`` without ``training.heteroscedastic`` (or the reverse).
+                section).
         """
         values = dict(config.get("ensemble") or {})
         if "training" in values:
             raise ConfigError("the members' training settings go in the training section, not ensemble.training")
         training = MAPSettings.from_dict(config.get("training"))
-        check_noise_head(config.get("model", {}), training.heteroscedastic, "training.heteroscedastic")
         return settings_from(cls, {**values, "training": training}, "ensemble")
 
 

@@ -28,7 +28,6 @@ from ..files import appending_csv, load_checkpoint
 from ..model import build_model
 from ..posterior import Posterior
 from .loss import LossWeights, loss_terms, weighted_loss
-from .options import check_noise_head
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,8 @@ class MAPSettings:
         lr_patience: epochs without improvement before the learning rate is reduced.
         min_lr: training stops when the learning rate falls below this.
         patience: early stopping: epochs without validation improvement before training stops.
-        loss_weights: weights of the energy, forces and stress terms.
-        heteroscedastic: train the noise head with the Gaussian NLL of the forces (needs ``noise_head``).
+        loss_weights: weights of the energy, forces and stress terms (each a mean Gaussian NLL with the model's
+            own noise stds, :func:`~mlip_uq.inference.loss.loss_terms`).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: Lightning devices (``auto`` or a count).
     """
@@ -63,7 +62,6 @@ class MAPSettings:
     min_lr: float = 1e-6
     patience: int = 30
     loss_weights: LossWeights = field(default_factory=LossWeights)
-    heteroscedastic: bool = False
     accelerator: str = "auto"
     devices: str | int = "auto"
 
@@ -88,7 +86,7 @@ class PotentialModule(L.LightningModule):
         return self.model(batch)
 
     def _step(self, batch: AtomicDataDict.Type, stage: str) -> torch.Tensor:
-        terms = loss_terms(self.model(batch), batch, self.settings.heteroscedastic)
+        terms = loss_terms(self.model(batch), batch)
         loss = weighted_loss(terms, self.settings.loss_weights)
         n_frames = AtomicDataDict.num_frames(batch)
         # epoch means only: Lightning accumulates them as tensors, no per-step host copy or log row
@@ -285,10 +283,8 @@ class Settings:
 
     @classmethod
     def from_dict(cls, config: Dict) -> "Settings":
-        """From a run configuration; ``model.noise_head`` must go with ``training.heteroscedastic``."""
-        training = MAPSettings.from_dict(config.get("training"))
-        check_noise_head(config.get("model", {}), training.heteroscedastic, "training.heteroscedastic")
-        return cls(training)
+        """From a run configuration: the ``training`` section."""
+        return cls(MAPSettings.from_dict(config.get("training")))
 
 
 def fit(context) -> Posterior:

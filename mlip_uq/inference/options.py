@@ -1,5 +1,5 @@
-"""Option parsing shared by the methods' ``Settings.from_dict``: the nested likelihood, prior and
-``stochastic`` options, and the checks that span configuration sections (noise head, dropout)."""
+"""Option parsing shared by the methods' ``Settings.from_dict``: the nested prior and ``stochastic`` options,
+and the checks that span configuration sections (dropout)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from ..config import ConfigError, check_type, settings_from
-from .loss import NoiseModel
 
 
 @dataclass
@@ -19,24 +18,29 @@ class PriorSettings:
         layer_scales: per-layer overrides of ``scale`` (layer names of :func:`~mlip_uq.inference.priors.layers`).
         center: a posterior file or checkpoint of a pre-trained model whose weights centre the prior (transfer
             learning); None: zero-centred.
+        noise_scale: prior std of the observation-noise log-factors (a factor e per unit; see
+            :class:`~mlip_uq.inference.priors.GaussianPrior`).
     """
 
     scale: float = 1.0
     layer_scales: Dict[str, float] = field(default_factory=dict)
     center: Optional[str] = None
+    noise_scale: float = 1.0
 
 
 def likelihood_options(values: Any, section: str) -> Dict[str, Any]:
-    """A copy of a method section with ``noise`` parsed into a :class:`~mlip_uq.inference.loss.NoiseModel`,
-    ``prior`` into a :class:`PriorSettings` and the form of ``stochastic`` checked (``all``,
+    """A copy of a method section with ``prior`` parsed into a :class:`PriorSettings` and the form of
+    ``stochastic`` checked (``all``,
     ``{last_layers: N}`` or ``{patterns: [...]}``; which layers exist is checked against the model later).
 
     Raises:
-        ConfigError: an unknown or mistyped option, named with its ``section`` (e.g. ``sgmcmc.noise.force``).
+        ConfigError: an unknown or mistyped option, named with its ``section`` (e.g. ``sgmcmc.prior.scale``);
+            a ``noise`` option (the observation noise is part of the model).
     """
     values = dict(section_mapping(values, section))
     if "noise" in values:
-        values["noise"] = settings_from(NoiseModel, values["noise"], f"{section}.noise")
+        raise ConfigError(f"{section}.noise: the observation noise is part of the model: set model.noise "
+                          "(learned, head or fixed) and model.force_noise / energy_noise / stress_noise")
     if "prior" in values:
         values["prior"] = settings_from(PriorSettings, values["prior"], f"{section}.prior")
     if "stochastic" in values:
@@ -71,16 +75,6 @@ def check_stochastic(spec: Any, key: str) -> None:
         check_type(spec["last_layers"], int, f"{key}.last_layers")
     else:
         check_type(spec["patterns"], list, f"{key}.patterns")
-
-
-def check_noise_head(model: Dict, heteroscedastic: bool, option: str) -> None:
-    """The noise head's σ is reported as aleatoric uncertainty, so it exists only where the likelihood trains it.
-
-    Raises:
-        ConfigError: ``model.noise_head`` and the heteroscedastic ``option`` disagree.
-    """
-    if bool(heteroscedastic) != bool(model.get("noise_head", False)):
-        raise ConfigError(f"model.noise_head and {option} go together: set both to true or leave both out")
 
 
 def check_no_dropout(model: Dict, method: str) -> None:

@@ -1,7 +1,7 @@
 """Which parameters are stochastic, and their Gaussian priors.
 
-Layers, in forward order, are the type embedding, each interaction block, and the heads (energy readout and
-noise head together). A *partially Bayesian* model samples only a chosen subset of parameters — by name
+Layers, in forward order, are the type embedding, each interaction block, and the heads (energy readout, noise
+head and observation noise together). A *partially Bayesian* model samples only a chosen subset of parameters — by name
 pattern or as the last N layers — and keeps the rest at their values from a deterministic phase.
 
 A prior is Gaussian per layer: zero-centred with a scale, or **centred on pre-trained weights** (transfer
@@ -25,7 +25,7 @@ from ..files import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-HEADS = ("per_atom_energy_readout", "noise_head", "noise_head_offset")
+HEADS = ("per_atom_energy_readout", "noise_head", "observation_noise")
 
 
 def layer_of(name: str) -> str:
@@ -33,6 +33,11 @@ def layer_of(name: str) -> str:
     parts = name.split(".")
     module = parts[2] if len(parts) > 2 and parts[:2] == ["model", "func"] else parts[0]
     return "heads" if module in HEADS else module
+
+
+def is_noise_parameter(name: str) -> bool:
+    """Whether ``name`` is an observation-noise log-factor (its prior is :attr:`GaussianPrior.noise_scale`)."""
+    return ".observation_noise." in f".{name}"
 
 
 def layers(model: torch.nn.Module) -> "OrderedDict[str, List[str]]":
@@ -81,13 +86,18 @@ class GaussianPrior:
         scale: default prior std (parameter units).
         layer_scales: per-layer overrides of ``scale`` (keys from :func:`layers`).
         centers: pre-trained centre by parameter name; absent names are zero-centred.
+        noise_scale: prior std of the observation-noise log-factors (:class:`~mlip_uq.model.build.ObservationNoise`;
+            zero-centred: on the model configuration's noise stds); 1 lets a std move by a factor e either way.
     """
 
     scale: float = 1.0
     layer_scales: Dict[str, float] = field(default_factory=dict)
     centers: Dict[str, torch.Tensor] = field(default_factory=dict)
+    noise_scale: float = 1.0
 
     def scale_of(self, name: str) -> float:
+        if is_noise_parameter(name):
+            return float(self.noise_scale)
         return float(self.layer_scales.get(layer_of(name), self.scale))
 
     def center_of(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -150,4 +160,5 @@ def prior_from_spec(spec, model: torch.nn.Module, stochastic: Sequence[str]) -> 
         centers = pretrained_weights(spec.center, stochastic, shapes)
         log.info("prior centred on %s for %d of %d stochastic tensors (the rest zero-centred)",
                  spec.center, len(centers), len(stochastic))
-    return GaussianPrior(scale=float(spec.scale), layer_scales=dict(spec.layer_scales), centers=centers)
+    return GaussianPrior(scale=float(spec.scale), layer_scales=dict(spec.layer_scales), centers=centers,
+                         noise_scale=float(spec.noise_scale))

@@ -55,8 +55,7 @@ from ..posterior import Posterior
 from .chains import Job, assemble_posterior, chain_samples, run_chain, write_chain_samples
 from .common import resolve_device
 from .diagnostics import write_diagnostics
-from .loss import NoiseModel
-from .options import PriorSettings, check_no_dropout, check_noise_head, likelihood_options
+from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import pretrained_weights, prior_from_spec, select_stochastic
 from .schedule import Schedule
 
@@ -89,7 +88,6 @@ class SGMCMCSettings:
             centres are) instead of a fresh initialisation; None: fresh.
         prior: ``{scale: s, layer_scales: {layer: s}, center: null | path}`` — Gaussian prior; ``center`` a
             posterior file or checkpoint of a pre-trained model (transfer-learning prior).
-        noise: observation noise ``{energy: eV/atom, forces: eV/Å, stress: eV/Å³, heteroscedastic: bool}``.
         checkpoint_every: steps between checkpoints (besides the one taken with every sample).
         trace_every: steps between trace rows.
         beta2: EMA factor of the squared-gradient preconditioner.
@@ -112,7 +110,6 @@ class SGMCMCSettings:
     stochastic: Union[str, Dict] = "all"
     init: Optional[str] = None
     prior: PriorSettings = field(default_factory=PriorSettings)
-    noise: NoiseModel = field(default_factory=NoiseModel)
     checkpoint_every: int = 500
     trace_every: int = 10
     beta2: float = 0.999
@@ -122,16 +119,14 @@ class SGMCMCSettings:
 
     @classmethod
     def from_dict(cls, config: Dict) -> "SGMCMCSettings":
-        """From a run configuration: the ``sgmcmc`` section, ``noise``, ``prior`` and ``stochastic`` parsed.
+        """From a run configuration: the ``sgmcmc`` section, ``prior`` and ``stochastic`` parsed.
 
         Raises:
-            ConfigError: a mistyped option; ``model.dropout``; ``model.noise_head`` without
-                ``sgmcmc.noise.heteroscedastic`` (or the reverse).
+            ConfigError: a mistyped option; ``model.dropout``; ``sgmcmc.noise`` (the noise is the model's).
         """
         model = config.get("model", {})
         check_no_dropout(model, "sgmcmc")
         settings = settings_from(cls, likelihood_options(config.get("sgmcmc"), "sgmcmc"), "sgmcmc")
-        check_noise_head(model, settings.noise.heteroscedastic, "sgmcmc.noise.heteroscedastic")
         return settings
 
     def __post_init__(self):
@@ -168,8 +163,6 @@ class SGMCMCSettings:
 
 def _make_job(config: ModelConfig, train: List[AtomicDataDict.Type], settings: SGMCMCSettings, out_dir: Path,
               metadata: Optional[Dict], resume: bool, rounds: Dict) -> Job:
-    if settings.noise.heteroscedastic and not config.noise_head:
-        raise ValueError("sgmcmc.noise.heteroscedastic needs model.noise_head: true")
     template = build_model(config)
     stochastic = select_stochastic(template, settings.stochastic)
     partial = len(stochastic) < sum(1 for p in template.parameters() if p.requires_grad)

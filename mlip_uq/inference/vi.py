@@ -41,9 +41,9 @@ from ..model import ModelConfig, build_model
 from ..posterior import Posterior, PosteriorFileError, load_posterior
 from ..posterior.io import save_posterior
 from .common import fit_map_once, minibatch, resolve_device, save_checkpoint
-from .loss import NoiseModel, neg_log_likelihood
+from .loss import neg_log_likelihood
 from .map import MAPSettings
-from .options import PriorSettings, check_no_dropout, check_noise_head, likelihood_options
+from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import GaussianPrior, pretrained_weights, prior_from_spec, select_stochastic
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ class VISettings:
         init: a posterior file or checkpoint holding MAP weights for the means (and the fixed parameters),
             matched as SG-MCMC's ``init``; None: a MAP phase run by ``fit_map`` with the ``training`` settings.
         prior: ``{scale: s, layer_scales: {layer: s}, center: null | path}`` as for SG-MCMC.
-        noise: observation noise ``{energy: eV/atom, forces: eV/Å, stress: eV/Å³, heteroscedastic: bool}``.
         checkpoint_every: steps between checkpoints.
         trace_every: steps between trace rows.
         accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -84,7 +83,6 @@ class VISettings:
     stochastic: Union[str, Dict] = "all"
     init: Optional[str] = None
     prior: PriorSettings = field(default_factory=PriorSettings)
-    noise: NoiseModel = field(default_factory=NoiseModel)
     checkpoint_every: int = 200
     trace_every: int = 10
     accelerator: str = "auto"
@@ -94,13 +92,11 @@ class VISettings:
 
     @classmethod
     def from_dict(cls, config: Dict) -> "VISettings":
-        """From a run configuration: the ``vi`` section (``noise``, ``prior``, ``stochastic`` parsed) and, when
+        """From a run configuration: the ``vi`` section (``prior``, ``stochastic`` parsed) and, when
         ``vi.init`` is not set, ``training`` for the MAP phase that initialises the means.
 
         Raises:
-            ConfigError: a mistyped option; ``model.dropout``; ``model.noise_head`` without
-                ``vi.noise.heteroscedastic`` (or the reverse), or, for the MAP phase, without
-                ``training.heteroscedastic``: the means start from a MAP model trained with the same likelihood.
+            ConfigError: a mistyped option; ``model.dropout``; ``vi.noise`` (the noise is the model's).
         """
         model = config.get("model", {})
         check_no_dropout(model, "vi")
@@ -108,10 +104,8 @@ class VISettings:
         if "training" in values:
             raise ConfigError("the MAP phase's settings go in the training section, not vi.training")
         settings = settings_from(cls, values, "vi")
-        check_noise_head(model, settings.noise.heteroscedastic, "vi.noise.heteroscedastic")
         if not settings.init:
             settings.training = MAPSettings.from_dict(config.get("training"))
-            check_noise_head(model, settings.training.heteroscedastic, "training.heteroscedastic (VI's MAP phase)")
         return settings
 
     def __post_init__(self):
@@ -290,9 +284,6 @@ def fit(context) -> Posterior:
     out_dir = Path(context.out_dir)
     work = out_dir / "vi"
     work.mkdir(parents=True, exist_ok=True)
-    noise = settings.noise
-    if noise.heteroscedastic and not config.noise_head:
-        raise ValueError("vi.noise.heteroscedastic needs model.noise_head: true")
     model = build_model(config)
     if settings.init:
         shapes = {n: t.shape for n, t in model.state_dict().items()}
@@ -316,7 +307,7 @@ def fit(context) -> Posterior:
     if context.resume and checkpoint.is_file():
         state.load_state_dict(load_checkpoint(checkpoint))
         log.info("VI resumed at step %d", state.step)
-    _run(state, model, train, settings, noise, prior, config.seed, work, device)
+    _run(state, model, train, settings, prior, config.seed, work, device)
     scales = state.scales()
     shared = {n: t.detach().cpu().clone() for n, t in model.state_dict().items() if n not in stochastic}
     partial = len(stochastic) < len(params)
@@ -329,13 +320,13 @@ def fit(context) -> Posterior:
     return posterior
 
 
-def _run(state: VIState, model, train, settings: VISettings, noise: NoiseModel, prior: GaussianPrior, seed: int,
+def _run(state: VIState, model, train, settings: VISettings, prior: GaussianPrior, seed: int,
          work: Path, device: torch.device) -> None:
     checkpoint = work / "vi.ckpt"
     start = time.perf_counter()
 
     def nll(out, batch):
-        return neg_log_likelihood(out, batch, noise)
+        return neg_log_likelihood(out, batch)
 
     with appending_csv(work / "trace.csv", _TRACE_FIELDS, "step", state.step) as writer:
         while state.step < settings.steps:

@@ -2,9 +2,15 @@
 
 The backbone is nequip's own ``NequIPGNNModel`` (type embedding, Bessel/polynomial-cutoff radial basis,
 spherical harmonics, gated interaction blocks, per-atom energy readout with per-type scale and shift, and
-``ForceStressOutput`` for forces and stress by autograd). mlip_uq adds one optional block, the
-heteroscedastic noise head, which reads the same invariant node features as the energy readout and writes
-``atomic_log_sigma`` (log of the per-atom force-noise std, log eV/Å).
+``ForceStressOutput`` for forces and stress by autograd). mlip_uq adds the **observation noise** of the Gaussian
+likelihood to the model (:class:`ObservationNoise`, after the energy readout), so that every method trains or
+samples it with the other parameters and every posterior sample carries its own: a force-noise std per element
+(``model.noise: learned``, the default), optionally times a per-atom factor from a heteroscedastic noise head that
+reads the same invariant node features as the energy readout (``noise: head``), an energy-per-atom noise std and a
+stress noise std. With ``noise: fixed`` the same block holds the given stds as buffers (not trained, not sampled).
+Its outputs are the log-stds ``atomic_log_sigma`` (node, log eV/Å), ``energy_per_atom_log_sigma`` and
+``stress_log_sigma`` (graph, log eV/atom and log eV/Å³), read by the likelihood
+(:mod:`mlip_uq.inference.loss`) and by prediction as the aleatoric variance.
 
 With ``dropout > 0`` the hidden units of the invariant (scalar) MLPs — each interaction block's radial network
 and the energy readout's hidden layer — are dropped in training mode (:class:`HiddenUnitDropout`, wrapped
@@ -26,10 +32,13 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
-from nequip.nn import GraphModel, PerTypeScaleShift, ScalarMLP
+from nequip.nn import GraphModel, GraphModuleMixin, ScalarMLP
 from nequip.nn.mlp import ScalarLinearLayer, ScalarMLPFunction
 
-from .._keys import PER_ATOM_LOG_SIGMA_KEY
+from .._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
+
+
+NOISE_KINDS = ("learned", "head", "fixed")
 
 
 @dataclass
@@ -52,8 +61,12 @@ class ModelConfig:
             (1.0: no normalisation; training fills it from the data when the config leaves it out).
         energy_shifts: per-element energy shift (eV), normally the isolated-atom reference energies.
         energy_scale: per-atom energy scale (eV), normally the training-set force RMS.
-        noise_head: add the per-atom log-σ head for a heteroscedastic force likelihood.
-        noise_sigma_init: initial per-atom force-noise std of the noise head (eV/Å).
+        noise: the observation noise (:class:`ObservationNoise`): ``"learned"`` (trainable force-noise std per
+            element, energy and stress noise stds), ``"head"`` (as learned, the force std times a per-atom factor
+            from the noise head: heteroscedastic) or ``"fixed"`` (the stds below, not trained).
+        force_noise: force-noise std of each component (eV/Å): the fixed value, or the initial one.
+        energy_noise: noise std of the energy per atom (eV/atom): the fixed value, or the initial one.
+        stress_noise: noise std of each stress component (eV/Å³): the fixed value, or the initial one.
         dropout: probability of dropping a hidden unit of the radial networks and the readout's hidden layer
             in training mode (0: no dropout, the model is unchanged); used by MC dropout.
         seed: seed for parameter initialisation.
@@ -76,8 +89,10 @@ class ModelConfig:
     avg_num_neighbors: float = 1.0
     energy_shifts: Optional[Dict[str, float]] = None
     energy_scale: float = 1.0
-    noise_head: bool = False
-    noise_sigma_init: float = 0.1
+    noise: str = "learned"
+    force_noise: float = 0.1
+    energy_noise: float = 0.01
+    stress_noise: float = 0.01
     dropout: float = 0.0
     seed: int = 0
     dtype: str = "float32"
@@ -88,6 +103,11 @@ class ModelConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.r_max <= 0:
             raise ValueError(f"r_max must be positive (Å), got {self.r_max}")
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {list(NOISE_KINDS)}, got {self.noise!r}")
+        for name in ("force_noise", "energy_noise", "stress_noise"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive std, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout}")
         if self.energy_shifts is not None:
@@ -203,34 +223,81 @@ def dropout_sites(model: torch.nn.Module) -> Dict[str, int]:
     return sites
 
 
+class ObservationNoise(GraphModuleMixin, torch.nn.Module):
+    """The noise stds of the Gaussian likelihood, as log-stds in the graph dict (module docstring).
+
+    Each log-std is a fixed reference ``log σ₀`` (buffer: the configured std) plus a log-factor, a trainable
+    parameter starting at 0 (or a zero buffer with ``trainable=False``): ``log σ = log σ₀ + log-factor``. A
+    zero-centred prior on the log-factors (:mod:`mlip_uq.inference.priors`) is thus centred on the configured stds.
+
+    Args:
+        type_names: the model's elements; the force-noise std is per element.
+        force_noise, energy_noise, stress_noise: the reference stds σ₀ (eV/Å, eV/atom, eV/Å³).
+        trainable: log-factors as parameters (trained and sampled with the model) or zero buffers (fixed stds).
+        heteroscedastic: add the per-atom log-factor the noise head wrote into ``atomic_log_sigma``.
+        irreps_in: irreps of the incoming fields.
+    """
+
+    def __init__(self, type_names: List[str], force_noise: float, energy_noise: float, stress_noise: float,
+                 trainable: bool, heteroscedastic: bool, irreps_in=None):
+        super().__init__()
+        self.heteroscedastic = heteroscedastic
+        scalar = "1x0e"
+        self._init_irreps(
+            irreps_in=irreps_in,
+            my_irreps_in={PER_ATOM_LOG_SIGMA_KEY: scalar} if heteroscedastic else {},
+            irreps_out={PER_ATOM_LOG_SIGMA_KEY: scalar, ENERGY_LOG_SIGMA_KEY: scalar, STRESS_LOG_SIGMA_KEY: scalar},
+        )
+        shapes = {"force": len(type_names), "energy": 1, "stress": 1}
+        for name, sigma in (("force", force_noise), ("energy", energy_noise), ("stress", stress_noise)):
+            self.register_buffer(f"{name}_log_sigma0", torch.full((shapes[name],), math.log(sigma)))
+            factor = torch.zeros(shapes[name])
+            if trainable:
+                self.register_parameter(f"{name}_log_factor", torch.nn.Parameter(factor))
+            else:
+                self.register_buffer(f"{name}_log_factor", factor)
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        per_type = self.force_log_sigma0 + self.force_log_factor
+        log_sigma = per_type[data[AtomicDataDict.ATOM_TYPE_KEY].view(-1)].unsqueeze(-1)
+        if self.heteroscedastic:
+            log_sigma = log_sigma + data[PER_ATOM_LOG_SIGMA_KEY]
+        data[PER_ATOM_LOG_SIGMA_KEY] = log_sigma
+        n_frames = AtomicDataDict.num_frames(data)
+        data[ENERGY_LOG_SIGMA_KEY] = (self.energy_log_sigma0 + self.energy_log_factor).expand(n_frames, 1)
+        data[STRESS_LOG_SIGMA_KEY] = (self.stress_log_sigma0 + self.stress_log_factor).expand(n_frames, 1)
+        return data
+
+
 @model_builder
-def _uq_nequip(noise_head: bool, noise_sigma_init: float, dropout: float, **kwargs) -> GraphModel:
+def _uq_nequip(noise: str, force_noise: float, energy_noise: float, stress_noise: float, dropout: float,
+               **kwargs) -> GraphModel:
     # nested inside this builder, NequIPGNNModel returns its ForceStressOutput unwrapped, built under the
     # seed and dtype set by the outer @model_builder
     model = NequIPGNNModel(**kwargs)
-    if noise_head:
-        energy_model = model.func
-        readout = energy_model.per_atom_energy_readout
+    energy_model = model.func
+    readout = energy_model.per_atom_energy_readout
+    after = "per_atom_energy_readout"
+    irreps = dict(readout.irreps_out)
+    if noise == "head":
         head = ScalarMLP(
             output_dim=1,
             field=AtomicDataDict.NODE_FEATURES_KEY,
             out_field=PER_ATOM_LOG_SIGMA_KEY,
             irreps_in=readout.irreps_in,
         )
-        # a trainable per-element offset starts every atom at log(noise_sigma_init)
-        offset = PerTypeScaleShift(
-            type_names=kwargs["type_names"],
-            field=PER_ATOM_LOG_SIGMA_KEY,
-            out_field=PER_ATOM_LOG_SIGMA_KEY,
-            scales=None,
-            shifts={t: math.log(noise_sigma_init) for t in kwargs["type_names"]},
-            shifts_trainable=True,
-            irreps_in=head.irreps_out,
-        )
-        energy_model.insert("noise_head", head, after="per_atom_energy_readout")
-        energy_model.insert("noise_head_offset", offset, after="noise_head")
-        # declare the new output so that equivariance checks and the GraphModel wrapper see it
-        model.irreps_out[PER_ATOM_LOG_SIGMA_KEY] = offset.irreps_out[PER_ATOM_LOG_SIGMA_KEY]
+        with torch.no_grad():  # the factor starts at one: every atom at its element's std
+            for p in head.parameters():
+                p.zero_()
+        energy_model.insert("noise_head", head, after=after)
+        after = "noise_head"
+        irreps.update(head.irreps_out)
+    block = ObservationNoise(kwargs["type_names"], force_noise, energy_noise, stress_noise,
+                             trainable=noise != "fixed", heteroscedastic=noise == "head", irreps_in=irreps)
+    energy_model.insert("observation_noise", block, after=after)
+    # declare the new outputs so that equivariance checks and the GraphModel wrapper see them
+    for key in (PER_ATOM_LOG_SIGMA_KEY, ENERGY_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY):
+        model.irreps_out[key] = block.irreps_out[key]
     if dropout:
         _add_dropout(model.func, dropout)
     return model
@@ -257,7 +324,9 @@ def build_model(config: ModelConfig) -> GraphModel:
         avg_num_neighbors=config.avg_num_neighbors,
         per_type_energy_shifts=shifts,
         per_type_energy_scales={t: float(config.energy_scale) for t in config.type_names},
-        noise_head=config.noise_head,
-        noise_sigma_init=config.noise_sigma_init,
+        noise=config.noise,
+        force_noise=config.force_noise,
+        energy_noise=config.energy_noise,
+        stress_noise=config.stress_noise,
         dropout=config.dropout,
     )

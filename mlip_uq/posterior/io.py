@@ -1,6 +1,6 @@
 """The posterior file: one HDF5 file, readable with h5py alone, never unpickled.
 
-Layout (format ``mlip_uq.Posterior``, version 1)::
+Layout (format ``mlip_uq.Posterior``, version 2: the model carries its observation noise)::
 
     /                      attributes: format, format_version, package_version, method,
                            hyperparameters (JSON), model_config (JSON), type_names (JSON),
@@ -33,7 +33,7 @@ from ..model import ModelConfig
 from .posterior import Posterior
 
 FORMAT = "mlip_uq.Posterior"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class PosteriorFileError(ValueError):

@@ -1,8 +1,9 @@
 """Per-sample predictions of a posterior and their predictive moments.
 
 Predictive mean = weighted mean over samples. Predictive variance = epistemic (weighted variance over samples of
-the predicted mean) + aleatoric (weighted mean over samples of the noise head's σ², for forces, where the model
-has a noise head). :func:`predictive_moments` computes them and :meth:`Moments.calibrated` applies a posterior's
+the predicted mean) + aleatoric (weighted mean over samples of each sample's observation-noise variance σ², which
+every model writes: :class:`~mlip_uq.model.build.ObservationNoise`; for the total energy (N σ_e)², σ_e being the
+noise std of the energy per atom). :func:`predictive_moments` computes them and :meth:`Moments.calibrated` applies a posterior's
 recalibration (:mod:`mlip_uq.uq.calibration`); the ASE calculator and :func:`mlip_uq.evaluate.predict_graphs`
 both go through these two.
 
@@ -50,7 +51,7 @@ from nequip.nn.embedding import (
     SphericalHarmonicEdgeAttrs,
 )
 
-from .._keys import PER_ATOM_LOG_SIGMA_KEY
+from .._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
 from ..uq.calibration import check_calibration, std_ratio
 from .posterior import Posterior
 
@@ -62,6 +63,8 @@ _EDGE_FIELDS = {
     AtomicDataDict.EDGE_VECTORS_KEY, AtomicDataDict.EDGE_LENGTH_KEY, AtomicDataDict.NORM_LENGTH_KEY,
     AtomicDataDict.EDGE_ATTRS_KEY, AtomicDataDict.EDGE_EMBEDDING_KEY, AtomicDataDict.EDGE_CUTOFF_KEY,
 }
+# the observation-noise log-stds every sample writes (mlip_uq.model.build.ObservationNoise)
+_NOISE_KEYS = (PER_ATOM_LOG_SIGMA_KEY, ENERGY_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY)
 # Voigt order of ASE's stress (xx, yy, zz, yz, xz, xy)
 _VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
 
@@ -76,7 +79,9 @@ class SamplePredictions:
         atomic_energy: (K, N) per-atom energy contributions (eV).
         forces: (K, N, 3) forces (eV/Å), or None where only their weighted mean was computed (``mean_forces``).
         stress: (K, F, 3, 3) stress (eV/Å³), or None for non-periodic frames or where only the mean was computed.
-        forces_noise_var: (K, N) noise-head variance of each force component (eV/Å)², or None.
+        forces_noise_var: (K, N) noise variance of each force component (eV/Å)².
+        energy_noise_var: (K, F) noise variance of the total energy (eV²).
+        stress_noise_var: (K, F) noise variance of each stress component (eV/Å³)².
         frame: (N,) index of each atom's frame.
         mean_forces: (N, 3) forces of the weighted mean energy (eV/Å), where ``forces`` is None.
         mean_stress: (F, 3, 3) stress of the weighted mean energy (eV/Å³), where ``stress`` is None (periodic).
@@ -87,7 +92,9 @@ class SamplePredictions:
     atomic_energy: torch.Tensor
     forces: Optional[torch.Tensor]
     stress: Optional[torch.Tensor]
-    forces_noise_var: Optional[torch.Tensor]
+    forces_noise_var: torch.Tensor
+    energy_noise_var: torch.Tensor
+    stress_noise_var: torch.Tensor
     frame: torch.Tensor
     mean_forces: Optional[torch.Tensor] = None
     mean_stress: Optional[torch.Tensor] = None
@@ -104,10 +111,8 @@ class SamplePredictions:
         d = x - x[0]
         return self._weighted_sum((d - self._weighted_sum(d)) ** 2)
 
-    def forces_aleatoric_var(self) -> Optional[torch.Tensor]:
-        """(N, 3) weighted mean over samples of the noise-head variance, per force component."""
-        if self.forces_noise_var is None:
-            return None
+    def forces_aleatoric_var(self) -> torch.Tensor:
+        """(N, 3) weighted mean over samples of the noise variance, per force component."""
         return self.mean(self.forces_noise_var).unsqueeze(-1).expand(-1, 3)
 
 
@@ -220,18 +225,23 @@ class SamplePass:
             leaves = {k: v.detach().requires_grad_(True) for k, v in data.items()
                       if torch.is_tensor(v) and v.requires_grad}
             keys = list(leaves)
-            energy, atomic, noise, cotangents = [], [], [], []
+            energy, atomic, cotangents = [], [], []
+            noise: Dict[str, List[torch.Tensor]] = {key: [] for key in _NOISE_KEYS}
             for k in range(k_samples):
                 out = torch.func.functional_call(split.tail, params[k], (dict(data, **leaves),), strict=False)
                 e = out[AtomicDataDict.TOTAL_ENERGY_KEY]
                 cotangents.append(torch.autograd.grad(e.sum(), [leaves[key] for key in keys], allow_unused=True))
                 energy.append(e.detach().view(-1))
                 atomic.append(out[AtomicDataDict.PER_ATOM_ENERGY_KEY].detach().view(-1))
-                if PER_ATOM_LOG_SIGMA_KEY in out:
-                    noise.append(torch.exp(2.0 * out[PER_ATOM_LOG_SIGMA_KEY].detach().view(-1)))
+                for key in _NOISE_KEYS:
+                    noise[key].append(torch.exp(2.0 * out[key].detach().view(-1)))
             del out, e
         self.energy, self.atomic_energy = torch.stack(energy), torch.stack(atomic)
-        self.forces_noise_var = torch.stack(noise) if noise else None
+        n_atoms = torch.bincount(self.frame, minlength=n_frames).to(self.energy)
+        self.forces_noise_var = torch.stack(noise[PER_ATOM_LOG_SIGMA_KEY])
+        # the noise std of the energy per atom times the number of atoms: that of the total energy
+        self.energy_noise_var = torch.stack(noise[ENERGY_LOG_SIGMA_KEY]).to(self.energy) * n_atoms.square()
+        self.stress_noise_var = torch.stack(noise[STRESS_LOG_SIGMA_KEY])
         # trunk outputs some tail reads, with a zero cotangent for the samples whose tail does not
         used = [i for i in range(len(keys)) if any(c[i] is not None for c in cotangents)]
         self._outputs = [data[keys[i]] for i in used]
@@ -336,6 +346,7 @@ class SamplePass:
             mean_forces, mean_stress = -g_pos, None if self.volume is None else self._stress(g_strain)
         return SamplePredictions(weights=self.weights, energy=self.energy, atomic_energy=self.atomic_energy,
                                  forces=forces, stress=stress, forces_noise_var=self.forces_noise_var,
+                                 energy_noise_var=self.energy_noise_var, stress_noise_var=self.stress_noise_var,
                                  frame=self.frame, mean_forces=mean_forces, mean_stress=mean_stress)
 
 
@@ -360,8 +371,9 @@ def predict_samples(
 class Moments:
     """Predictive means and standard deviations of one batch of F frames and N atoms (numpy, float64).
 
-    Every std is sqrt(epistemic + aleatoric variance); only forces have an aleatoric part (the noise head's σ²,
-    where the model has one). After :meth:`calibrated` every std, and its epistemic part, is multiplied by the
+    Every std of an observed quantity (energy, forces, stress) is sqrt(epistemic + aleatoric variance), the
+    aleatoric part being the model's observation noise (module docstring); per-atom energies are not observed and
+    their stds are epistemic only. After :meth:`calibrated` every std, and its epistemic part, is multiplied by the
     recalibration factor of its quantity (:func:`mlip_uq.uq.calibration.std_ratio`); stress stds are not
     recalibrated.
 
@@ -438,7 +450,8 @@ def predictive_moments(pred: SamplePredictions) -> Moments:
         sym = 0.5 * (stress + stress.transpose(-1, -2))
         return sym[..., _VOIGT[0], _VOIGT[1]]
 
-    energy_std = p.epistemic_var(p.energy).sqrt()
+    energy_var_epistemic = p.epistemic_var(p.energy)
+    energy_var = energy_var_epistemic + p.mean(p.energy_noise_var)
     stress = stress_std = forces_std = forces_std_epistemic = forces_samples = None
     if p.forces is None:  # only the mean was pulled back
         forces = numpy(p.mean_forces)
@@ -447,18 +460,18 @@ def predictive_moments(pred: SamplePredictions) -> Moments:
     else:
         forces, forces_samples = numpy(p.mean(p.forces)), numpy(p.forces)
         forces_var_epistemic = p.epistemic_var(p.forces)
-        aleatoric = p.forces_aleatoric_var()
-        forces_var = forces_var_epistemic if aleatoric is None else forces_var_epistemic + aleatoric
+        forces_var = forces_var_epistemic + p.forces_aleatoric_var()
         forces_std, forces_std_epistemic = numpy(forces_var.sqrt()), numpy(forces_var_epistemic.sqrt())
         if p.stress is not None:
-            stress, stress_std = numpy(p.mean(voigt(p.stress))), numpy(p.epistemic_var(voigt(p.stress)).sqrt())
+            stress_var = p.epistemic_var(voigt(p.stress)) + p.mean(p.stress_noise_var).unsqueeze(-1)
+            stress, stress_std = numpy(p.mean(voigt(p.stress))), numpy(stress_var.sqrt())
     frame = numpy(p.frame)
     return Moments(
         frame=frame,
         n_atoms=np.bincount(frame, minlength=p.energy.shape[1]),
         energy=numpy(p.mean(p.energy)),
-        energy_std=numpy(energy_std),
-        energy_std_epistemic=numpy(energy_std),
+        energy_std=numpy(energy_var.sqrt()),
+        energy_std_epistemic=numpy(energy_var_epistemic.sqrt()),
         energies=numpy(p.mean(p.atomic_energy)),
         energies_std=numpy(p.epistemic_var(p.atomic_energy).sqrt()),
         forces=forces,

@@ -42,7 +42,7 @@ def tiny_config(shared_data, **sections):
             "method": "sgmcmc",
             "model": dict(TINY_MODEL),
             "sgmcmc": {"lr": 1e-3, "batch_size": 3, "burnin_steps": 20, "preheat_steps": 2, "n_samples": 2,
-                       "thinning": 3, "checkpoint_every": 5, "noise": {"energy": 0.01, "forces": 0.1}},
+                       "thinning": 3, "checkpoint_every": 5},
         },
     }
     cfg.update(sections)

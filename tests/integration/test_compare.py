@@ -28,8 +28,7 @@ def study_file(tio2_path, tmp_path):
         "methods": {
             "map": {"method": "map"},
             "sgmcmc": {"method": "sgmcmc", "sgmcmc": {"lr": 2e-4, "batch_size": 6, "burnin_steps": 12,
-                                                       "preheat_steps": 2, "n_samples": 3, "thinning": 2,
-                                                       "noise": {"energy": 0.02, "forces": 0.2}}},
+                                                       "preheat_steps": 2, "n_samples": 3, "thinning": 2}},
         },
         "budgets": {"tiny": {"overrides": ["data.n_train=16"], "splits": ["cell_size"]}},
     }

@@ -28,7 +28,7 @@ def trained(tio2_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("md_sgmcmc")
     cfg = tiny_tio2_config(tio2_path, 40, 8, method="sgmcmc", sgmcmc={
         "lr": 2e-4, "batch_size": 8, "burnin_steps": 150, "preheat_steps": 10, "n_samples": 2, "thinning": 5,
-        "n_chains": 4, "noise": {"energy": 0.02, "forces": 0.2}})
+        "n_chains": 4})
     return train(cfg, out_dir=out)
 
 

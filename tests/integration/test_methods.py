@@ -20,8 +20,7 @@ from mlip_uq.train import train
 READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
 TRAINING = {"max_epochs": 2, "batch_size": 8, "lr": 0.01, "loss_weights": {"energy": 1.0, "forces": 1.0},
             "accelerator": "cpu"}
-VI = {"steps": 24, "batch_size": 8, "lr": 2e-3, "n_samples": 4, "checkpoint_every": 10, "trace_every": 2,
-      "noise": {"energy": 0.02, "forces": 0.2}}
+VI = {"steps": 24, "batch_size": 8, "lr": 2e-3, "n_samples": 4, "checkpoint_every": 10, "trace_every": 2}
 SECTIONS = {
     "ensemble": {"ensemble": {"n_members": 3}},
     "vi": {"vi": VI},
@@ -125,20 +124,19 @@ def test_partially_bayesian_vi_varies_only_the_heads(runs, tio2_path, store, tmp
 
 def test_mean_variance_ensemble_reports_aleatoric_forces_uncertainty(tio2_path, store, tmp_path):
     cfg = config(tio2_path, store, "ensemble", ensemble={"n_members": 2})
-    cfg["training"]["heteroscedastic"] = True
-    cfg["model"]["noise_head"] = True
+    cfg["model"]["noise"] = "head"
     post = load_posterior(train(cfg, out_dir=tmp_path) / "posterior.h5")
     assert "model.func.noise_head.mlp_module.mlp.0.weight" in post.samples and post.n_samples == 2
+    factors = post.samples["model.func.observation_noise.force_log_factor"]
+    assert not torch.equal(factors[0], factors[1])  # each member learned its own noise
     assert np.isfinite(json.loads((tmp_path / "metrics.json").read_text())["forces_nll"])
 
 
 @pytest.mark.parametrize("method, change, message", [
     ("dropout", {}, "method dropout needs model.dropout > 0"),
     ("vi", {"model.dropout": 0.1}, "model.dropout is for methods dropout, map and ensemble, not vi"),
-    ("vi", {"model.noise_head": True, "training.heteroscedastic": True},
-     "model.noise_head and vi.noise.heteroscedastic go together"),
-    ("vi", {"model.noise_head": True, "vi.noise.heteroscedastic": True},
-     r"model.noise_head and training.heteroscedastic \(VI's MAP phase\) go together"),
+    ("vi", {"vi.noise": {"forces": 0.1}}, "vi.noise: the observation noise is part of the model"),
+    ("vi", {"model.noise": "homoscedastic"}, r"noise must be one of \['learned', 'head', 'fixed'\]"),
     ("ensemble", {"ensemble.training": {"lr": 0.1}}, "the members' training settings go in the training section"),
     ("ensemble", {"ensemble.members": 3}, r"unknown ensemble option\(s\) \['members'\]"),
     ("vi", {"vi.mc_sample": 2}, r"unknown vi option\(s\) \['mc_sample'\]"),

@@ -18,7 +18,7 @@ from mlip_uq.posterior import load_posterior
 from mlip_uq.train import train
 
 SGMCMC = {"lr": 2e-4, "batch_size": 8, "burnin_steps": 10, "preheat_steps": 2, "n_samples": 3, "thinning": 2,
-          "n_chains": 2, "checkpoint_every": 5, "trace_every": 1, "noise": {"energy": 0.02, "forces": 0.2}}
+          "n_chains": 2, "checkpoint_every": 5, "trace_every": 1}
 
 
 def map_config(tio2_path, **training):

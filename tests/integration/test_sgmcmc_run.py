@@ -26,7 +26,7 @@ def config(tio2_path, **sgmcmc):
     # sampling in float32 is tested in tests/unit/test_float32.py
     cfg = tiny_tio2_config(tio2_path, 40, 8, method="sgmcmc", sgmcmc={
         "lr": 2e-4, "batch_size": 8, "burnin_steps": 30, "preheat_steps": 6, "n_samples": 4, "thinning": 3,
-        "n_chains": 2, "checkpoint_every": 10, "trace_every": 2, "noise": {"energy": 0.02, "forces": 0.2}, **sgmcmc})
+        "n_chains": 2, "checkpoint_every": 10, "trace_every": 2, **sgmcmc})
     cfg["model"]["dtype"] = "float64"
     return cfg
 

@@ -13,9 +13,8 @@ from mlip_uq.cli import main
 from mlip_uq.data import FrameStore
 from mlip_uq.evaluate import predict_graphs
 from mlip_uq.model import build_model
-from mlip_uq.posterior import Posterior
 from mlip_uq.inference.map import PotentialModule
-from mlip_uq.posterior import load_posterior
+from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.testing import PosteriorContract
 from mlip_uq.train import train
 
@@ -125,16 +124,18 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_noise_head_trained_jointly_gives_aleatoric_force_uncertainty(tio2_path, tmp_path):
-    cfg = small_config(tio2_path, max_epochs=3, heteroscedastic=True)
-    cfg["model"]["noise_head"] = True
+@pytest.mark.parametrize("noise", ["learned", "head"])
+def test_map_learns_its_noise_jointly_and_reports_predictive_stds(tio2_path, tmp_path, noise):
+    cfg = small_config(tio2_path, max_epochs=3)
+    cfg["model"]["noise"] = noise
     out = train(cfg, out_dir=tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_samples"] == 1 and np.isfinite(metrics["forces_nll"]) and metrics["forces_sharpness"] > 0
-    assert "energy_nll" not in metrics  # one sample and no energy noise head: no energy uncertainty
-    cfg["model"]["noise_head"] = False
-    with pytest.raises(ValueError, match="model.noise_head and training.heteroscedastic go together"):
-        train(cfg, out_dir=tmp_path / "other")
+    assert metrics["n_samples"] == 1 and metrics["forces_sharpness"] > 0 and metrics["energy_sharpness"] > 0
+    assert np.isfinite(metrics["forces_nll"]) and np.isfinite(metrics["energy_nll"])
+    post = load_posterior(out / "posterior.h5")
+    learned = {**post.shared, **post.samples}
+    for name in ("force_log_factor", "energy_log_factor"):  # moved away from the configured stds
+        assert learned[f"model.func.observation_noise.{name}"].abs().min() > 1e-3, name
 
 
 class TestMAPPosterior(PosteriorContract):

@@ -19,11 +19,9 @@ from mlip_uq.posterior import Posterior
 from mlip_uq.posterior.predict import SamplePass, predict_samples, split_model
 
 # float64: the checks below compare against finite differences and other code paths at tight tolerances
+
 CONFIG = ModelConfig(type_names=["O", "Ti"], r_max=4.0, num_layers=2, num_features=8, radial_mlp_width=16,
                      avg_num_neighbors=20.0, energy_shifts={"O": -4.0, "Ti": -8.0}, dtype="float64")
-STD_KEYS = ["energy_std", "energies_std", "forces_std", "atom_force_std", "stress_std", "energy_std_epistemic",
-            "forces_std_epistemic", "atom_force_std_epistemic"]
-
 
 def state_dicts(seeds, config=CONFIG):
     return [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in seeds]
@@ -82,7 +80,7 @@ def test_trunk_once_equals_the_per_sample_loop(tio2, kind, batched):
 
 @pytest.mark.parametrize("kind", ["partial", "full"])
 def test_property_driven_results_equal_the_all_at_once_results(tio2, kind):
-    config = ModelConfig.from_dict({**CONFIG.to_dict(), "noise_head": True})
+    config = ModelConfig.from_dict({**CONFIG.to_dict(), "noise": "head"})
     post = partial_posterior(config=config) if kind == "partial" else full_posterior(config=config)
     post = post.with_calibration({"energy": 1.3, "forces": 0.8})
     stepwise, at_once = tio2.copy(), tio2.copy()
@@ -154,11 +152,15 @@ def test_forces_and_stress_match_finite_differences(tio2):
     assert atoms.get_potential_energy() == pytest.approx(atoms.calc.results["energies"].sum(), abs=1e-9)
 
 
-def test_identical_samples_give_zero_std(tio2):
+def test_identical_samples_give_zero_epistemic_std_and_the_noise_alone(tio2):
     atoms = tio2.copy()
     atoms.calc = UQCalculator(full_posterior((3, 3, 3)))
-    for key in STD_KEYS:
+    for key in ("energy_std_epistemic", "forces_std_epistemic", "atom_force_std_epistemic", "energies_std"):
         np.testing.assert_array_equal(atoms.calc.get_property(key, atoms), 0.0)
+    sigma = CONFIG.force_noise, CONFIG.energy_noise * len(atoms), CONFIG.stress_noise
+    np.testing.assert_allclose(atoms.calc.get_property("forces_std", atoms), sigma[0], rtol=1e-12)
+    np.testing.assert_allclose(atoms.calc.get_property("energy_std", atoms), sigma[1], rtol=1e-12)
+    np.testing.assert_allclose(atoms.calc.get_property("stress_std", atoms), sigma[2], rtol=1e-12)
 
 
 def test_std_equals_numpy_std_of_the_samples(tio2):
@@ -168,14 +170,17 @@ def test_std_equals_numpy_std_of_the_samples(tio2):
     e, f = calc.get_property("energy_samples", atoms), calc.get_property("forces_samples", atoms)
     assert e.shape == (4,) and f.shape == (4, len(atoms), 3)
     assert calc.get_property("energy", atoms) == pytest.approx(e.mean(), rel=1e-14)
-    assert calc.get_property("energy_std", atoms) == pytest.approx(np.std(e), rel=1e-10)
+    assert calc.get_property("energy_std_epistemic", atoms) == pytest.approx(np.std(e), rel=1e-10)
     np.testing.assert_allclose(calc.get_property("forces", atoms), f.mean(0), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(calc.get_property("forces_std", atoms), np.std(f, axis=0), rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(calc.get_property("atom_force_std", atoms),
+    np.testing.assert_allclose(calc.get_property("forces_std_epistemic", atoms), np.std(f, axis=0), rtol=1e-9,
+                               atol=1e-14)
+    np.testing.assert_allclose(calc.get_property("atom_force_std_epistemic", atoms),
                                np.sqrt(np.var(f, axis=0).sum(-1)), rtol=1e-9)
     assert np.std(e) > 1e-3 and np.std(f, axis=0).min() > 0  # different samples really differ
-    # no noise head: total and epistemic agree
-    np.testing.assert_array_equal(calc.get_property("forces_std_epistemic", atoms), calc.results["forces_std"])
+    # the total adds the noise variance (every sample at the configured stds here)
+    np.testing.assert_allclose(calc.results["forces_std"] ** 2, np.var(f, axis=0) + CONFIG.force_noise**2, rtol=1e-9)
+    assert calc.results["energy_std"] ** 2 == pytest.approx(np.var(e) + (CONFIG.energy_noise * len(atoms)) ** 2,
+                                                            rel=1e-9)
 
 
 def test_unequal_weights_give_the_weighted_moments(tio2):
@@ -185,19 +190,27 @@ def test_unequal_weights_give_the_weighted_moments(tio2):
     e = atoms.calc.get_property("energy_samples", atoms)
     mean = np.sum(w * e)
     assert atoms.get_potential_energy() == pytest.approx(mean, rel=1e-13)
-    assert atoms.calc.results["energy_std"] == pytest.approx(np.sqrt(np.sum(w * (e - mean) ** 2)), rel=1e-10)
+    assert atoms.calc.results["energy_std_epistemic"] == pytest.approx(np.sqrt(np.sum(w * (e - mean) ** 2)),
+                                                                       rel=1e-10)
 
 
-def test_noise_head_adds_aleatoric_variance_to_forces_only(tio2):
-    config = ModelConfig.from_dict({**CONFIG.to_dict(), "noise_head": True, "noise_sigma_init": 0.2})
+@pytest.mark.parametrize("noise", ["learned", "fixed"])
+def test_a_predictive_std_is_its_epistemic_and_aleatoric_parts_never_below_the_aleatoric(tio2, noise):
+    config = ModelConfig.from_dict({**CONFIG.to_dict(), "noise": noise, "force_noise": 0.2, "energy_noise": 0.003})
     atoms = tio2.copy()
-    atoms.calc = UQCalculator(full_posterior((0, 1), config=config))
+    post = full_posterior((0, 1), config=config)
+    atoms.calc = UQCalculator(post)
     atoms.calc.get_property("forces_std", atoms)
     r = atoms.calc.results
-    aleatoric = r["forces_std"] ** 2 - r["forces_std_epistemic"] ** 2
-    assert aleatoric.min() > 0.01  # σ ≈ 0.2 eV/Å per component at initialisation
-    np.testing.assert_allclose(aleatoric, aleatoric[:, :1].repeat(3, axis=1), rtol=1e-10)  # one σ per atom
-    assert r["energy_std"] == r["energy_std_epistemic"]
+    n = len(atoms)
+    # the configured stds (the learned log-factors start at zero): (N σ_e)² for the total energy, σ_f² per component
+    np.testing.assert_allclose(r["forces_std"] ** 2 - r["forces_std_epistemic"] ** 2, 0.2**2, rtol=1e-6)
+    np.testing.assert_allclose(r["energy_std"] ** 2 - r["energy_std_epistemic"] ** 2, (n * 0.003) ** 2, rtol=1e-6)
+    assert r["forces_std_epistemic"].max() > 0 and r["energy_std_epistemic"] > 0
+    single = tio2.copy()  # one sample: the std is the aleatoric part alone
+    single.calc = UQCalculator(Posterior.from_state_dicts(config, [post.state_dict(0)]))
+    np.testing.assert_allclose(single.calc.get_property("atom_force_std", single), np.sqrt(3) * 0.2, rtol=1e-6)
+    assert single.calc.get_property("energy_std", single) == pytest.approx(n * 0.003, rel=1e-6)
 
 
 def test_every_advertised_key_is_gettable_and_the_class_list_is_untouched(tio2):

@@ -10,22 +10,21 @@ from nequip.data import AtomicDataDict
 
 from conftest import tiny_tio2_config
 
-from mlip_uq._keys import PER_ATOM_LOG_SIGMA_KEY
+from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
 from mlip_uq.data import atoms_to_graph, read_frames
-from mlip_uq.inference.loss import NoiseModel, loss_terms, neg_log_likelihood
+from mlip_uq.inference.loss import loss_terms, neg_log_likelihood
 from mlip_uq.model import ModelConfig, build_model
 from mlip_uq.posterior import load_posterior
 from mlip_uq.train import train
 
-NOISE = {"energy": 0.02, "forces": 0.2}
 METHODS = {
     "map": {},
     "ensemble": {"ensemble": {"n_members": 2}},
     "dropout": {"dropout": {"n_samples": 3}},
     "vi": {"vi": {"steps": 6, "batch_size": 8, "lr": 2e-3, "n_samples": 3, "checkpoint_every": 10,
-                  "trace_every": 2, "noise": NOISE}},
+                  "trace_every": 2}},
     "sgmcmc": {"sgmcmc": {"lr": 2e-4, "batch_size": 8, "burnin_steps": 6, "preheat_steps": 2, "n_samples": 3,
-                          "thinning": 2, "n_chains": 1, "checkpoint_every": 10, "trace_every": 2, "noise": NOISE}},
+                          "thinning": 2, "n_chains": 1, "checkpoint_every": 10, "trace_every": 2}},
 }
 SAMPLES = {"map": 1, "ensemble": 2, "dropout": 3, "vi": 3, "sgmcmc": 3}
 
@@ -59,20 +58,20 @@ def mixed_dtype_output(seed=0):
         AtomicDataDict.FORCE_KEY: torch.randn(5, 3, **f32),
         AtomicDataDict.STRESS_KEY: torch.randn(2, 3, 3, **f32),
         PER_ATOM_LOG_SIGMA_KEY: torch.randn(5, 1, **f32) * 0.3 - 1.0,
+        ENERGY_LOG_SIGMA_KEY: torch.full((2, 1), -4.0, dtype=torch.float32),
+        STRESS_LOG_SIGMA_KEY: torch.full((2, 1), -3.0, dtype=torch.float32),
     }
     as64 = lambda d: {k: v.double() if v.is_floating_point() else v for k, v in d.items()}  # noqa: E731
     return out, batch, as64(out), as64(batch)
 
 
-@pytest.mark.parametrize("heteroscedastic", [False, True])
-def test_likelihood_of_a_float32_model_is_float64_and_equals_the_float64_computation(heteroscedastic):
+def test_likelihood_of_a_float32_model_is_float64_and_equals_the_float64_computation():
     out, batch, out64, batch64 = mixed_dtype_output()
-    noise = NoiseModel(energy=0.02, forces=0.3, stress=0.05, heteroscedastic=heteroscedastic)
-    nll = neg_log_likelihood(out, batch, noise)
+    nll = neg_log_likelihood(out, batch)
     assert nll.dtype == torch.float64 and nll.shape == (2,)
-    torch.testing.assert_close(nll, neg_log_likelihood(out64, batch64, noise), rtol=1e-6, atol=0)
-    terms = loss_terms(out, batch, heteroscedastic)
-    for name, value in loss_terms(out64, batch64, heteroscedastic).items():
+    torch.testing.assert_close(nll, neg_log_likelihood(out64, batch64), rtol=1e-6, atol=0)
+    terms = loss_terms(out, batch)
+    for name, value in loss_terms(out64, batch64).items():
         torch.testing.assert_close(terms[name].double(), value, rtol=1e-6, atol=0)
 
 
@@ -99,10 +98,9 @@ def test_every_method_trains_in_float32(tio2_path, store, tmp_path, method):
 
 
 def test_sgmcmc_with_the_noise_head_samples_in_float32(tio2_path, store, tmp_path):
-    sgmcmc = {**METHODS["sgmcmc"]["sgmcmc"], "noise": {"energy": 0.02, "heteroscedastic": True}}
-    cfg = tiny_tio2_config(tio2_path, 16, 4, method="sgmcmc", sgmcmc=sgmcmc)
+    cfg = tiny_tio2_config(tio2_path, 16, 4, method="sgmcmc", sgmcmc=METHODS["sgmcmc"]["sgmcmc"])
     cfg["data"]["store"] = str(store)
-    cfg["model"]["noise_head"] = True
+    cfg["model"]["noise"] = "head"
     post = load_posterior(train(cfg, out_dir=tmp_path / "run") / "posterior.h5")
     assert post.config.dtype == "float32" and post.n_samples == 3
     assert all(torch.isfinite(t).all() for t in post.samples.values())

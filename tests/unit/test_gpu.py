@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_cuda_predictions_equal_cpu_predictions():
-    config = ModelConfig(type_names=["H", "C", "O"], r_max=4.0, num_layers=2, num_features=8, noise_head=True)
+    config = ModelConfig(type_names=["H", "C", "O"], r_max=4.0, num_layers=2, num_features=8, noise="head")
     post = Posterior.from_state_dicts(config, [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict()
                                                for s in (0, 1)])
     batch = collate([atoms_to_graph(molecule("CH3CH2OH"), config.type_names, config.r_max, with_labels=False)])

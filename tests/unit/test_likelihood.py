@@ -1,12 +1,14 @@
-"""The Gaussian likelihood used by the samplers, against a hand computation."""
+"""The Gaussian likelihood, with the noise stds the model writes, against a hand computation."""
 
 import math
 
 import torch
 from nequip.data import AtomicDataDict
 
-from mlip_uq._keys import PER_ATOM_LOG_SIGMA_KEY
-from mlip_uq.inference.loss import NoiseModel, neg_log_likelihood
+from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
+from mlip_uq.inference.loss import loss_terms, neg_log_likelihood
+
+ENERGY_SIGMA, STRESS_SIGMA = 0.02, 0.05
 
 
 def fake_batch():
@@ -24,6 +26,8 @@ def fake_batch():
         AtomicDataDict.FORCE_KEY: torch.randn(5, 3, generator=g, dtype=torch.float64),
         AtomicDataDict.STRESS_KEY: torch.randn(2, 3, 3, generator=g, dtype=torch.float64),
         PER_ATOM_LOG_SIGMA_KEY: torch.randn(5, 1, generator=g, dtype=torch.float64) * 0.3 - 1.0,
+        ENERGY_LOG_SIGMA_KEY: torch.full((2, 1), math.log(ENERGY_SIGMA), dtype=torch.float64),
+        STRESS_LOG_SIGMA_KEY: torch.full((2, 1), math.log(STRESS_SIGMA), dtype=torch.float64),
     }
     return out, batch
 
@@ -32,29 +36,32 @@ def normal_nll(err, sigma):
     return 0.5 * (err / sigma) ** 2 + math.log(sigma) + 0.5 * math.log(2 * math.pi)
 
 
-def test_fixed_noise_likelihood_is_the_sum_over_labels_of_each_frame():
+def test_likelihood_is_the_sum_over_labels_of_each_frame_with_the_models_noise():
     out, batch = fake_batch()
-    noise = NoiseModel(energy=0.02, forces=0.3, stress=0.05)
-    nll = neg_log_likelihood(out, batch, noise)
+    nll = neg_log_likelihood(out, batch)
+    sigma = out[PER_ATOM_LOG_SIGMA_KEY].exp().view(-1)
     for frame, atoms, n in ((0, [0, 1], 2), (1, [2, 3, 4], 3)):
         e = (out["total_energy"][frame, 0] - batch["total_energy"][frame, 0]).item() / n
-        expected = normal_nll(e, 0.02)
-        expected += sum(normal_nll((out["forces"][a, c] - batch["forces"][a, c]).item(), 0.3) for a in atoms for c in range(3))
-        expected += sum(normal_nll(x.item(), 0.05) for x in (out["stress"][frame] - batch["stress"][frame]).flatten())
+        expected = normal_nll(e, ENERGY_SIGMA)
+        expected += sum(normal_nll((out["forces"][a, c] - batch["forces"][a, c]).item(), sigma[a].item())
+                        for a in atoms for c in range(3))
+        expected += sum(normal_nll(x.item(), STRESS_SIGMA)
+                        for x in (out["stress"][frame] - batch["stress"][frame]).flatten())
         assert abs(nll[frame].item() - expected) < 1e-10 * abs(expected)
 
 
-def test_heteroscedastic_forces_use_each_atoms_sigma():
+def test_loss_terms_are_the_mean_nll_per_item_and_reach_every_log_sigma():
     out, batch = fake_batch()
-    del batch["stress"]
-    nll = neg_log_likelihood(out, batch, NoiseModel(energy=0.02, heteroscedastic=True))
-    sigma = out[PER_ATOM_LOG_SIGMA_KEY].exp().view(-1)
-    e = (out["total_energy"][1, 0] - batch["total_energy"][1, 0]).item() / 3
-    expected = normal_nll(e, 0.02) + sum(
-        normal_nll((out["forces"][a, c] - batch["forces"][a, c]).item(), sigma[a].item()) for a in (2, 3, 4) for c in range(3)
-    )
-    assert abs(nll[1].item() - expected) < 1e-10
-    # the gradient reaches the noise head
-    out[PER_ATOM_LOG_SIGMA_KEY].requires_grad_(True)
-    neg_log_likelihood(out, batch, NoiseModel(heteroscedastic=True)).sum().backward()
-    assert out[PER_ATOM_LOG_SIGMA_KEY].grad.abs().min() > 0
+    for key in (PER_ATOM_LOG_SIGMA_KEY, ENERGY_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY):
+        out[key].requires_grad_(True)
+    terms = loss_terms(out, batch)
+    e = (out["total_energy"] - batch["total_energy"]).view(-1) / torch.tensor([2.0, 3.0], dtype=torch.float64)
+    expected_e = sum(normal_nll(x.item(), ENERGY_SIGMA) for x in e) / 2
+    sigma = out[PER_ATOM_LOG_SIGMA_KEY].detach().exp().view(-1)
+    f = (out["forces"] - batch["forces"]).detach()
+    expected_f = sum(normal_nll(f[a, c].item(), sigma[a].item()) for a in range(5) for c in range(3)) / 15
+    assert abs(terms["energy"].item() - expected_e) < 1e-10 * abs(expected_e)
+    assert abs(terms["forces"].item() - expected_f) < 1e-10 * abs(expected_f)
+    (terms["energy"] + terms["forces"] + terms["stress"]).backward()
+    for key in (PER_ATOM_LOG_SIGMA_KEY, ENERGY_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY):
+        assert out[key].grad.abs().min() > 0, key

@@ -8,7 +8,7 @@ from ase.build import molecule
 from nequip.utils import torch_default_dtype
 from nequip.utils.test import assert_AtomicData_equivariant
 
-from mlip_uq._keys import PER_ATOM_LOG_SIGMA_KEY
+from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
 from mlip_uq.data.graph import atoms_to_graph
 from mlip_uq.model import ModelConfig, build_model
 
@@ -16,10 +16,10 @@ TYPE_NAMES = ["H", "C", "O", "Ti"]
 SHIFTS = {"H": -13.6, "C": -1030.0, "O": -432.5, "Ti": -1604.6}
 
 
-def make_model(dtype="float64", noise_head=True, **kw):
+def make_model(dtype="float64", noise="head", **kw):
     config = ModelConfig(
         type_names=TYPE_NAMES, r_max=4.0, num_layers=2, l_max=2, num_features=8, radial_mlp_width=16,
-        energy_shifts=SHIFTS, energy_scale=1.3, avg_num_neighbors=8.0, noise_head=noise_head, dtype=dtype, **kw,
+        energy_shifts=SHIFTS, energy_scale=1.3, avg_num_neighbors=8.0, noise=noise, dtype=dtype, **kw,
     )
     return build_model(config).eval()
 
@@ -129,15 +129,27 @@ def test_atoms_beyond_cutoff_do_not_interact():
     assert predict(model, far)["total_energy"].item() == pytest.approx(SHIFTS["O"] + SHIFTS["Ti"], abs=1e-12)
 
 
-def test_noise_head_starts_at_configured_sigma_and_is_optional():
-    model = make_model(noise_head=True, noise_sigma_init=0.2)
-    log_sigma = predict(model, ethanol())[PER_ATOM_LOG_SIGMA_KEY]
-    # the head's linear layer starts random, so σ is near but not exactly 0.2
-    assert torch.all((log_sigma - np.log(0.2)).abs() < 2.0)
-    plain = make_model(noise_head=False)
-    assert PER_ATOM_LOG_SIGMA_KEY not in predict(plain, ethanol())
-    n_head = sum(p.numel() for n, p in model.named_parameters() if "noise_head" in n)
-    assert sum(p.numel() for p in model.parameters()) - n_head == sum(p.numel() for p in plain.parameters())
+@pytest.mark.parametrize("noise", ["learned", "head", "fixed"])
+def test_every_model_writes_its_noise_stds_starting_at_the_configured_ones(noise):
+    model = make_model(noise=noise, force_noise=0.2, energy_noise=0.003, stress_noise=0.05)
+    out = predict(model, ethanol())
+    torch.testing.assert_close(out[PER_ATOM_LOG_SIGMA_KEY].exp(), torch.full((9, 1), 0.2, dtype=torch.float64))
+    torch.testing.assert_close(out[ENERGY_LOG_SIGMA_KEY].exp(), torch.full((1, 1), 0.003, dtype=torch.float64))
+    torch.testing.assert_close(out[STRESS_LOG_SIGMA_KEY].exp(), torch.full((1, 1), 0.05, dtype=torch.float64))
+    noise_params = {n for n, _ in model.named_parameters() if "noise" in n}
+    expected = {f"model.func.observation_noise.{q}_log_factor" for q in ("force", "energy", "stress")}
+    if noise == "head":
+        expected |= {"model.func.noise_head.mlp_module.mlp.0.weight"}
+    assert noise_params == (set() if noise == "fixed" else expected)
+
+
+def test_noise_head_makes_the_force_noise_differ_between_atoms_of_one_element():
+    model = make_model(noise="head")
+    with torch.no_grad():
+        model.model.func.noise_head.mlp_module.mlp[0].weight.normal_()
+    sigma = predict(model, ethanol())[PER_ATOM_LOG_SIGMA_KEY].view(-1)
+    hydrogens = [i for i, z in enumerate(ethanol().numbers) if z == 1]
+    assert sigma[hydrogens].std() > 1e-3
 
 
 def test_config_rejects_bad_values():

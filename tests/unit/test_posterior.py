@@ -12,7 +12,7 @@ from mlip_uq.posterior import Posterior, PosteriorFileError, load_posterior
 from mlip_uq.posterior.predict import predict_samples
 
 CONFIG = ModelConfig(type_names=["H", "C", "O"], r_max=4.0, num_layers=2, num_features=8, radial_mlp_width=16,
-                     energy_shifts={"H": -13.6, "C": -1030.0, "O": -432.5}, avg_num_neighbors=6.0, noise_head=True)
+                     energy_shifts={"H": -13.6, "C": -1030.0, "O": -432.5}, avg_num_neighbors=6.0, noise="head")
 
 
 def batch():

@@ -14,7 +14,7 @@ READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
 class TestWeightedNoiseHeadEnsemble(PosteriorContract):
     @pytest.fixture
     def contract_posterior(self):
-        config = tiny_model_config(["O", "Ti"], r_max=4.0, avg_num_neighbors=10.0, noise_head=True)
+        config = tiny_model_config(["O", "Ti"], r_max=4.0, avg_num_neighbors=10.0, noise="head")
         post = seeded_posterior(config, method="ensemble", calibration={"forces": 1.5},
                                 energy_references={"O": -1.0, "Ti": -2.0}, data_fingerprint="abc")
         return post.replace(weights=torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
