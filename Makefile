@@ -24,7 +24,7 @@ demo: install
 	$(PYTHON) -m mlip_uq.cli calibrate $(DEMO_OUT)/sgmcmc/posterior.h5 $(DEMO_DATA) --split $(DEMO_OUT)/splits.json \
 		--out $(DEMO_OUT)/sgmcmc/calibration.json
 	$(PYTHON) -m mlip_uq.cli evaluate $(DEMO_OUT)/sgmcmc/posterior.h5 $(DEMO_DATA) --split $(DEMO_OUT)/splits.json \
-		--out $(DEMO_OUT)/sgmcmc/metrics_calibrated.json --plots $(DEMO_OUT)/sgmcmc/calibrated > /dev/null
+		--out $(DEMO_OUT)/sgmcmc/metrics_calibrated.json --plots $(DEMO_OUT)/sgmcmc/calibrated
 	$(PYTHON) -m mlip_uq.cli md $(DEMO_OUT)/sgmcmc/posterior.h5 $(DEMO_DATA) --index 0 --steps 200 --temperature 300 \
 		--max-force-std 2.0 --out $(DEMO_OUT)/md
 

@@ -29,8 +29,31 @@ def _evaluate(args) -> int:
     keys = LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key)
     metrics = evaluate_file(args.posterior, args.data, out=args.out, plots_dir=args.plots, keys=keys,
                             batch_size=args.batch_size, device=args.device, indices=_split(args))
-    print(json.dumps(metrics, indent=2))
+    print(metrics_table(metrics))
+    if args.out:
+        print(f"metrics: {args.out}")
     return 0
+
+
+_TABLE_METRICS = ("energy_mae", "energy_nll", "energy_miscal_area", "energy_spearman", "energy_sharpness",
+                  "forces_mae", "forces_nll", "forces_miscal_area", "forces_spearman", "forces_sharpness")
+
+
+def metrics_table(metrics: dict) -> str:
+    """The main test metrics of :func:`~mlip_uq.evaluate.evaluate_file` as a text table: raw (uncalibrated)
+    values, and beside them the recalibrated ones where the posterior has a recalibration."""
+    raw = metrics.get("uncalibrated", metrics)
+    where = raw.get("evaluated_on", "evaluation")
+    lines = [f"{where}: {metrics['n_structures']} structures, K = {metrics['n_samples']}", f"  {'metric':20s} {'raw':>10s}" + (f" {'recalibrated':>13s}" if raw is not metrics else "")]
+    for name in _TABLE_METRICS:
+        if name in raw:
+            line = f"  {name:20s} {raw[name]:10.4f}"
+            if raw is not metrics:
+                line += f" {metrics[name]:13.4f}"
+            lines.append(line)
+    if raw is not metrics:
+        lines.append(f"  recalibration: {metrics['calibration']}")
+    return "\n".join(lines)
 
 
 def _split(args) -> Optional[List[int]]:

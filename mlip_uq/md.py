@@ -5,12 +5,14 @@ uncertainty checked every ``uq_every`` steps.
 isotropic Martyna–Tobias–Klein barostat with Nose–Hoover chains). Which signal is read when:
 
 - **every step** (cheap: the calculator's K tail passes, no per-sample pull-back): the predictive mean potential
-  energy, the temperature, the total-energy std ``energy_std`` and the largest and mean per-atom energy std
-  (``energies_std``, eV), recorded as ``energy_std``, ``max_atom_energy_std``, ``mean_atom_energy_std``;
+  energy, the temperature, the total-energy std ``energy_std`` and its epistemic part (the spread of the samples,
+  without the model's observation noise, which the total includes), and the largest and mean per-atom energy std
+  (``energies_std``, eV), recorded as ``energy_std``, ``energy_std_epistemic``, ``max_atom_energy_std``,
+  ``mean_atom_energy_std``;
 - **every ``uq_every`` steps** (an *uncertainty check*, at steps 0, uq_every, 2 uq_every, ...; K pull-backs):
   the per-atom force std (``atom_force_std``, the calculator's key: sqrt of the sum of an atom's three
-  force-component variances, eV/Å), recorded as ``max_atom_force_std`` and ``mean_atom_force_std`` (NaN in the
-  records of the steps between checks). The stop rule (:class:`ForceStdRule`, or any object with the same
+  force-component variances, eV/Å), recorded as ``max_atom_force_std`` and ``mean_atom_force_std``, and the
+  largest epistemic part ``max_atom_force_std_epistemic`` (NaN in the records of the steps between checks). The stop rule (:class:`ForceStdRule`, or any object with the same
   ``check`` method) reads it, so it is tested at the checks only, and the active-learning trigger (the rule
   passed by :mod:`mlip_uq.active`) likewise reads the latest check.
 
@@ -57,8 +59,9 @@ log = logging.getLogger(__name__)
 
 ENSEMBLES = ("nve", "langevin", "npt")
 #: keys of every per-step record (and columns of md_log.csv)
-RECORD_KEYS = ("step", "time_fs", "energy", "kinetic_energy", "temperature_K", "energy_std",
-               "max_atom_energy_std", "mean_atom_energy_std", "max_atom_force_std", "mean_atom_force_std")
+RECORD_KEYS = ("step", "time_fs", "energy", "kinetic_energy", "temperature_K", "energy_std", "energy_std_epistemic",
+               "max_atom_energy_std", "mean_atom_energy_std", "max_atom_force_std", "mean_atom_force_std",
+               "max_atom_force_std_epistemic")
 
 
 @dataclass
@@ -155,6 +158,7 @@ def _record(step: int, atoms: ase.Atoms, timestep_fs: float, check: bool) -> Dic
     calc = atoms.calc
     energies_std = calc.get_property("energies_std", atoms)
     force_std = calc.get_property("atom_force_std", atoms) if check else np.full(1, np.nan)
+    epistemic = calc.get_property("atom_force_std_epistemic", atoms) if check else np.full(1, np.nan)
     return {
         "step": step,
         "time_fs": step * timestep_fs,
@@ -162,10 +166,12 @@ def _record(step: int, atoms: ase.Atoms, timestep_fs: float, check: bool) -> Dic
         "kinetic_energy": float(atoms.get_kinetic_energy()),
         "temperature_K": float(atoms.get_temperature()),
         "energy_std": float(calc.get_property("energy_std", atoms)),
+        "energy_std_epistemic": float(calc.get_property("energy_std_epistemic", atoms)),
         "max_atom_energy_std": float(np.max(energies_std)),
         "mean_atom_energy_std": float(np.mean(energies_std)),
         "max_atom_force_std": float(np.max(force_std)),
         "mean_atom_force_std": float(np.mean(force_std)),
+        "max_atom_force_std_epistemic": float(np.max(epistemic)),
     }
 
 
@@ -316,6 +322,8 @@ def uncertainty_trace_plot(records: List[Dict], path, threshold: Optional[float]
               **style)
     ax_f.plot(t[checked], [records[i]["mean_atom_force_std"] for i in checked], label="mean over atoms", color="C0",
               **style)
+    ax_f.plot(t[checked], [records[i]["max_atom_force_std_epistemic"] for i in checked], color="C3", linestyle=":",
+              label="max over atoms, epistemic part", **style)
     if threshold is not None:
         ax_f.axhline(threshold, color="k", linestyle="--", linewidth=1, label=f"stop threshold {threshold:g}")
     ax_f.set_ylabel("atom force std (eV/Å)")
@@ -323,6 +331,8 @@ def uncertainty_trace_plot(records: List[Dict], path, threshold: Optional[float]
     scale = 1000.0 / (n_atoms or 1)
     ax_e.plot(t, [scale * r["energy_std"] for r in records], color="C2",
               label="total energy std" + (" / atoms" if n_atoms else ""))
+    ax_e.plot(t, [scale * r["energy_std_epistemic"] for r in records], color="C2", linestyle=":",
+              label="its epistemic part")
     ax_e.plot(t, [1000.0 * r["max_atom_energy_std"] for r in records], color="C4", label="max per-atom energy std")
     ax_e.set_ylabel("meV/atom" if n_atoms else "meV")
     ax_e.legend(loc="best", fontsize=8)

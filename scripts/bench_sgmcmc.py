@@ -8,7 +8,7 @@ architecture (MC dropout adds a 16-unit readout hidden layer so that the readout
 target from the literature: one chain matches or beats the ensemble on NLL and miscalibration area at no more
 than a third of its training cost.
 
-    OMP_NUM_THREADS=1 python scripts/bench_sgmcmc.py --data ethanol [--cpu-budget] [--heteroscedastic]
+    OMP_NUM_THREADS=1 python scripts/bench_sgmcmc.py --data ethanol [--cpu-budget] [--noise learned|head]
         [--methods sgmcmc ensemble vi dropout] [--out docs/benchmarks.md]
 
 ``--cpu-budget`` shrinks the model and the step counts so that a data set finishes in about an hour on 2 CPU
@@ -38,12 +38,6 @@ CPU_BUDGET = {
     "vi": ["vi.steps=2000"],
 }
 TIO2_CPU = ["data.n_train=500", "data.n_test=300", "model.r_max=4.5"]
-HETEROSCEDASTIC = {
-    "sgmcmc": ["sgmcmc.noise.heteroscedastic=true"],
-    "ensemble": ["training.heteroscedastic=true"],
-    "vi": ["vi.noise.heteroscedastic=true", "training.heteroscedastic=true"],
-    "dropout": ["training.heteroscedastic=true"],
-}
 
 
 def timed_train(config, out, overrides):
@@ -60,16 +54,15 @@ def main() -> None:
     parser.add_argument("--cpu-budget", action="store_true")
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--heteroscedastic", action="store_true",
-                        help="every model gets the per-atom noise head, trained jointly (mean-variance ensemble members)")
+    parser.add_argument("--noise", choices=["learned", "head"], default="learned",
+                        help="the models' observation noise: per element (default) or per atom from the noise head")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_sgmcmc")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
     model = CPU_BUDGET["model"] + (TIO2_CPU if args.data == "tio2" else []) if args.cpu_budget else []
-    if args.heteroscedastic:
-        model = model + ["model.noise_head=true"]
+    model = model + [f"model.noise={args.noise}"]
     training = CPU_BUDGET["training"] if args.cpu_budget else []
     overrides = {
         "sgmcmc": model + (CPU_BUDGET["sgmcmc"] if args.cpu_budget else []),
@@ -77,10 +70,7 @@ def main() -> None:
         "vi": model + training + (CPU_BUDGET["vi"] if args.cpu_budget else []),
         "dropout": model + training,
     }
-    if args.heteroscedastic:
-        for method, extra in HETEROSCEDASTIC.items():
-            overrides[method] = overrides[method] + extra
-    variant = ("CPU budget" if args.cpu_budget else "full settings") + (", noise head" if args.heteroscedastic else ", fixed noise")
+    variant = ("CPU budget" if args.cpu_budget else "full settings") + f", noise {args.noise}"
     runs = args.runs / args.data / variant.replace(", ", "_").replace(" ", "_")
     config = {m: ROOT / "configs" / f"{args.data}_{m}.yaml" for m in METHODS}
     rows = {}
@@ -106,7 +96,7 @@ def main() -> None:
     lines = [
         f"Measured {date.today().isoformat()}, 2 CPU cores, torch {torch.__version__}: "
         f"`python scripts/bench_sgmcmc.py --data {args.data}{' --cpu-budget' if args.cpu_budget else ''}"
-        f"{' --heteroscedastic' if args.heteroscedastic else ''}`; configs `configs/{args.data}_<method>.yaml` with "
+        f" --noise {args.noise}`; configs `configs/{args.data}_<method>.yaml` with "
         "the overrides " + "; ".join(f"{m} `{' '.join(overrides[m]) or 'none'}`" for m in used) + ". "
         f"Test set: {first['n_structures']} structures. Energies in meV/atom, forces in meV/Å.",
         "",

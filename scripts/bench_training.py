@@ -38,13 +38,12 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from nequip.data import AtomicDataDict
 from nequip.utils.global_state import set_global_state
 
 from _harness import update_section  # the one writer of a docs/benchmarks.md section
 from mlip_uq.config import load_config
 from mlip_uq.data import collate
-from mlip_uq.inference.loss import NoiseModel
+from mlip_uq.inference.loss import loss_terms, weighted_loss
 from mlip_uq.inference.map import MAPSettings, fit_map
 from mlip_uq.inference.sampling import SGMCMCSettings, run_sgmcmc
 from mlip_uq.model import build_model
@@ -93,22 +92,18 @@ def ours_epochs(model_config, data, settings: MAPSettings, work: Path, seed: int
 
 
 def plain_epochs(model_config, data, settings: MAPSettings, seed: int):
-    """The same epochs as a plain loop: nequip model, collate per batch, MSE loss, torch Adam, plateau schedule."""
+    """The same epochs as a plain loop: nequip model, collate per batch, the same loss, torch Adam, plateau
+    schedule."""
     torch.manual_seed(seed)
     model = build_model(model_config).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=settings.lr_factor,
                                                            patience=settings.lr_patience)
-    w_e, w_f = settings.loss_weights.energy, settings.loss_weights.forces
     generator = torch.Generator().manual_seed(seed)
     bs = settings.batch_size
 
     def loss_of(batch):
-        out = model(batch)
-        n = batch[AtomicDataDict.NUM_NODES_KEY].view(-1)
-        e = (out[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1) - batch[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1)) / n
-        f = out[AtomicDataDict.FORCE_KEY] - batch[AtomicDataDict.FORCE_KEY]
-        return w_e * e.square().mean() + w_f * f.square().mean()
+        return weighted_loss(loss_terms(model(batch), batch), settings.loss_weights)
 
     times = []
     for _ in range(settings.max_epochs):
@@ -135,7 +130,7 @@ def sgmcmc_steps(model_config, data, batch_size: int, n_steps: int, work: Path):
     every = 10
     settings = SGMCMCSettings(lr=1e-4, batch_size=batch_size, burnin_steps=n_steps // 2, preheat_steps=0,
                               n_samples=1, thinning=n_steps - n_steps // 2, checkpoint_every=every,
-                              accelerator="cpu", noise=NoiseModel(energy=0.001, forces=0.03))
+                              accelerator="cpu")
     with collecting("mlip_uq.inference.chains", "chain %d: step") as rows, \
             tempfile.TemporaryDirectory(dir=work) as out:
         run_sgmcmc(model_config, data.train, settings, Path(out))

@@ -5,10 +5,15 @@ element for forces, per atom from the noise head with ``model.noise: head``, fix
 fixed``) and writes their logs into its output; both objectives here read them from there, so MAP, ensemble
 members and dropout models learn the noise jointly with the energy model, and SG-MCMC and VI sample it.
 
-- :func:`loss_terms` (MAP-type training): for each term the mean over its items (frames for energy and stress,
-  Cartesian components for forces) of the Gaussian negative log-likelihood ``0.5 e²/σ² + log σ + 0.5 log 2π``;
-  :func:`weighted_loss` weighs the terms.
-- :func:`neg_log_likelihood` (sampling and VI): the same densities summed over each frame's labels.
+- :func:`neg_log_likelihood` (sampling and VI): per frame, the Gaussian negative log-likelihood
+  ``0.5 e²/σ² + log σ + 0.5 log 2π`` summed over the frame's labels (its energy per atom, its 3N force
+  components, its nine stress components).
+- :func:`loss_terms` (MAP-type training): the same split by term, each term summed over a frame's labels and
+  averaged over the frames; :func:`weighted_loss` weighs the terms, and with the default weights (all 1) it is the
+  mean of :func:`neg_log_likelihood` over the batch. A frame of N atoms thus holds one energy label and 3N force
+  labels, each weighted by its inverse noise variance: the learned stds set the balance between the terms (a
+  mean over force components instead would weigh the energy 3N times more than the likelihood does, and a
+  learned σ_e far below σ_f would then starve the forces).
 
 Dtypes: nequip sums the per-atom energies of a float32 model in float64, so the total energy is float64 while
 forces and stress come in the model's dtype (that of the positions). Each term is computed in the dtype of its
@@ -29,11 +34,13 @@ from .._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIG
 
 @dataclass
 class LossWeights:
-    """Weights of the loss terms (energy per atom in eV/atom, forces in eV/Å, stress in eV/Å³)."""
+    """Weights of the loss terms of :func:`loss_terms`; all 1 (the default): the mean negative log-likelihood per
+    frame of the energy, force and stress labels, the objective whose minimum is the maximum-likelihood (MAP with
+    ``weight_decay``) model. Other weights temper a term (0: leave it out)."""
 
     energy: float = 1.0
-    forces: float = 10.0
-    stress: float = 0.0
+    forces: float = 1.0
+    stress: float = 1.0
 
 
 def num_atoms_per_frame(batch: AtomicDataDict.Type) -> torch.Tensor:
@@ -58,16 +65,17 @@ def loss_terms(out: AtomicDataDict.Type, batch: AtomicDataDict.Type) -> Dict[str
     """Per-term Gaussian NLLs and plain error metrics of model output ``out`` against the labels in ``batch``.
 
     Returns a dict with ``energy``, ``forces`` and (over the frames that carry stress; absent when none do)
-    ``stress``: each the mean NLL per item (module docstring), and the detached metrics ``energy_mae``
-    (eV/atom) and ``forces_mae`` (eV/Å).
+    ``stress``: each a frame's NLL of those labels, averaged over the frames (module docstring), and the
+    detached metrics ``energy_mae`` (eV/atom) and ``forces_mae`` (eV/Å).
     """
     e_err, f_err, s_err = _errors(out, batch)
+    n_frames = e_err.shape[0]
     terms = {
         "energy": _gaussian_nll(e_err, out[ENERGY_LOG_SIGMA_KEY].view(-1)).mean(),
-        "forces": _gaussian_nll(f_err, out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1)).mean(),
+        "forces": _gaussian_nll(f_err, out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1)).sum() / n_frames,
     }
     if s_err is not None:
-        terms["stress"] = _gaussian_nll(s_err, out[STRESS_LOG_SIGMA_KEY].view(-1, 1)).mean()
+        terms["stress"] = _gaussian_nll(s_err, out[STRESS_LOG_SIGMA_KEY].view(-1, 1)).sum(-1).mean()
     terms["energy_mae"] = e_err.detach().abs().mean()
     terms["forces_mae"] = f_err.detach().abs().mean()
     return terms

@@ -6,7 +6,7 @@ import torch
 from nequip.data import AtomicDataDict
 
 from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
-from mlip_uq.inference.loss import loss_terms, neg_log_likelihood
+from mlip_uq.inference.loss import LossWeights, loss_terms, neg_log_likelihood, weighted_loss
 
 ENERGY_SIGMA, STRESS_SIGMA = 0.02, 0.05
 
@@ -50,7 +50,7 @@ def test_likelihood_is_the_sum_over_labels_of_each_frame_with_the_models_noise()
         assert abs(nll[frame].item() - expected) < 1e-10 * abs(expected)
 
 
-def test_loss_terms_are_the_mean_nll_per_item_and_reach_every_log_sigma():
+def test_loss_terms_are_per_frame_nlls_summing_to_the_likelihood_and_reach_every_log_sigma():
     out, batch = fake_batch()
     for key in (PER_ATOM_LOG_SIGMA_KEY, ENERGY_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY):
         out[key].requires_grad_(True)
@@ -59,9 +59,11 @@ def test_loss_terms_are_the_mean_nll_per_item_and_reach_every_log_sigma():
     expected_e = sum(normal_nll(x.item(), ENERGY_SIGMA) for x in e) / 2
     sigma = out[PER_ATOM_LOG_SIGMA_KEY].detach().exp().view(-1)
     f = (out["forces"] - batch["forces"]).detach()
-    expected_f = sum(normal_nll(f[a, c].item(), sigma[a].item()) for a in range(5) for c in range(3)) / 15
+    expected_f = sum(normal_nll(f[a, c].item(), sigma[a].item()) for a in range(5) for c in range(3)) / 2
     assert abs(terms["energy"].item() - expected_e) < 1e-10 * abs(expected_e)
     assert abs(terms["forces"].item() - expected_f) < 1e-10 * abs(expected_f)
-    (terms["energy"] + terms["forces"] + terms["stress"]).backward()
+    total = weighted_loss(terms, LossWeights())  # the default weights: the mean NLL per frame
+    assert abs(total.item() - neg_log_likelihood(out, batch).mean().item()) < 1e-10 * abs(total.item())
+    total.backward()
     for key in (PER_ATOM_LOG_SIGMA_KEY, ENERGY_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY):
         assert out[key].grad.abs().min() > 0, key

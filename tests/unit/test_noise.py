@@ -1,0 +1,126 @@
+"""Learned observation noise: the Gaussian likelihood recovers a known noise level, and SG-MCMC that samples the
+noise with the weights draws from the exact joint posterior of Bayesian linear regression with unknown noise."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from test_sgmcmc import assert_moments, run_chains
+
+from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY
+from mlip_uq.data import atoms_to_graph, collate, read_frames
+from mlip_uq.inference.loss import loss_terms
+from mlip_uq.inference.sgmcmc import AdaptiveSGHMC
+from mlip_uq.model import build_model
+
+DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Thousands of tiny steps: intra-op threads only add overhead (see test_sgmcmc)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_learned_noise_recovers_the_noise_added_to_a_fixed_models_labels(tio2_path):
+    """Labels = a fixed model's predictions + Gaussian noise of known σ; with the model fixed, training only the
+    noise log-factors by the MAP objective must end at the maximum-likelihood stds, sqrt(mean ε²) of the noise
+    actually drawn (per element for forces), which lie within 4 standard errors of the true σ."""
+    config = tiny_model_config(["O", "Ti"], r_max=4.0, avg_num_neighbors=10.0, dtype="float64",
+                               force_noise=0.3, energy_noise=0.05)
+    model = build_model(config)
+    frames = read_frames(tio2_path)[:24]
+    batch = collate([atoms_to_graph(a, config.type_names, config.r_max, dtype=DTYPE) for a in frames])
+    clean = model(dict(batch))
+    sigma_f, sigma_e = 0.04, 0.002  # eV/Å, eV/atom
+    gen = torch.Generator().manual_seed(0)
+    n_atoms = batch["num_atoms"].to(DTYPE)
+    eps_f = sigma_f * torch.randn(clean["forces"].shape, generator=gen, dtype=DTYPE)
+    eps_e = sigma_e * torch.randn(n_atoms.shape, generator=gen, dtype=DTYPE)
+    batch["forces"] = clean["forces"].detach() + eps_f
+    batch["total_energy"] = clean["total_energy"].detach() + (eps_e * n_atoms).view(-1, 1)
+
+    noise = [p for n, p in model.named_parameters() if "observation_noise" in n]
+    model.requires_grad_(False)
+    for p in noise:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(noise, lr=0.05)
+    for _ in range(300):
+        terms = loss_terms(model(dict(batch)), batch)
+        opt.zero_grad()
+        (terms["energy"] + terms["forces"]).backward()
+        opt.step()
+
+    out = model(dict(batch))
+    types = batch["atom_types"].view(-1)
+    learned_f = out[PER_ATOM_LOG_SIGMA_KEY].detach().exp().view(-1)
+    for t in range(len(config.type_names)):
+        drawn = eps_f[types == t]
+        mle = drawn.square().mean().sqrt()
+        assert learned_f[types == t][0] == pytest.approx(mle.item(), rel=1e-3)
+        assert abs(mle.item() / sigma_f - 1) < 4 / math.sqrt(2 * drawn.numel())
+    learned_e = out[ENERGY_LOG_SIGMA_KEY].detach().exp()[0, 0].item()
+    mle_e = eps_e.square().mean().sqrt().item()
+    assert learned_e == pytest.approx(mle_e, rel=1e-3)
+    assert abs(mle_e / sigma_e - 1) < 4 / math.sqrt(2 * len(frames))
+
+
+def test_sampled_noise_and_weights_match_the_exact_posterior_of_linear_regression():
+    """y = X w + ε, ε ~ N(0, σ²) with σ unknown; the noise is sampled as a log-factor f (σ = σ₀ eᶠ, σ₀ = 1) with
+    the weights, as the model's observation noise is: prior w ~ N(0, s² I), f ~ N(0, 1) (the package's default
+    noise prior). The exact posterior, by quadrature over f: p(f | y) ∝ N(f; 0, 1) N(y; 0, s² XXᵀ + e^{2f} I),
+    and w | f, y Gaussian; its means and variances of w, f and of the precision τ = e^{-2f} are compared with
+    the draws of 64 chains (full-batch gradients) within ESS-based tolerances (test_sgmcmc.assert_moments) plus
+    a 3 % allowance for the discretisation bias of the small step."""
+    n_data, dim, n_chains = 100, 2, 64
+    true_sd, prior_sd, noise_prior_sd, lr, friction = 0.3, 1.0, 1.0, 3e-3, 0.05
+    gen = torch.Generator().manual_seed(3)
+    x_data = torch.randn(n_data, dim, generator=gen, dtype=DTYPE)
+    y_data = x_data @ torch.tensor([0.7, -0.4], dtype=DTYPE) + true_sd * torch.randn(n_data, generator=gen, dtype=DTYPE)
+
+    # exact posterior on a grid of f
+    x, y = x_data.numpy(), y_data.numpy()
+    grid = np.linspace(-2.2, -0.4, 1201)
+    log_post, w_mean, w_var = [], [], []
+    for f in grid:
+        cov_y = prior_sd**2 * x @ x.T + np.exp(2 * f) * np.eye(n_data)
+        _, logdet = np.linalg.slogdet(cov_y)
+        log_post.append(-0.5 * f**2 / noise_prior_sd**2 - 0.5 * logdet - 0.5 * y @ np.linalg.solve(cov_y, y))
+        precision = x.T @ x * np.exp(-2 * f) + np.eye(dim) / prior_sd**2
+        cov = np.linalg.inv(precision)
+        w_mean.append(cov @ x.T @ y * np.exp(-2 * f))
+        w_var.append(np.diag(cov))
+    p = np.exp(np.array(log_post) - max(log_post))
+    p /= p.sum()
+    assert p[0] < 1e-12 and p[-1] < 1e-12  # the grid holds the whole posterior
+    w_mean, w_var = np.array(w_mean), np.array(w_var)
+    mean_w = p @ w_mean
+    sd_w = np.sqrt(p @ (w_var + w_mean**2) - mean_w**2)
+    mean_f, sd_f = p @ grid, np.sqrt(p @ grid**2 - (p @ grid) ** 2)
+    tau = np.exp(-2 * grid)
+    mean_tau, sd_tau = p @ tau, np.sqrt(p @ tau**2 - (p @ tau) ** 2)
+
+    # chains start spread about the posterior mean (at the mean itself the full-batch gradient is ~0, and the
+    # preconditioner seeded from it, P = 1 / |g|, would give a huge first kick)
+    start = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.tensor(mean_w) + torch.tensor(sd_w) * torch.randn(n_chains, dim, generator=start,
+                                                                                 dtype=DTYPE))
+    f = torch.nn.Parameter(mean_f + sd_f * torch.randn(n_chains, 1, generator=start, dtype=DTYPE))
+    opt = AdaptiveSGHMC([{"params": [w], "prior_scale": prior_sd}, {"params": [f], "prior_scale": noise_prior_sd}],
+                        lr=lr, num_data=n_data, friction=friction, seed=0)
+
+    def set_grad():  # gradient of the mean NLL per datum, 0.5 r² e^{-2f} + f, over the whole data set
+        w.grad = f.grad = None
+        resid = y_data - w @ x_data.T  # (C, N)
+        nll = (0.5 * resid.square() * torch.exp(-2.0 * f) + f).mean(-1).sum()
+        nll.backward()
+
+    draws = run_chains(opt, set_grad, lambda: torch.cat([w.detach(), f.detach(), torch.exp(-2 * f.detach())], -1),
+                       2000, 1000, 6000)
+    assert_moments(draws, np.r_[mean_w, mean_f, mean_tau], np.r_[sd_w, sd_f, sd_tau], bias=np.full(dim + 2, 0.03))
