@@ -234,7 +234,9 @@ class ObservationNoise(GraphModuleMixin, torch.nn.Module):
         type_names: the model's elements; the force-noise std is per element.
         force_noise, energy_noise, stress_noise: the reference stds σ₀ (eV/Å, eV/atom, eV/Å³).
         trainable: log-factors as parameters (trained and sampled with the model) or zero buffers (fixed stds).
-        heteroscedastic: add the per-atom log-factor the noise head wrote into ``atomic_log_sigma``.
+        heteroscedastic: add the per-atom log-factor the noise head wrote into ``atomic_log_sigma`` to each atom's
+            force log-std, and scale a frame's energy std by the mean over its atoms of the head's factor (so
+            that the energy noise, like the force noise, is larger for structures the head finds harder).
         irreps_in: irreps of the incoming fields.
     """
 
@@ -260,11 +262,20 @@ class ObservationNoise(GraphModuleMixin, torch.nn.Module):
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         per_type = self.force_log_sigma0 + self.force_log_factor
         log_sigma = per_type[data[AtomicDataDict.ATOM_TYPE_KEY].view(-1)].unsqueeze(-1)
-        if self.heteroscedastic:
-            log_sigma = log_sigma + data[PER_ATOM_LOG_SIGMA_KEY]
-        data[PER_ATOM_LOG_SIGMA_KEY] = log_sigma
         n_frames = AtomicDataDict.num_frames(data)
-        data[ENERGY_LOG_SIGMA_KEY] = (self.energy_log_sigma0 + self.energy_log_factor).expand(n_frames, 1)
+        energy_log_sigma = (self.energy_log_sigma0 + self.energy_log_factor).expand(n_frames, 1)
+        if self.heteroscedastic:
+            head = data[PER_ATOM_LOG_SIGMA_KEY]
+            log_sigma = log_sigma + head
+            frame = data.get(AtomicDataDict.BATCH_KEY)
+            if frame is None:
+                frame = torch.zeros(head.shape[0], dtype=torch.long, device=head.device)
+            frame = frame.view(-1)
+            totals = torch.zeros(n_frames, 1, dtype=head.dtype, device=head.device).index_add(0, frame, head.exp())
+            counts = torch.bincount(frame, minlength=n_frames).to(head.dtype).unsqueeze(-1)
+            energy_log_sigma = energy_log_sigma + torch.log(totals / counts)
+        data[PER_ATOM_LOG_SIGMA_KEY] = log_sigma
+        data[ENERGY_LOG_SIGMA_KEY] = energy_log_sigma
         data[STRESS_LOG_SIGMA_KEY] = (self.stress_log_sigma0 + self.stress_log_factor).expand(n_frames, 1)
         return data
 

@@ -147,9 +147,13 @@ def test_noise_head_makes_the_force_noise_differ_between_atoms_of_one_element():
     model = make_model(noise="head")
     with torch.no_grad():
         model.model.func.noise_head.mlp_module.mlp[0].weight.normal_()
-    sigma = predict(model, ethanol())[PER_ATOM_LOG_SIGMA_KEY].view(-1)
+    out = predict(model, ethanol())
+    log_sigma = out[PER_ATOM_LOG_SIGMA_KEY].view(-1)
     hydrogens = [i for i, z in enumerate(ethanol().numbers) if z == 1]
-    assert sigma[hydrogens].std() > 1e-3
+    assert log_sigma[hydrogens].std() > 1e-3
+    # the energy noise is the configured σ_e times the frame's mean head factor (σ_i / its element's σ)
+    factor = (log_sigma - model.model.func.observation_noise.force_log_sigma0[0].item()).exp().mean()
+    assert out[ENERGY_LOG_SIGMA_KEY].exp().item() == pytest.approx(0.01 * factor.item(), rel=1e-10)
 
 
 def test_config_rejects_bad_values():
