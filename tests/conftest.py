@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq.model import ModelConfig, build_model
@@ -19,6 +20,11 @@ BUNDLED_TIO2 = REPO_ROOT / "data" / "tio2_aenet_subset_1000.extxyz"
 
 # nequip models are built under its global state (default dtype float64)
 set_global_state()
+
+# a pytest-xdist worker (``make test`` runs two, one per core) computes with one thread: the tiny models of the
+# tests gain nothing from intra-op threads, and two workers with two threads each would oversubscribe the cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +47,11 @@ def tio2_store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tio2_store") / "data.h5"
 
 
-def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, **sections) -> dict:
-    """A run configuration on a few structures of the bundled TiO2 subset with a very small model; ``sections``
-    (``method``, ``training``, ``sgmcmc``, ...) are added as given."""
-    return {
+def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, store: Path | None = None, **sections) -> dict:
+    """A run configuration on a few structures of the bundled TiO2 subset with a very small model; ``store``
+    (the session's :func:`tio2_store`) is its ``data.store`` if given (else the run's own ``data.h5``);
+    ``sections`` (``method``, ``training``, ``sgmcmc``, ...) are added as given."""
+    config = {
         "name": "tiny",
         "seed": 0,
         "data": {
@@ -57,6 +64,9 @@ def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, **sections) -> 
         "model": {"r_max": 4.0, "num_layers": 2, "l_max": 1, "num_features": 8, "radial_mlp_width": 16},
         **sections,
     }
+    if store is not None:
+        config["data"]["store"] = str(store)
+    return config
 
 
 #: the smallest model the tests train or predict with (override per test)
