@@ -1,7 +1,7 @@
 """Uncertainty-aware MD: energy conservation, the stop rule in and out of distribution, callbacks, files, NPT, CLI.
 
-The stop-rule test needs a posterior that has seen TiO2: a tiny SG-MCMC run (4 chains from their own
-initialisations, 2 samples each) on 40 structures of the bundled subset, trained once per session (~45 s).
+The stop-rule test needs a posterior that has seen TiO2: a tiny SG-MCMC run (2 chains from their own
+initialisations, 4 samples each) on 40 structures of the bundled subset, trained once per session (~15 s).
 """
 
 import csv
@@ -27,8 +27,8 @@ def trained(tio2_path, tio2_store, tmp_path_factory):
     """Output folder of a tiny SG-MCMC run on TiO2 (posterior.h5 with K = 8, splits.json)."""
     out = tmp_path_factory.mktemp("md_sgmcmc")
     cfg = tiny_tio2_config(tio2_path, 40, 8, tio2_store, method="sgmcmc", sgmcmc={
-        "lr": 2e-4, "batch_size": 8, "burnin_steps": 150, "preheat_steps": 10, "n_samples": 2, "thinning": 5,
-        "n_chains": 4, "noise": {"energy": 0.02, "forces": 0.2}})
+        "lr": 2e-4, "batch_size": 8, "burnin_steps": 150, "preheat_steps": 10, "n_samples": 4, "thinning": 5,
+        "n_chains": 2, "noise": {"energy": 0.02, "forces": 0.2}})
     return train(cfg, out_dir=out)
 
 
@@ -74,7 +74,9 @@ def test_stop_rule_fires_on_compressed_tio2_and_not_in_equilibrium_md(trained, f
         atoms = bare(frames[i])
         atoms.calc = calc
         largest.append(calc.get_property("atom_force_std", atoms).max())
-    rule = ForceStdRule(threshold=2.0 * max(largest), consecutive=2)  # twice the largest seen on training data
+    # above the largest seen on training data; for this posterior the equilibrium run stays below 0.55 of it and the
+    # compressed cell starts at 1.4 times it (margins of ~40 % both ways)
+    rule = ForceStdRule(threshold=1.4 * max(largest), consecutive=2)
 
     equilibrium = run_md(bare(frames[train_idx[0]]), calc, steps=200, temperature_K=300.0, stop_rule=rule,
                          progress=False)
