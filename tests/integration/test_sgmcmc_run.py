@@ -161,8 +161,9 @@ def test_bad_sgmcmc_options_are_reported(tio2_path, tio2_store, tmp_path):
 
 def test_chains_in_parallel_processes_draw_the_samples_of_sequential_chains(tio2_path, tio2_store, full_run, tmp_path):
     # two chains in two processes (Lightning Fabric, ddp_spawn): a chain's samples do not depend on where it ran.
-    # A spawned process runs torch with cpu_count // 2 threads, this one with the default: threaded CPU kernels may
-    # sum in another order, so the samples agree to float64 round-off (1e-12 relative), not necessarily bitwise.
+    # A spawned process runs torch with cpu_count // 2 threads, this one with the default (one in a pytest-xdist
+    # worker): threaded CPU kernels may sum in another order, so the samples agree to float64 round-off (1e-12
+    # relative), not necessarily bitwise.
     train(config(tio2_path, tio2_store, n_processes=2, accelerator="cpu"), out_dir=tmp_path)
     parallel, sequential = load_posterior(tmp_path / "posterior.h5"), load_posterior(full_run / "posterior.h5")
     assert parallel.hyperparameters["sample_chains"] == sequential.hyperparameters["sample_chains"]
