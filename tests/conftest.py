@@ -1,5 +1,6 @@
 """Shared test fixtures: paths to the public data sets in ../shared/data and small frame sets."""
 
+import json
 import os
 import signal
 import subprocess
@@ -78,10 +79,25 @@ def tiny_model_config(type_names, **overrides) -> ModelConfig:
     return ModelConfig(type_names=list(type_names), **{**TINY_MODEL, **overrides})
 
 
+_UNTRAINED_STATES: dict = {}
+
+
+def untrained_state_dict(config: ModelConfig, seed: int) -> dict:
+    """The state dict of ``build_model(config)`` initialised from ``seed`` (a copy: the caller may change it).
+
+    Building a nequip model takes ~0.3 s (e3nn generates the code of its tensor products), and the unit tests ask
+    for the same few architectures and seeds hundreds of times: each is built once per session (the build is
+    deterministic in its configuration and seed)."""
+    values = {**config.to_dict(), "seed": int(seed)}
+    key = json.dumps(values, sort_keys=True)
+    if key not in _UNTRAINED_STATES:
+        _UNTRAINED_STATES[key] = build_model(ModelConfig.from_dict(values)).state_dict()
+    return {name: tensor.clone() for name, tensor in _UNTRAINED_STATES[key].items()}
+
+
 def seeded_posterior(config: ModelConfig, seeds=(0, 1, 2), **kwargs) -> Posterior:
     """A posterior of untrained members of ``config``, one per seed (``kwargs``: method, metadata, ...)."""
-    states = [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in seeds]
-    return Posterior.from_state_dicts(config, states, **kwargs)
+    return Posterior.from_state_dicts(config, [untrained_state_dict(config, s) for s in seeds], **kwargs)
 
 
 def run_and_kill(args, log: Path, rows: int, timeout_s: float = 300.0) -> None:

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from conftest import run_and_kill, tiny_tio2_config
+from conftest import run_and_kill, seeded_posterior, tiny_tio2_config
 
 from mlip_uq import UQCalculator
 from mlip_uq.cli import main
 from mlip_uq.md import RECORD_KEYS, ForceStdRule, run_md
-from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.model import ModelConfig
 from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.train import train
 
@@ -44,8 +44,7 @@ def bare(atoms):
 def tiny_posterior(k=2):
     config = ModelConfig(type_names=["O", "Ti"], r_max=3.5, num_layers=1, num_features=4, radial_mlp_width=8,
                          avg_num_neighbors=15.0, dtype="float64")
-    return Posterior.from_state_dicts(
-        config, [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in range(k)])
+    return seeded_posterior(config, seeds=range(k))
 
 
 def test_nve_energy_drift_of_the_mean_model_is_bounded(trained, frames):

@@ -9,6 +9,8 @@ from ase.build import molecule
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 from nequip.data import AtomicDataDict
 
+from conftest import untrained_state_dict
+
 import mlip_uq.calculator as calculator_module
 from mlip_uq import UQCalculator, uq_to_atoms
 from mlip_uq.calculator import FORCE_UNCERTAINTY_PROPERTIES
@@ -26,7 +28,7 @@ STD_KEYS = ["energy_std", "energies_std", "forces_std", "atom_force_std", "stres
 
 
 def state_dicts(seeds, config=CONFIG):
-    return [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in seeds]
+    return [untrained_state_dict(config, s) for s in seeds]
 
 
 def full_posterior(seeds=(0, 1, 2, 3), config=CONFIG, **kw):
