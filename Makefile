@@ -2,8 +2,11 @@
 #   make demo  - on the bundled TiO2 subset: a small MAP model, then a K = 8 partially Bayesian SG-MCMC posterior
 #                on top of it, recalibrated on the validation split, evaluated on the test split, and a short
 #                uncertainty-aware MD run (a few minutes on 2 CPU cores)
-#   make test  - the whole test suite
+#   make test  - the whole test suite, on TEST_WORKERS cores (pytest-xdist): each test file on one worker, so that
+#                the runs a file's tests share are trained once, handed out in collection order (the long
+#                integration files first, so that the many short unit files even out the end)
 PYTHON ?= python3
+TEST_WORKERS ?= 2
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test
@@ -29,4 +32,4 @@ demo: install
 		--max-force-std 2.0 --out $(DEMO_OUT)/md
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests

@@ -1,5 +1,6 @@
 """Shared test fixtures: paths to the public data sets in ../shared/data and small frame sets."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq.model import ModelConfig, build_model
@@ -19,6 +21,11 @@ BUNDLED_TIO2 = REPO_ROOT / "data" / "tio2_aenet_subset_1000.extxyz"
 
 # nequip models are built under its global state (default dtype float64)
 set_global_state()
+
+# a pytest-xdist worker (``make test`` runs two, one per core) computes with one thread: the tiny models of the
+# tests gain nothing from intra-op threads, and two workers with two threads each would oversubscribe the cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +48,11 @@ def tio2_store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tio2_store") / "data.h5"
 
 
-def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, **sections) -> dict:
-    """A run configuration on a few structures of the bundled TiO2 subset with a very small model; ``sections``
-    (``method``, ``training``, ``sgmcmc``, ...) are added as given."""
-    return {
+def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, store: Path | None = None, **sections) -> dict:
+    """A run configuration on a few structures of the bundled TiO2 subset with a very small model; ``store``
+    (the session's :func:`tio2_store`) is its ``data.store`` if given (else the run's own ``data.h5``);
+    ``sections`` (``method``, ``training``, ``sgmcmc``, ...) are added as given."""
+    config = {
         "name": "tiny",
         "seed": 0,
         "data": {
@@ -57,6 +65,9 @@ def tiny_tio2_config(tio2_path: Path, n_train: int, n_eval: int, **sections) -> 
         "model": {"r_max": 4.0, "num_layers": 2, "l_max": 1, "num_features": 8, "radial_mlp_width": 16},
         **sections,
     }
+    if store is not None:
+        config["data"]["store"] = str(store)
+    return config
 
 
 #: the smallest model the tests train or predict with (override per test)
@@ -68,10 +79,25 @@ def tiny_model_config(type_names, **overrides) -> ModelConfig:
     return ModelConfig(type_names=list(type_names), **{**TINY_MODEL, **overrides})
 
 
+_UNTRAINED_STATES: dict = {}
+
+
+def untrained_state_dict(config: ModelConfig, seed: int) -> dict:
+    """The state dict of ``build_model(config)`` initialised from ``seed`` (a copy: the caller may change it).
+
+    Building a nequip model takes ~0.3 s (e3nn generates the code of its tensor products), and the unit tests ask
+    for the same few architectures and seeds hundreds of times: each is built once per session (the build is
+    deterministic in its configuration and seed)."""
+    values = {**config.to_dict(), "seed": int(seed)}
+    key = json.dumps(values, sort_keys=True)
+    if key not in _UNTRAINED_STATES:
+        _UNTRAINED_STATES[key] = build_model(ModelConfig.from_dict(values)).state_dict()
+    return {name: tensor.clone() for name, tensor in _UNTRAINED_STATES[key].items()}
+
+
 def seeded_posterior(config: ModelConfig, seeds=(0, 1, 2), **kwargs) -> Posterior:
     """A posterior of untrained members of ``config``, one per seed (``kwargs``: method, metadata, ...)."""
-    states = [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in seeds]
-    return Posterior.from_state_dicts(config, states, **kwargs)
+    return Posterior.from_state_dicts(config, [untrained_state_dict(config, s) for s in seeds], **kwargs)
 
 
 def run_and_kill(args, log: Path, rows: int, timeout_s: float = 300.0) -> None:

@@ -1,7 +1,7 @@
 """Uncertainty-aware MD: energy conservation, the stop rule in and out of distribution, callbacks, files, NPT, CLI.
 
-The stop-rule test needs a posterior that has seen TiO2: a tiny SG-MCMC run (4 chains from their own
-initialisations, 2 samples each) on 40 structures of the bundled subset, trained once per session (~45 s).
+The stop-rule test needs a posterior that has seen TiO2: a tiny SG-MCMC run (2 chains from their own
+initialisations, 4 samples each) on 40 structures of the bundled subset, trained once per session (~15 s).
 """
 
 import csv
@@ -12,23 +12,23 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from conftest import run_and_kill, tiny_tio2_config
+from conftest import run_and_kill, seeded_posterior, tiny_tio2_config
 
 from mlip_uq import UQCalculator
 from mlip_uq.cli import main
 from mlip_uq.md import RECORD_KEYS, ForceStdRule, run_md
-from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.model import ModelConfig
 from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.train import train
 
 
 @pytest.fixture(scope="session")
-def trained(tio2_path, tmp_path_factory):
+def trained(tio2_path, tio2_store, tmp_path_factory):
     """Output folder of a tiny SG-MCMC run on TiO2 (posterior.h5 with K = 8, splits.json)."""
     out = tmp_path_factory.mktemp("md_sgmcmc")
-    cfg = tiny_tio2_config(tio2_path, 40, 8, method="sgmcmc", sgmcmc={
-        "lr": 2e-4, "batch_size": 8, "burnin_steps": 150, "preheat_steps": 10, "n_samples": 2, "thinning": 5,
-        "n_chains": 4})
+    cfg = tiny_tio2_config(tio2_path, 40, 8, tio2_store, method="sgmcmc", sgmcmc={
+        "lr": 2e-4, "batch_size": 8, "burnin_steps": 150, "preheat_steps": 10, "n_samples": 4, "thinning": 5,
+        "n_chains": 2})
     return train(cfg, out_dir=out)
 
 
@@ -44,16 +44,17 @@ def bare(atoms):
 def tiny_posterior(k=2):
     config = ModelConfig(type_names=["O", "Ti"], r_max=3.5, num_layers=1, num_features=4, radial_mlp_width=8,
                          avg_num_neighbors=15.0, dtype="float64")
-    return Posterior.from_state_dicts(
-        config, [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in range(k)])
+    return seeded_posterior(config, seeds=range(k))
 
 
 def test_nve_energy_drift_of_the_mean_model_is_bounded(trained, frames):
     post = load_posterior(trained / "posterior.h5")
     mean_of_two = Posterior(post.config, post.shared, {n: t[:2] for n, t in post.samples.items()})
     atoms = bare(frames[0])
+    # the force std is checked at the logged steps only: the trajectory does not depend on uq_every (the dynamics
+    # read the mean forces), and a step between checks costs one pull-back instead of K
     result = run_md(atoms, UQCalculator(mean_of_two), steps=1000, timestep_fs=1.0, temperature_K=300.0,
-                    ensemble="nve", log_every=10, progress=False)
+                    ensemble="nve", log_every=10, uq_every=10, progress=False)
     assert result.steps_done == 1000 and not result.stopped and len(result.records) == 101
     total = np.array([r["energy"] + r["kinetic_energy"] for r in result.records]) / len(atoms)
     kinetic = np.array([r["kinetic_energy"] for r in result.records]) / len(atoms)
@@ -72,7 +73,9 @@ def test_stop_rule_fires_on_compressed_tio2_and_not_in_equilibrium_md(trained, f
         atoms = bare(frames[i])
         atoms.calc = calc
         largest.append(calc.get_property("atom_force_std", atoms).max())
-    rule = ForceStdRule(threshold=2.0 * max(largest), consecutive=2)  # twice the largest seen on training data
+    # above the largest seen on training data; for this posterior the equilibrium run stays below 0.55 of it and the
+    # compressed cell starts at 1.4 times it (margins of ~40 % both ways)
+    rule = ForceStdRule(threshold=1.4 * max(largest), consecutive=2)
 
     equilibrium = run_md(bare(frames[train_idx[0]]), calc, steps=200, temperature_K=300.0, stop_rule=rule,
                          progress=False)

@@ -21,19 +21,19 @@ SGMCMC = {"lr": 2e-4, "batch_size": 8, "burnin_steps": 10, "preheat_steps": 2, "
           "n_chains": 2, "checkpoint_every": 5, "trace_every": 1}
 
 
-def map_config(tio2_path, **training):
-    return tiny_tio2_config(tio2_path, 16, 4, training={"max_epochs": 2, "batch_size": 8, **training})
+def map_config(tio2_path, store, **training):
+    return tiny_tio2_config(tio2_path, 16, 4, store, training={"max_epochs": 2, "batch_size": 8, **training})
 
 
-def sgmcmc_config(tio2_path, **sgmcmc):
-    return tiny_tio2_config(tio2_path, 16, 4, method="sgmcmc", sgmcmc={**SGMCMC, **sgmcmc})
+def sgmcmc_config(tio2_path, store, **sgmcmc):
+    return tiny_tio2_config(tio2_path, 16, 4, store, method="sgmcmc", sgmcmc={**SGMCMC, **sgmcmc})
 
 
 @pytest.fixture(scope="module")
-def finished_runs(tio2_path, tmp_path_factory):
+def finished_runs(tio2_path, tio2_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
-    return {"map": train(map_config(tio2_path), out_dir=root / "map"),
-            "sgmcmc": train(sgmcmc_config(tio2_path), out_dir=root / "sgmcmc")}
+    return {"map": train(map_config(tio2_path, tio2_store), out_dir=root / "map"),
+            "sgmcmc": train(sgmcmc_config(tio2_path, tio2_store), out_dir=root / "sgmcmc")}
 
 
 def snapshot(folder):
@@ -50,10 +50,10 @@ def copied(finished_runs, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["map", "sgmcmc"])
-def test_a_re_run_into_a_finished_folder_is_refused_and_changes_nothing(tio2_path, copied, method):
+def test_a_re_run_into_a_finished_folder_is_refused_and_changes_nothing(tio2_path, tio2_store, copied, method):
     out = copied(method)
     before = snapshot(out)
-    config = map_config(tio2_path) if method == "map" else sgmcmc_config(tio2_path)
+    config = map_config(tio2_path, tio2_store) if method == "map" else sgmcmc_config(tio2_path, tio2_store)
     with pytest.raises(ConfigError, match="already holds a run .*--resume .*--overwrite"):
         train(config, out_dir=out)
     with pytest.raises(ConfigError, match="give one"):
@@ -70,23 +70,23 @@ def test_a_re_run_into_a_finished_folder_is_refused_and_changes_nothing(tio2_pat
     {"model": {"num_features": "four"}},
     {"data": {"split": {"kind": "voronoi"}}},  # found while the data are prepared
 ])
-def test_a_failed_overwrite_leaves_the_run_resumable(tio2_path, copied, change):
+def test_a_failed_overwrite_leaves_the_run_resumable(tio2_path, tio2_store, copied, change):
     out = copied("map")
     before = snapshot(out)
-    config = map_config(tio2_path)
+    config = map_config(tio2_path, tio2_store)
     for section, values in change.items():
         config[section] = {**config[section], **values}
     with pytest.raises((ValueError, FileNotFoundError)):
         train(config, out_dir=out, overwrite=True)
     assert snapshot(out) == before
-    train(map_config(tio2_path), out_dir=out, resume=True)  # the configuration it started with is accepted
+    train(map_config(tio2_path, tio2_store), out_dir=out, resume=True)  # the configuration it started with is accepted
     assert load_posterior(out / "posterior.h5").n_samples == 1
 
 
-def test_cli_names_the_folder_rule(tio2_path, copied, tmp_path, capsys):
+def test_cli_names_the_folder_rule(tio2_path, tio2_store, copied, tmp_path, capsys):
     out = copied("map")
     path = tmp_path / "map.yaml"
-    path.write_text(yaml.safe_dump(map_config(tio2_path)))
+    path.write_text(yaml.safe_dump(map_config(tio2_path, tio2_store)))
     assert main(["train", str(path), "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", str(path), "--out", str(out), "--overwrite", "training.max_epochs=1"]) == 0
@@ -100,8 +100,8 @@ def killed_train(config: dict, out: Path, log: Path, rows: int) -> None:
     run_and_kill(["train", path, "--out", out], log, rows)
 
 
-def test_a_killed_map_training_resumes_with_every_epoch_logged_once(tio2_path, tmp_path):
-    config = map_config(tio2_path, max_epochs=40, patience=100, lr_patience=100)
+def test_a_killed_map_training_resumes_with_every_epoch_logged_once(tio2_path, tio2_store, tmp_path):
+    config = map_config(tio2_path, tio2_store, max_epochs=40, patience=100, lr_patience=100)
     out, log = tmp_path / "run", tmp_path / "run" / "logs" / "metrics.csv"
     killed_train(config, out, log, rows=3)
     on_disk = list(csv.DictReader(open(log)))
@@ -117,8 +117,9 @@ def test_a_killed_map_training_resumes_with_every_epoch_logged_once(tio2_path, t
     assert all(float(r["val_loss"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
 
 
-def test_a_killed_sgmcmc_run_resumes_with_every_trace_row_once(tio2_path, tmp_path):
-    config = sgmcmc_config(tio2_path, n_chains=1, burnin_steps=60, n_samples=4, thinning=5, checkpoint_every=7)
+def test_a_killed_sgmcmc_run_resumes_with_every_trace_row_once(tio2_path, tio2_store, tmp_path):
+    config = sgmcmc_config(tio2_path, tio2_store, n_chains=1, burnin_steps=60, n_samples=4, thinning=5,
+                           checkpoint_every=7)
     reference = train(config, out_dir=tmp_path / "straight") / "sgmcmc" / "trace_chain0.csv"
     out = tmp_path / "killed"
     log = out / "sgmcmc" / "trace_chain0.csv"
@@ -149,22 +150,22 @@ def pickled(path: Path) -> Path:
 
 @pytest.mark.parametrize("method, section", [("sgmcmc", {"init": None}), ("sgmcmc", {"prior": {"center": None}}),
                                              ("vi", {"init": None})])
-def test_a_pickled_checkpoint_as_a_starting_point_or_prior_centre_is_refused_by_name(tio2_path, tmp_path, method,
-                                                                                      section):
+def test_a_pickled_checkpoint_as_a_starting_point_or_prior_centre_is_refused_by_name(tio2_path, tio2_store, tmp_path,
+                                                                                      method, section):
     path = str(pickled(tmp_path / "model.ckpt"))
     values = {k: (path if v is None else {"center": path}) for k, v in section.items()}
-    config = sgmcmc_config(tio2_path, **values)
+    config = sgmcmc_config(tio2_path, tio2_store, **values)
     if method == "vi":
-        config = tiny_tio2_config(tio2_path, 16, 4, method="vi", vi={"steps": 5, **values})
+        config = tiny_tio2_config(tio2_path, 16, 4, tio2_store, method="vi", vi={"steps": 5, **values})
     with pytest.raises(ValueError, match=r"model\.ckpt cannot be loaded safely"):
         train(config, out_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "posterior.h5").exists()
 
 
 @pytest.mark.parametrize("method, checkpoint", [("map", "checkpoints/last.ckpt"), ("sgmcmc", "sgmcmc/chain0.ckpt")])
-def test_a_planted_pickled_checkpoint_stops_a_resume_by_name(tio2_path, copied, method, checkpoint):
+def test_a_planted_pickled_checkpoint_stops_a_resume_by_name(tio2_path, tio2_store, copied, method, checkpoint):
     out = copied(method)
     pickled(out / checkpoint)
-    config = map_config(tio2_path) if method == "map" else sgmcmc_config(tio2_path)
+    config = map_config(tio2_path, tio2_store) if method == "map" else sgmcmc_config(tio2_path, tio2_store)
     with pytest.raises(ValueError, match=f"{Path(checkpoint).name} cannot be loaded safely"):
         train(config, out_dir=out, resume=True)

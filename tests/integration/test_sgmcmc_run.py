@@ -19,12 +19,12 @@ from mlip_uq.train import train
 READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
 
 
-def config(tio2_path, **sgmcmc):
+def config(tio2_path, store, **sgmcmc):
     # float64: resumed, parallel and warm-started chains are compared with uninterrupted ones bit for bit (or to
     # 1e-12). In float32 a resumed chain differed by up to 2.4e-7 (one or two ulp) in ~10 % of the elements
     # although every state is restored exactly (float32 CPU kernels are reproducible to rounding only);
     # sampling in float32 is tested in tests/unit/test_float32.py
-    cfg = tiny_tio2_config(tio2_path, 40, 8, method="sgmcmc", sgmcmc={
+    cfg = tiny_tio2_config(tio2_path, 40, 8, store, method="sgmcmc", sgmcmc={
         "lr": 2e-4, "batch_size": 8, "burnin_steps": 30, "preheat_steps": 6, "n_samples": 4, "thinning": 3,
         "n_chains": 2, "checkpoint_every": 10, "trace_every": 2, **sgmcmc})
     cfg["model"]["dtype"] = "float64"
@@ -32,9 +32,9 @@ def config(tio2_path, **sgmcmc):
 
 
 @pytest.fixture(scope="module")
-def full_run(tio2_path, tmp_path_factory):
+def full_run(tio2_path, tio2_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("sgmcmc")
-    return train(config(tio2_path), out_dir=out)
+    return train(config(tio2_path, tio2_store), out_dir=out)
 
 
 def test_full_posterior_has_every_sample_of_every_chain(full_run):
@@ -65,7 +65,7 @@ def test_trace_records_the_phases_and_temperature_ramp(full_run):
     assert len(set(burn)) == 1  # preconditioner frozen after burn-in: effective step sizes constant
 
 
-def test_killed_run_resumes_to_the_same_samples(tio2_path, full_run, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_samples(tio2_path, tio2_store, full_run, tmp_path, monkeypatch):
     original = chain_module.Chain.save
     calls = {"n": 0}
 
@@ -77,19 +77,19 @@ def test_killed_run_resumes_to_the_same_samples(tio2_path, full_run, tmp_path, m
 
     monkeypatch.setattr(chain_module.Chain, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(config(tio2_path), out_dir=tmp_path)
+        train(config(tio2_path, tio2_store), out_dir=tmp_path)
     monkeypatch.undo()
     partial = load_posterior(tmp_path / "posterior.h5")
     assert 0 < partial.n_samples < 8
-    train(config(tio2_path), out_dir=tmp_path, resume=True)
+    train(config(tio2_path, tio2_store), out_dir=tmp_path, resume=True)
     resumed, reference = load_posterior(tmp_path / "posterior.h5"), load_posterior(full_run / "posterior.h5")
     assert resumed.hyperparameters["sample_chains"] == reference.hyperparameters["sample_chains"]
     for name, t in reference.samples.items():
         torch.testing.assert_close(resumed.samples[name], t, rtol=0, atol=0)
 
 
-def test_partially_bayesian_run_samples_only_the_heads_and_shares_the_rest(tio2_path, tmp_path):
-    out = train(config(tio2_path, stochastic={"last_layers": 1}), out_dir=tmp_path)
+def test_partially_bayesian_run_samples_only_the_heads_and_shares_the_rest(tio2_path, tio2_store, tmp_path):
+    out = train(config(tio2_path, tio2_store, stochastic={"last_layers": 1}), out_dir=tmp_path)
     post = load_posterior(out / "posterior.h5")
     assert set(post.samples) == {READOUT}
     assert "model.func.layer0_convnet.conv.linear_1.weight" in post.shared
@@ -98,7 +98,7 @@ def test_partially_bayesian_run_samples_only_the_heads_and_shares_the_rest(tio2_
     assert not torch.equal(w[0], w[4])  # chains differ in the stochastic part only
 
 
-def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, full_run, tmp_path, monkeypatch):
+def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, tio2_store, full_run, tmp_path, monkeypatch):
     source = load_posterior(full_run / "posterior.h5")
     seen = {}
     original = sampling.prior_from_spec
@@ -109,7 +109,7 @@ def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, full_run, tm
         return prior
 
     monkeypatch.setattr(sampling, "prior_from_spec", spy)
-    cfg = config(tio2_path, n_chains=1, prior={"scale": 0.05, "center": str(full_run / "posterior.h5")},
+    cfg = config(tio2_path, tio2_store, n_chains=1, prior={"scale": 0.05, "center": str(full_run / "posterior.h5")},
                  init=str(full_run / "posterior.h5"))
     train(cfg, out_dir=tmp_path)
     prior = seen["prior"]
@@ -119,70 +119,62 @@ def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, full_run, tm
     assert set(prior.centers) == set(source.samples)
 
 
-def test_divergence_stops_the_chain_and_keeps_its_samples(tio2_path, tmp_path, monkeypatch, caplog):
+def test_a_diverging_chain_stops_and_keeps_only_its_finite_samples(tio2_path, tio2_store, tmp_path, monkeypatch,
+                                                                   caplog):
+    # one run, both ways a chain diverges (the chains run one after the other, one likelihood call per step and
+    # one more checking each sample, drawn at steps 38, 41, 44, 47):
+    # - chain 0's first sample predicts inf (call 40: steps 0-38, then the check of the step-38 sample): the sample
+    #   is not kept and the chain stops with none;
+    # - chain 1's step 42 is NaN (its call 45: steps 0-41 and the checks at 38 and 41; 40 + 45 = 85): the chain
+    #   stops and keeps the two samples drawn before it
     original = chain_module.neg_log_likelihood
     calls = {"n": 0}
+    poison = {40: float("inf"), 85: float("nan")}
 
-    def poisoned(out, batch, noise):
+    def poisoned(out, batch):
         calls["n"] += 1
-        nll = original(out, batch, noise)
-        # chain 0 at step 42: one call per step, and one more checking each of its samples at steps 38 and 41
-        return nll * float("nan") if calls["n"] == 45 else nll
+        nll = original(out, batch)
+        return nll * poison[calls["n"]] if calls["n"] in poison else nll
 
     monkeypatch.setattr(chain_module, "neg_log_likelihood", poisoned)
-    train(config(tio2_path), out_dir=tmp_path)
-    post = load_posterior(tmp_path / "posterior.h5")
-    chains = post.hyperparameters["sample_chains"]
-    assert chains.count(0) == 2 and chains.count(1) == 4
-    assert "chain 0 diverged at step 42" in caplog.text
-
-
-def test_a_sample_that_predicts_non_finite_values_is_not_kept(tio2_path, tmp_path, monkeypatch, caplog):
-    original = chain_module.neg_log_likelihood
-    calls = {"n": 0}
-
-    def poisoned(out, batch, noise):
-        calls["n"] += 1
-        nll = original(out, batch, noise)
-        return nll * float("inf") if calls["n"] == 40 else nll  # the check of chain 0's first sample (step 38)
-
-    monkeypatch.setattr(chain_module, "neg_log_likelihood", poisoned)
-    train(config(tio2_path), out_dir=tmp_path)
+    train(config(tio2_path, tio2_store), out_dir=tmp_path)
     chains = load_posterior(tmp_path / "posterior.h5").hyperparameters["sample_chains"]
-    assert chains.count(0) == 0 and chains.count(1) == 4
+    assert chains == [1, 1]
     assert "chain 0 diverged at step 38 (its sample predicts inf)" in caplog.text
+    assert "chain 1 diverged at step 42" in caplog.text
 
 
-def test_bad_sgmcmc_options_are_reported(tio2_path, tmp_path):
+def test_bad_sgmcmc_options_are_reported(tio2_path, tio2_store, tmp_path):
     with pytest.raises(ValueError, match="last_layers must be between 1 and"):
-        train(config(tio2_path, stochastic={"last_layers": 99}), out_dir=tmp_path)
+        train(config(tio2_path, tio2_store, stochastic={"last_layers": 99}), out_dir=tmp_path)
     with pytest.raises(ValueError, match="match no parameter"):
-        train(config(tio2_path, stochastic={"patterns": ["*nothing*"]}), out_dir=tmp_path / "b")
+        train(config(tio2_path, tio2_store, stochastic={"patterns": ["*nothing*"]}), out_dir=tmp_path / "b")
     with pytest.raises(ValueError, match="unknown sgmcmc.prior option"):
-        train(config(tio2_path, prior={"sigma": 1.0}), out_dir=tmp_path / "c")
+        train(config(tio2_path, tio2_store, prior={"sigma": 1.0}), out_dir=tmp_path / "c")
     with pytest.raises(ValueError, match=r"unknown sgmcmc option\(s\) \['step_size'\]"):
-        train(config(tio2_path, step_size=1.0), out_dir=tmp_path / "e")
-    with pytest.raises(ValueError, match=r"unknown sgmcmc.noise option\(s\) \['force'\]"):
-        train(config(tio2_path, noise={"force": 0.1}), out_dir=tmp_path / "f")
+        train(config(tio2_path, tio2_store, step_size=1.0), out_dir=tmp_path / "e")
+    with pytest.raises(ValueError, match="sgmcmc.noise: the observation noise is part of the model"):
+        train(config(tio2_path, tio2_store, noise={"force": 0.1}), out_dir=tmp_path / "f")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train(config(tio2_path, prior={"center": str(tmp_path / "none.h5")}), out_dir=tmp_path / "d")
+        train(config(tio2_path, tio2_store, prior={"center": str(tmp_path / "none.h5")}), out_dir=tmp_path / "d")
 
 
-def test_chains_in_parallel_processes_draw_the_samples_of_sequential_chains(tio2_path, full_run, tmp_path):
+def test_chains_in_parallel_processes_draw_the_samples_of_sequential_chains(tio2_path, tio2_store, full_run, tmp_path):
     # two chains in two processes (Lightning Fabric, ddp_spawn): a chain's samples do not depend on where it ran.
-    # A spawned process runs torch with cpu_count // 2 threads, this one with the default: threaded CPU kernels may
-    # sum in another order, so the samples agree to float64 round-off (1e-12 relative), not necessarily bitwise.
-    train(config(tio2_path, n_processes=2, accelerator="cpu"), out_dir=tmp_path)
+    # A spawned process runs torch with cpu_count // 2 threads, this one with the default (one in a pytest-xdist
+    # worker): threaded CPU kernels may sum in another order, so the samples agree to float64 round-off (1e-12
+    # relative), not necessarily bitwise.
+    train(config(tio2_path, tio2_store, n_processes=2, accelerator="cpu"), out_dir=tmp_path)
     parallel, sequential = load_posterior(tmp_path / "posterior.h5"), load_posterior(full_run / "posterior.h5")
     assert parallel.hyperparameters["sample_chains"] == sequential.hyperparameters["sample_chains"]
     for name, t in sequential.samples.items():
         torch.testing.assert_close(parallel.samples[name], t, rtol=1e-12, atol=1e-12 * float(t.abs().max()))
 
 
-def test_cyclical_step_sizes_sample_at_the_end_of_each_cycle(tio2_path, tmp_path):
+def test_cyclical_step_sizes_sample_at_the_end_of_each_cycle(tio2_path, tio2_store, tmp_path):
     import csv
 
-    out = train(config(tio2_path, n_chains=1, preheat_steps=0, n_samples=4, thinning=2, cycle_steps=8,
+    out = train(config(tio2_path, tio2_store, n_chains=1, preheat_steps=0, n_samples=4, thinning=2, cycle_steps=8,
                        exploration_fraction=0.5, trace_every=1), out_dir=tmp_path)
     post = load_posterior(out / "posterior.h5")
     assert post.n_samples == 4
@@ -195,7 +187,7 @@ def test_cyclical_step_sizes_sample_at_the_end_of_each_cycle(tio2_path, tmp_path
     assert float(rows[38]["median_step_size"]) == pytest.approx(steps[0])  # restart
 
 
-def test_warm_start_continues_the_chains_on_more_data(tio2_path, full_run, tmp_path, monkeypatch):
+def test_warm_start_continues_the_chains_on_more_data(tio2_path, tio2_store, full_run, tmp_path, monkeypatch):
     import shutil
 
     from mlip_uq.data import FrameStore
@@ -205,8 +197,8 @@ def test_warm_start_continues_the_chains_on_more_data(tio2_path, full_run, tmp_p
     shutil.copytree(full_run, run)
     first = load_posterior(run / "posterior.h5")
     splits = json.loads((run / "splits.json").read_text())
-    grown = FrameStore.open(run / "data.h5").graphs(splits["train"] + splits["val"])
-    settings = SGMCMCSettings.from_dict(config(tio2_path))
+    grown = FrameStore.open(tio2_store).graphs(splits["train"] + splits["val"])
+    settings = SGMCMCSettings.from_dict(config(tio2_path, tio2_store))
     post = continue_sgmcmc(first.config, grown, settings, run, n_steps=5, n_samples=2)
     assert post.n_samples == 4 and post.hyperparameters["sample_chains"] == [0, 0, 1, 1]
     assert post.hyperparameters["round"] == 1

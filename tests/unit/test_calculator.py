@@ -9,6 +9,8 @@ from ase.build import molecule
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 from nequip.data import AtomicDataDict
 
+from conftest import untrained_state_dict
+
 import mlip_uq.calculator as calculator_module
 from mlip_uq import UQCalculator, uq_to_atoms
 from mlip_uq.calculator import FORCE_UNCERTAINTY_PROPERTIES
@@ -24,7 +26,7 @@ CONFIG = ModelConfig(type_names=["O", "Ti"], r_max=4.0, num_layers=2, num_featur
                      avg_num_neighbors=20.0, energy_shifts={"O": -4.0, "Ti": -8.0}, dtype="float64")
 
 def state_dicts(seeds, config=CONFIG):
-    return [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in seeds]
+    return [untrained_state_dict(config, s) for s in seeds]
 
 
 def full_posterior(seeds=(0, 1, 2, 3), config=CONFIG, **kw):

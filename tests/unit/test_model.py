@@ -24,6 +24,12 @@ def make_model(dtype="float64", noise="head", **kw):
     return build_model(config).eval()
 
 
+@pytest.fixture(scope="module")
+def model():
+    """The default :func:`make_model`, built once for the tests that only evaluate it."""
+    return make_model()
+
+
 def rattled_rutile():
     atoms = Atoms("Ti2O4", scaled_positions=[[0, 0, 0], [.5, .5, .5], [.3, .3, 0], [.7, .7, 0], [.8, .2, .5], [.2, .8, .5]],
                   cell=[4.6, 4.6, 2.96], pbc=True)
@@ -57,8 +63,7 @@ def test_equivariance_rotation_reflection_translation_permutation(dtype, make_at
         assert_AtomicData_equivariant(model, data)
 
 
-def test_outputs_transform_as_physics_says():
-    model = make_model()
+def test_outputs_transform_as_physics_says(model):
     atoms = rattled_rutile()
     ref = predict(model, atoms)
     rng = np.random.default_rng(0)
@@ -77,8 +82,7 @@ def test_outputs_transform_as_physics_says():
     torch.testing.assert_close(out["stress"].view(3, 3), stress_rot, rtol=0, atol=1e-10)
 
 
-def test_forces_match_central_differences():
-    model = make_model()
+def test_forces_match_central_differences(model):
     atoms = ethanol()
     forces = predict(model, atoms)["forces"].numpy()
     h = 1e-4
@@ -94,8 +98,7 @@ def test_forces_match_central_differences():
     np.testing.assert_allclose(forces, fd, atol=1e-7, rtol=0)
 
 
-def test_stress_matches_central_differences_of_strain():
-    model = make_model()
+def test_stress_matches_central_differences_of_strain(model):
     atoms = rattled_rutile()
     stress = predict(model, atoms)["stress"].view(3, 3).numpy()
     h = 1e-5
@@ -116,15 +119,13 @@ def test_stress_matches_central_differences_of_strain():
 
 
 @pytest.mark.parametrize("element", ["H", "O", "Ti"])
-def test_isolated_atom_energy_equals_its_reference(element):
-    model = make_model()
+def test_isolated_atom_energy_equals_its_reference(model, element):
     out = predict(model, Atoms(element, positions=[[0.0, 0.0, 0.0]]))
     assert out["total_energy"].item() == pytest.approx(SHIFTS[element], abs=1e-12)
     np.testing.assert_array_equal(out["forces"].numpy(), 0.0)
 
 
-def test_atoms_beyond_cutoff_do_not_interact():
-    model = make_model()
+def test_atoms_beyond_cutoff_do_not_interact(model):
     far = Atoms("OTi", positions=[[0, 0, 0], [0, 0, 4.5]])  # 4.5 Å > r_max = 4 Å
     assert predict(model, far)["total_energy"].item() == pytest.approx(SHIFTS["O"] + SHIFTS["Ti"], abs=1e-12)
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 from ase.build import molecule
 
+from conftest import untrained_state_dict
+
 from mlip_uq.data.graph import atoms_to_graph, collate
-from mlip_uq.model import ModelConfig, build_model
+from mlip_uq.model import ModelConfig
 from mlip_uq.posterior import Posterior, PosteriorFileError, load_posterior
 from mlip_uq.posterior.predict import predict_samples
 
@@ -25,7 +27,7 @@ def batch():
 
 
 def state_dicts(seeds):
-    return [build_model(ModelConfig.from_dict({**CONFIG.to_dict(), "seed": s})).state_dict() for s in seeds]
+    return [untrained_state_dict(CONFIG, s) for s in seeds]
 
 
 def test_save_load_gives_identical_predictions(tmp_path):
