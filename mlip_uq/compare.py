@@ -162,16 +162,14 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
     infer_seconds = (time.perf_counter() - start) / max(1, len(test_graphs))
     row = {"regime": regime, "split": split, "method": method, "n_train": len(splits["train"]),
            "n_test": len(splits["test"]), "n_samples": posterior.n_samples, "train_seconds": train_seconds,
-           "inference_seconds_per_structure": infer_seconds, "before": metrics_and_plots(test), "after": None,
-           "calibration": {}}
-    if test.forces_std is not None:
-        calibration = fit_calibration(val.energy_pred - val.energy_true, val.energy_std_uncalibrated,
-                                      val.forces_pred - val.forces_true, val.forces_std_uncalibrated,
-                                      isotonic=study["calibration"] == "isotonic")
-        recalibrated = test.with_calibration(calibration)
-        row["after"] = metrics_and_plots(recalibrated)
-        row["calibration"] = _jsonable(calibration)
-        _save_errors(run_dir / "test_errors.npz", recalibrated, test)
+           "inference_seconds_per_structure": infer_seconds, "before": metrics_and_plots(test)}
+    calibration = fit_calibration(val.energy_pred - val.energy_true, val.energy_std_uncalibrated,
+                                  val.forces_pred - val.forces_true, val.forces_std_uncalibrated,
+                                  isotonic=study["calibration"] == "isotonic")
+    recalibrated = test.with_calibration(calibration)
+    row["after"] = metrics_and_plots(recalibrated)
+    row["calibration"] = _jsonable(calibration)
+    _save_errors(run_dir / "test_errors.npz", recalibrated, test)
     write_json(row, summary_path)
     return row
 
@@ -201,7 +199,7 @@ def results_markdown(rows: List[Dict]) -> str:
             cells = []
             for key, _, scale, fmt in TABLE:
                 before = r["before"].get(key)
-                after = (r["after"] or {}).get(key)
+                after = r["after"].get(key)
                 text = "–" if before is None or not np.isfinite(before) else format(scale * before, fmt)
                 if after is not None and key not in ("energy_mae", "forces_mae", "forces_spearman") and np.isfinite(after):
                     text += f" → {format(scale * after, fmt)}"
@@ -210,7 +208,7 @@ def results_markdown(rows: List[Dict]) -> str:
                          + f" | {r['train_seconds'] / 60:.1f} | {1000 * r['inference_seconds_per_structure']:.1f} |")
         lines.append("")
     lines.append("Uncertainty metrics: before → after recalibration on the validation set (one factor per quantity "
-                 "or isotonic, as the study states). MAP has no uncertainty (–).")
+                 "or isotonic, as the study states). A MAP model's stds are its learned observation noise.")
     return "\n".join(lines) + "\n"
 
 
@@ -256,7 +254,7 @@ def _plot_bars(rows: List[Dict], path: Path) -> None:
             values = []
             for s in splits:
                 r = next((r for r in rows if r["split"] == s and r["method"] == m), None)
-                metrics = (r["after"] or r["before"]) if r else {}
+                metrics = r["after"] if r else {}
                 values.append(metrics.get(key, np.nan) if metrics else np.nan)
             ax.bar(np.arange(len(splits)) + j * width, values, width, label=m)
         ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits, fontsize=8)

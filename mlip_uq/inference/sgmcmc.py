@@ -64,8 +64,11 @@ P = 1 / (sqrt(m̂2_max) + eps), with m̂2 the bias-corrected exponential moving 
 that P only decreases while it adapts. The estimate is seeded with the first squared gradient: it is
 updated as m̂2 ← m̂2 + w_t (g² - m̂2) with w_t = (1 - β2) / (1 - β2^t), which is algebraically Adam's
 m2 / (1 - β2^t) of a zero-started EMA, and w_1 = 1 gives m̂2 = g² exactly at the first step (a zero second
-moment would make the first noise kick sqrt(2αη T / eps) huge). An element whose *first* gradient is exactly
-zero still gets P = 1 / eps at that step; start a chain where the gradient is non-zero. Because of the
+moment would make the first noise kick sqrt(2αη T / eps) huge). The count t is kept per element and starts at
+an element's first non-zero gradient: an element whose gradient has been exactly zero so far (a per-element
+parameter of an element absent from the minibatches, at its prior centre) has P = 0 and does not move, and
+its first non-zero gradient seeds its m̂2 (without this, P = 1 / eps would send it flying). An element never
+seen by the end of burn-in keeps P = 0: it stays where it started. Because of the
 running maximum, large gradients early in burn-in (a chain started far from the mode) keep P small for good:
 a valid but slowly mixing chain; start from a MAP estimate.
 
@@ -120,7 +123,7 @@ def potential_gradient(
 
 
 def update_second_moment(
-    m2: Tensor, m2_max: Tensor, grad_u: Tensor, step: int, beta2: float
+    m2: Tensor, m2_max: Tensor, grad_u: Tensor, step: int | Tensor, beta2: float
 ) -> tuple[Tensor, Tensor]:
     """One adaptation step of the bias-corrected second moment and its running maximum.
 
@@ -128,21 +131,25 @@ def update_second_moment(
         m2: bias-corrected estimate m̂2 of E[(∇U)²] after ``step - 1`` gradients (anything at ``step == 1``).
         m2_max: running maximum of m̂2 (zeros at ``step == 1``).
         grad_u: the gradient ∇U of this step.
-        step: 1-based number of gradients seen, this one included.
+        step: 1-based number of gradients seen, this one included: one number, or one per element (0: not
+            seen yet, the element's m̂2 stays as it is).
         beta2: EMA decay.
 
     Returns:
         ``(m2, m2_max)``: m̂2 + w (g² - m̂2) with w = (1 - β2) / (1 - β2^step) (w = 1 at step 1, so m̂2 = g²
         exactly), and max(m2_max, m̂2). New tensors.
     """
-    weight = 1.0 if step == 1 else (1.0 - beta2) / (1.0 - beta2**step)
+    step = torch.as_tensor(step, dtype=grad_u.dtype, device=grad_u.device)
+    weight = torch.where(step > 0, (1.0 - beta2) / (1.0 - beta2 ** step.clamp(min=1)), 0.0)
     m2 = torch.lerp(m2, grad_u * grad_u, weight)
     return m2, torch.maximum(m2_max, m2)
 
 
-def preconditioner_from_moment(m2_max: Tensor, eps: float) -> Tensor:
-    """P = 1 / (sqrt(m̂2_max) + eps), the diagonal of the inverse mass matrix."""
-    return 1.0 / (m2_max.sqrt() + eps)
+def preconditioner_from_moment(m2_max: Tensor, eps: float, seen: Tensor | None = None) -> Tensor:
+    """P = 1 / (sqrt(m̂2_max) + eps), the diagonal of the inverse mass matrix; 0 where ``seen`` (the
+    per-element count of :func:`update_second_moment`) is 0."""
+    precond = 1.0 / (m2_max.sqrt() + eps)
+    return precond if seen is None else torch.where(seen > 0, precond, 0.0)
 
 
 def sghmc_update(
@@ -224,7 +231,8 @@ class AdaptiveSGHMC(Optimizer):
     ``prior_scale``, ``prior_center`` (a list of tensors aligned with the group's ``params``, or None),
     ``beta2``, ``eps`` and ``adapt_preconditioner`` (set to False by :meth:`freeze_preconditioner`).
     Per-parameter state, created at a parameter's first step: ``velocity`` (v), ``m2`` (m̂2), ``m2_max``,
-    ``precond`` (P) and ``step``. Parameters whose ``grad`` is None are skipped, as in torch's optimisers.
+    ``precond`` (P), ``step`` and, while adapting, ``seen`` (per element: steps since its first non-zero
+    gradient). Parameters whose ``grad`` is None are skipped, as in torch's optimisers.
 
     Randomness comes from a ``torch.Generator`` owned by the optimizer (on the device of the first parameter);
     its state is saved by :meth:`state_dict` under ``"generator_state"`` and restored by
@@ -424,10 +432,13 @@ class AdaptiveSGHMC(Optimizer):
                 state["precond"] = torch.ones_like(p)
             state["step"] += 1
             if group["adapt_preconditioner"]:
+                # per element: steps since its first non-zero gradient (the module docstring's t)
+                seen = state.get("seen", torch.full_like(p, state["step"] - 1))
+                state["seen"] = seen + ((grad_u != 0) | (seen > 0)).to(p.dtype)
                 state["m2"], state["m2_max"] = update_second_moment(
-                    state["m2"], state["m2_max"], grad_u, state["step"], group["beta2"]
+                    state["m2"], state["m2_max"], grad_u, state["seen"], group["beta2"]
                 )
-                state["precond"] = preconditioner_from_moment(state["m2_max"], group["eps"])
+                state["precond"] = preconditioner_from_moment(state["m2_max"], group["eps"], state["seen"])
             temperature = group["temperature"]
             noise = None
             if temperature > 0:

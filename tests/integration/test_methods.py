@@ -18,6 +18,8 @@ from mlip_uq.testing import PosteriorContract
 from mlip_uq.train import train
 
 READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
+# the heads layer: the energy readout and the observation noise's log-factors
+HEADS = {READOUT} | {f"model.func.observation_noise.{q}_log_factor" for q in ("force", "energy", "stress")}
 TRAINING = {"max_epochs": 2, "batch_size": 8, "lr": 0.01, "loss_weights": {"energy": 1.0, "forces": 1.0},
             "accelerator": "cpu"}
 VI = {"steps": 24, "batch_size": 8, "lr": 2e-3, "n_samples": 4, "checkpoint_every": 10, "trace_every": 2}
@@ -116,7 +118,7 @@ def test_killed_vi_run_resumes_to_the_same_result(runs, tio2_path, store, tmp_pa
 def test_partially_bayesian_vi_varies_only_the_heads(runs, tio2_path, store, tmp_path):
     cfg = config(tio2_path, store, "vi", vi={**VI, "stochastic": {"last_layers": 1}, "init": str(runs["vi"] / "map" / "final.pt")})
     post = load_posterior(train(cfg, out_dir=tmp_path) / "posterior.h5")
-    assert set(post.samples) == {READOUT} and post.hyperparameters["partial"]
+    assert set(post.samples) == HEADS and post.hyperparameters["partial"]
     start = torch.load(runs["vi"] / "map" / "final.pt", weights_only=True)
     assert torch.equal(post.shared["model.func.layer0_convnet.conv.linear_1.weight"],
                        start["model.func.layer0_convnet.conv.linear_1.weight"])

@@ -17,6 +17,8 @@ from mlip_uq.testing import PosteriorContract
 from mlip_uq.train import train
 
 READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
+# the heads layer: the energy readout and the observation noise's log-factors
+HEADS = {READOUT} | {f"model.func.observation_noise.{q}_log_factor" for q in ("force", "energy", "stress")}
 
 
 def config(tio2_path, store, **sgmcmc):
@@ -91,7 +93,7 @@ def test_killed_run_resumes_to_the_same_samples(tio2_path, tio2_store, full_run,
 def test_partially_bayesian_run_samples_only_the_heads_and_shares_the_rest(tio2_path, tio2_store, tmp_path):
     out = train(config(tio2_path, tio2_store, stochastic={"last_layers": 1}), out_dir=tmp_path)
     post = load_posterior(out / "posterior.h5")
-    assert set(post.samples) == {READOUT}
+    assert set(post.samples) == HEADS
     assert "model.func.layer0_convnet.conv.linear_1.weight" in post.shared
     assert post.n_samples == 8 and post.hyperparameters["partial"]
     w = post.samples[READOUT]

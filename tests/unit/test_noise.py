@@ -124,3 +124,19 @@ def test_sampled_noise_and_weights_match_the_exact_posterior_of_linear_regressio
     draws = run_chains(opt, set_grad, lambda: torch.cat([w.detach(), f.detach(), torch.exp(-2 * f.detach())], -1),
                        2000, 1000, 6000)
     assert_moments(draws, np.r_[mean_w, mean_f, mean_tau], np.r_[sd_w, sd_f, sd_tau], bias=np.full(dim + 2, 0.03))
+
+
+def test_an_element_without_gradient_stays_put_until_its_first_gradient_seeds_its_preconditioner():
+    """A per-element parameter of an element absent from the first minibatches (gradient exactly 0 at its prior
+    centre) has P = 0 and does not move, even at temperature 1; its first non-zero gradient seeds m̂2 = g² (P =
+    1/|g|, not 1/eps)."""
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=DTYPE))
+    opt = AdaptiveSGHMC([theta], lr=1e-2, num_data=10, prior_scale=1.0, seed=0)
+    for _ in range(5):  # element 1 absent: its gradient is 0
+        theta.grad = torch.tensor([1.0, 0.0], dtype=DTYPE)
+        opt.step()
+    assert theta[1].item() == 0.0 and opt.preconditioner(theta)[1].item() == 0.0
+    theta.grad = torch.tensor([1.0, 0.5], dtype=DTYPE)  # element 1 appears: ∇U = 10 · 0.5 (+ prior, θ = 0)
+    opt.step()
+    assert opt.preconditioner(theta)[1].item() == pytest.approx(1 / 5.0, rel=1e-6)
+    assert abs(theta[1].item()) < 0.1
