@@ -81,6 +81,40 @@ def loss_terms(out: AtomicDataDict.Type, batch: AtomicDataDict.Type) -> Dict[str
     return terms
 
 
+def squared_error_sums(out: AtomicDataDict.Type, batch: AtomicDataDict.Type) -> Dict[str, torch.Tensor]:
+    """``{term: (Σ e², number of items)}`` of the batch (float64, detached): energy per atom, force components,
+    and stress components where the batch has stress."""
+    e_err, f_err, s_err = _errors(out, batch)
+    sums = {"energy": e_err, "forces": f_err}
+    if s_err is not None:
+        sums["stress"] = s_err
+    return {name: torch.stack([err.detach().double().square().sum(), torch.tensor(float(err.numel()),
+                                                                                 dtype=torch.float64, device=err.device)])
+            for name, err in sums.items()}
+
+
+def profile_neg_log_likelihood(sums: Dict[str, torch.Tensor], n_frames: float, weights: "LossWeights") -> float:
+    """Per-frame NLL of a data set at the best constant noise std of each term (σ² = the term's mean squared
+    error): Σ_terms weight · (n_items / n_frames) · 0.5 (log MSE + 1 + log 2π).
+
+    Model selection on held-out data with this, not with the NLL at the model's learned stds: those shrink to
+    the training errors as the model fits them (50 training structures: by an order of magnitude), so the
+    held-out NLL at them rises while the predictions still improve, and a schedule or early stopping on it
+    stops a model that is still getting better. This one depends on the predictions alone.
+
+    Args:
+        sums: ``{term: (Σ e², n_items)}`` over the data set (:func:`squared_error_sums`, added up).
+        n_frames: number of frames of the data set.
+        weights: the terms' weights (:class:`LossWeights`).
+    """
+    total = 0.0
+    for name, (sse, count) in sums.items():
+        weight = getattr(weights, name)
+        if weight and count > 0:
+            total += weight * float(count) / n_frames * 0.5 * (math.log(float(sse) / float(count)) + 1.0 + math.log(2 * math.pi))
+    return total
+
+
 def weighted_loss(terms: Dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
     """Σ weight · term over the terms present."""
     total = weights.energy * terms["energy"] + weights.forces * terms["forces"]

@@ -27,7 +27,7 @@ from ..data import collate
 from ..files import appending_csv, load_checkpoint
 from ..model import build_model
 from ..posterior import Posterior
-from .loss import LossWeights, loss_terms, weighted_loss
+from .loss import LossWeights, loss_terms, profile_neg_log_likelihood, squared_error_sums, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,35 @@ class PotentialModule(L.LightningModule):
         return self.model(batch)
 
     def _step(self, batch: AtomicDataDict.Type, stage: str) -> torch.Tensor:
-        terms = loss_terms(self.model(batch), batch)
+        out = self.model(batch)
+        terms = loss_terms(out, batch)
         loss = weighted_loss(terms, self.settings.loss_weights)
         n_frames = AtomicDataDict.num_frames(batch)
         # epoch means only: Lightning accumulates them as tensors, no per-step host copy or log row
-        self.log(f"{stage}_loss", loss, batch_size=n_frames, prog_bar=True, on_step=False, on_epoch=True)
+        if stage == "train":
+            self.log("train_loss", loss, batch_size=n_frames, prog_bar=True, on_step=False, on_epoch=True)
+        else:  # val_loss, the monitored one, is computed from these sums at the end of the epoch
+            for name, sums in squared_error_sums(out, batch).items():
+                self._val_sums[name] = self._val_sums.get(name, 0.0) + sums
+            self._val_frames += n_frames
         for name in ("energy_mae", "forces_mae"):
             self.log(f"{stage}_{name}", terms[name], batch_size=n_frames, prog_bar=stage == "val", on_step=False,
                      on_epoch=True)
         return loss
+
+    def on_validation_epoch_start(self):
+        self._val_sums: Dict[str, torch.Tensor] = {}
+        self._val_frames = 0
+
+    def on_validation_epoch_end(self):
+        """``val_loss``: the validation NLL per frame at the best constant noise std of each term
+        (:func:`~mlip_uq.inference.loss.profile_neg_log_likelihood`; the model's learned stds overfit with it)."""
+        sums, frames = self._val_sums, torch.tensor(float(self._val_frames), dtype=torch.float64)
+        if self.trainer.world_size > 1:  # every device validated part of the set
+            sums = {name: self.all_gather(s).sum(0) for name, s in sums.items()}
+            frames = self.all_gather(frames).sum()
+        value = profile_neg_log_likelihood(sums, float(frames), self.settings.loss_weights)
+        self.log("val_loss", torch.tensor(value, dtype=torch.float64), prog_bar=True)
 
     def transfer_batch_to_device(self, batch: AtomicDataDict.Type, device: torch.device, dataloader_idx: int):
         # a flat dict of tensors: moved directly, without Lightning's generic walk over nested collections

@@ -24,9 +24,11 @@ the energy of a structure a function of many different weight draws). In eval mo
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from nequip.data import AtomicDataDict
@@ -341,3 +343,16 @@ def build_model(config: ModelConfig) -> GraphModel:
         stress_noise=config.stress_noise,
         dropout=config.dropout,
     )
+
+
+def state_layout(config: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], bool]]:
+    """``{state-dict name: (shape, trainable)}`` of ``build_model(config)``, in state-dict order; the model is
+    built once per configuration (checking a posterior file or listing its parameters builds none)."""
+    return {name: (shape, trainable) for name, shape, trainable in _layout(json.dumps(config.to_dict(), sort_keys=True))}
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(config_json: str) -> Tuple[Tuple[str, Tuple[int, ...], bool], ...]:
+    model = build_model(ModelConfig.from_dict(json.loads(config_json)))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return tuple((name, tuple(t.shape), name in trainable) for name, t in model.state_dict().items())

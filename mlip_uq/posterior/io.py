@@ -29,7 +29,7 @@ import torch
 
 from .. import __version__
 from ..files import atomic_write
-from ..model import ModelConfig
+from ..model import ModelConfig, state_layout
 from .posterior import Posterior
 
 FORMAT = "mlip_uq.Posterior"
@@ -115,12 +115,23 @@ def load_posterior(path) -> Posterior:
             raise PosteriorFileError(f"{path} is an incomplete posterior file: {e.args[0] if e.args else e}") from e
         except (OSError, TypeError, ValueError) as e:  # damaged data, JSON that is not a model config
             raise PosteriorFileError(f"{path} is a damaged posterior file: {e}") from e
-    posterior = Posterior(config, shared, samples, weights=weights, **meta)
-    try:
-        posterior.model()  # builds the architecture and loads sample 0 strictly: names and shapes must match
-    except RuntimeError as e:
-        raise PosteriorFileError(f"{path} does not match its own model config: {e}") from e
-    return posterior
+    _check_layout(path, config, shared, samples)
+    return Posterior(config, shared, samples, weights=weights, **meta)
+
+
+def _check_layout(path: Path, config: ModelConfig, shared, samples) -> None:
+    """The file's tensors are exactly the state dict of its model config: names and shapes (per sample)."""
+    expected = {name: shape for name, (shape, _) in state_layout(config).items()}
+    found = {**{n: tuple(t.shape) for n, t in shared.items()}, **{n: tuple(t.shape[1:]) for n, t in samples.items()}}
+    problems = []
+    if set(expected) - set(found):
+        problems.append(f"missing tensors {sorted(set(expected) - set(found))}")
+    if set(found) - set(expected):
+        problems.append(f"unknown tensors {sorted(set(found) - set(expected))}")
+    problems += [f"{n} has shape {found[n]}, the model's is {expected[n]}"
+                 for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
+    if problems:
+        raise PosteriorFileError(f"{path} does not match its own model config: {'; '.join(problems)}")
 
 
 def _write_calibration(f: h5py.File, calibration) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from nequip.nn import GraphModel
 
-from ..model import ModelConfig, build_model
+from ..model import ModelConfig, build_model, state_layout
 
 
 class Posterior:
@@ -95,7 +95,7 @@ class Posterior:
         if not state_dicts:
             raise ValueError("need at least one state dict")
         if stochastic is None:
-            stochastic = [n for n, p in build_model(config).named_parameters() if p.requires_grad]
+            stochastic = [n for n, (_, trainable) in state_layout(config).items() if trainable]
         stochastic = list(stochastic)
         first = state_dicts[0]
         missing = [n for n in stochastic if n not in first]

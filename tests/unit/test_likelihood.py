@@ -2,11 +2,19 @@
 
 import math
 
+import pytest
 import torch
 from nequip.data import AtomicDataDict
 
 from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
-from mlip_uq.inference.loss import LossWeights, loss_terms, neg_log_likelihood, weighted_loss
+from mlip_uq.inference.loss import (
+    LossWeights,
+    loss_terms,
+    neg_log_likelihood,
+    profile_neg_log_likelihood,
+    squared_error_sums,
+    weighted_loss,
+)
 
 ENERGY_SIGMA, STRESS_SIGMA = 0.02, 0.05
 
@@ -67,3 +75,17 @@ def test_loss_terms_are_per_frame_nlls_summing_to_the_likelihood_and_reach_every
     total.backward()
     for key in (PER_ATOM_LOG_SIGMA_KEY, ENERGY_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY):
         assert out[key].grad.abs().min() > 0, key
+
+
+def test_profile_likelihood_is_the_nll_at_each_terms_best_constant_sigma():
+    out, batch = fake_batch()
+    sums = squared_error_sums(out, batch)
+    rmse = {name: (sse / count).sqrt() for name, (sse, count) in sums.items()}
+    out[PER_ATOM_LOG_SIGMA_KEY] = torch.full((5, 1), rmse["forces"].log().item(), dtype=torch.float64)
+    out[ENERGY_LOG_SIGMA_KEY] = torch.full((2, 1), rmse["energy"].log().item(), dtype=torch.float64)
+    out[STRESS_LOG_SIGMA_KEY] = torch.full((2, 1), rmse["stress"].log().item(), dtype=torch.float64)
+    at_best = weighted_loss(loss_terms(out, batch), LossWeights()).item()
+    assert profile_neg_log_likelihood(sums, 2, LossWeights()) == pytest.approx(at_best, rel=1e-12)
+    # any other constant σ gives a larger NLL
+    out[PER_ATOM_LOG_SIGMA_KEY] = out[PER_ATOM_LOG_SIGMA_KEY] + 0.1
+    assert weighted_loss(loss_terms(out, batch), LossWeights()).item() > at_best

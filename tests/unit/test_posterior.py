@@ -1,5 +1,7 @@
 """Posterior container, its HDF5 file and per-sample prediction."""
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -117,9 +119,16 @@ def test_posterior_file_missing_or_damaged_metadata_names_what_is_wrong(tmp_path
 def test_file_whose_tensors_do_not_match_its_config_is_rejected(tmp_path):
     post = Posterior.from_state_dicts(CONFIG, state_dicts([0]))
     post.save(tmp_path / "p.h5")
+    name = "model.func.type_embed.embed_module.weight"
     with h5py.File(tmp_path / "p.h5", "a") as f:
-        del f["samples"]["model.func.type_embed.embed_module.weight"]
-    with pytest.raises(PosteriorFileError, match="does not match"):
+        weight = f["samples"][name][()]
+        del f["samples"][name]
+    with pytest.raises(PosteriorFileError, match=f"does not match its own model config: missing tensors \\['{name}'\\]"):
+        load_posterior(tmp_path / "p.h5")
+    with h5py.File(tmp_path / "p.h5", "a") as f:
+        f["samples"][name] = weight[:, :-1]
+    cut = (weight.shape[1] - 1, *weight.shape[2:])
+    with pytest.raises(PosteriorFileError, match=re.escape(f"{name} has shape {cut}, the model's is {weight.shape[1:]}")):
         load_posterior(tmp_path / "p.h5")
 
 
