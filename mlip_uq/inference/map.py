@@ -46,8 +46,10 @@ class MAPSettings:
         lr_patience: epochs without improvement before the learning rate is reduced.
         min_lr: training stops when the learning rate falls below this.
         patience: early stopping: epochs without validation improvement before training stops.
-        loss_weights: weights of the energy, forces and stress terms (each a mean Gaussian NLL with the model's
-            own noise stds, :func:`~mlip_uq.inference.loss.loss_terms`).
+        loss_weights: weights of the energy, forces and stress terms (each a frame's Gaussian NLL of those labels
+            with the model's own noise stds, averaged over frames: :func:`~mlip_uq.inference.loss.loss_terms`);
+            the validation loss that the schedule, early stopping and the best checkpoint follow is the profile
+            likelihood (:func:`~mlip_uq.inference.loss.profile_neg_log_likelihood`) with the same weights.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: Lightning devices (``auto`` or a count).
     """
