@@ -38,13 +38,13 @@ class Predictions:
     n_atoms: np.ndarray
     energy_true: np.ndarray
     energy_pred: np.ndarray
-    energy_std: Optional[np.ndarray]
+    energy_std: np.ndarray
     forces_true: np.ndarray
     forces_pred: np.ndarray
-    forces_std: Optional[np.ndarray]
+    forces_std: np.ndarray
     n_samples: int
-    energy_std_uncalibrated: Optional[np.ndarray] = None
-    forces_std_uncalibrated: Optional[np.ndarray] = None
+    energy_std_uncalibrated: np.ndarray
+    forces_std_uncalibrated: np.ndarray
     calibration: Dict = field(default_factory=dict)
 
     def with_calibration(self, calibration: Dict) -> "Predictions":
@@ -80,10 +80,10 @@ def predict_graphs(posterior: Posterior, graphs: List[AtomicDataDict.Type], batc
         n_atoms=cat["n"].astype(int),
         energy_true=cat["et"],
         energy_pred=cat["ep"],
-        energy_std=None,
+        energy_std=cat["es"],  # raw; with_calibration below applies the posterior's recalibration
         forces_true=cat["ft"],
         forces_pred=cat["fp"],
-        forces_std=None,
+        forces_std=cat["fs"],
         n_samples=posterior.n_samples,
         energy_std_uncalibrated=cat["es"],
         forces_std_uncalibrated=cat["fs"],
@@ -101,10 +101,9 @@ def metrics_and_plots(pred: Predictions, plots_dir: Optional[Path] = None, title
         plots_dir = Path(plots_dir)
         parity_plot(pred.energy_pred, pred.energy_true, pred.forces_pred, pred.forces_true,
                     plots_dir / "parity.png", pred.energy_std, pred.forces_std, title=title)
-        if pred.forces_std is not None:
-            f_err = pred.forces_pred - pred.forces_true
-            calibration_plot(f_err, pred.forces_std, plots_dir / "calibration_forces.png", label="forces")
-            error_vs_std_plot(np.abs(f_err), pred.forces_std, plots_dir / "error_vs_std_forces.png", label="forces")
+        f_err = pred.forces_pred - pred.forces_true
+        calibration_plot(f_err, pred.forces_std, plots_dir / "calibration_forces.png", label="forces")
+        error_vs_std_plot(np.abs(f_err), pred.forces_std, plots_dir / "error_vs_std_forces.png", label="forces")
     return metrics
 
 

@@ -433,7 +433,7 @@ class AdaptiveSGHMC(Optimizer):
             state["step"] += 1
             if group["adapt_preconditioner"]:
                 # per element: steps since its first non-zero gradient (the module docstring's t)
-                seen = state.get("seen", torch.full_like(p, state["step"] - 1))
+                seen = state["seen"] if "seen" in state else torch.full_like(p, state["step"] - 1)
                 state["seen"] = seen + ((grad_u != 0) | (seen > 0)).to(p.dtype)
                 state["m2"], state["m2_max"] = update_second_moment(
                     state["m2"], state["m2_max"], grad_u, state["seen"], group["beta2"]
