@@ -11,7 +11,8 @@ convergence needs.
 - *plain*: a hand-written loop: per epoch a seeded permutation, ``collate`` of each batch, forward, energy per
   atom and force MSE, backward, ``torch.optim.Adam`` step; then validation and ``ReduceLROnPlateau``.
 - *SG-MCMC*: :func:`mlip_uq.inference.sampling.run_sgmcmc` (burn-in, then sampling with noise), seconds per
-  minibatch step from its progress lines, against ours' training seconds per MAP batch in the same dtype.
+  minibatch step between its progress lines, less the chain checkpoint written with each (the MAP side's
+  training seconds exclude its checkpoints too), against ours' training seconds per MAP batch in the same dtype.
 
 Rounds alternate ours and plain (and SG-MCMC) so that a load change on a shared machine hits both; the first
 epoch of each block (warm-up) is dropped and the median over the rest is reported. Targets: ours / plain
@@ -45,6 +46,7 @@ from mlip_uq.config import load_config
 from mlip_uq.data import collate
 from mlip_uq.inference.loss import loss_terms, weighted_loss
 from mlip_uq.inference.map import MAPSettings, fit_map
+from mlip_uq.inference.chains import Chain
 from mlip_uq.inference.sampling import SGMCMCSettings, run_sgmcmc
 from mlip_uq.model import build_model
 from mlip_uq.train import model_config_from_data, prepare_data
@@ -56,15 +58,17 @@ TIO2_BENCH = ["data.n_train=100", "data.n_val=20"]  # a 100-structure slice keep
 
 
 class _Records(logging.Handler):
-    """Collect the argument tuples of log records whose message starts with ``prefix``."""
+    """Collect the argument tuples of log records whose message starts with ``prefix`` (``args``) and the
+    ``time.perf_counter()`` at which each was logged (``times``)."""
 
     def __init__(self, prefix: str):
         super().__init__()
-        self.prefix, self.args = prefix, []
+        self.prefix, self.args, self.times = prefix, [], []
 
     def emit(self, record):
         if record.msg.startswith(self.prefix):
             self.args.append(record.args)
+            self.times.append(time.perf_counter())
 
 
 @contextlib.contextmanager
@@ -75,7 +79,7 @@ def collecting(logger: str, prefix: str):
     level = target.level
     target.setLevel(logging.INFO)
     try:
-        yield handler.args
+        yield handler
     finally:
         target.removeHandler(handler)
         target.setLevel(level)
@@ -83,10 +87,11 @@ def collecting(logger: str, prefix: str):
 
 def ours_epochs(model_config, data, settings: MAPSettings, work: Path, seed: int):
     """(train seconds, validation seconds, epoch seconds) of each epoch of ``fit_map`` after the first."""
-    with collecting("mlip_uq.inference.map", "epoch ") as rows, tempfile.TemporaryDirectory(dir=work) as out:
+    with collecting("mlip_uq.inference.map", "epoch ") as records, tempfile.TemporaryDirectory(dir=work) as out:
         # stderr off a terminal: fit_map then logs one line per epoch (the timings) instead of a progress bar
         with contextlib.redirect_stderr(io.StringIO()):
             fit_map(build_model(model_config), data.train, data.val, settings, Path(out), seed=seed)
+    rows = records.args
     elapsed = [r[-1] for r in rows]
     return [(r[-3], r[-2], b - a) for r, a, b in zip(rows[1:], elapsed, elapsed[1:])]
 
@@ -125,17 +130,40 @@ def plain_epochs(model_config, data, settings: MAPSettings, seed: int):
     return times[1:]
 
 
+@contextlib.contextmanager
+def timed_checkpoints():
+    """Record ``(end time, seconds)`` of every SG-MCMC chain checkpoint written inside the block."""
+    writes, original = [], Chain.save
+
+    def save(chain, path=None):
+        start = time.perf_counter()
+        original(chain, path)
+        writes.append((time.perf_counter(), time.perf_counter() - start))
+
+    Chain.save = save
+    try:
+        yield writes
+    finally:
+        Chain.save = original
+
+
 def sgmcmc_steps(model_config, data, batch_size: int, n_steps: int, work: Path):
-    """Seconds per step of ``run_sgmcmc`` (burn-in then sampling, one chain), from its progress lines."""
+    """Seconds per step of ``run_sgmcmc`` (burn-in then sampling, one chain) between its progress lines, the
+    chain checkpoint written with each line left out, as the MAP epochs' training seconds leave out theirs (at
+    the default ``checkpoint_every`` of 500 a checkpoint costs a chain a fiftieth of what it does here)."""
     every = 10
     settings = SGMCMCSettings(lr=1e-4, batch_size=batch_size, burnin_steps=n_steps // 2, preheat_steps=0,
                               n_samples=1, thinning=n_steps - n_steps // 2, checkpoint_every=every,
                               accelerator="cpu")
-    with collecting("mlip_uq.inference.chains", "chain %d: step") as rows, \
+    with collecting("mlip_uq.inference.chains", "chain %d: step") as records, timed_checkpoints() as writes, \
             tempfile.TemporaryDirectory(dir=work) as out:
         run_sgmcmc(model_config, data.train, settings, Path(out))
-    # (chain, step, end, phase, temperature, N*nll, elapsed): per-step seconds between progress lines
-    return [(b[-1] - a[-1]) / (b[1] - a[1]) for a, b in zip(rows, rows[1:])]
+    # records.args: (chain, step, end, phase, temperature, N*nll, elapsed) of each progress line
+    seconds = []
+    for (a, ta), (b, tb) in zip(zip(records.args, records.times), zip(records.args[1:], records.times[1:])):
+        written = sum(duration for end, duration in writes if ta < end <= tb)
+        seconds.append((tb - ta - written) / (b[1] - a[1]))
+    return seconds
 
 
 def profile(run, work: Path, top: int = 15) -> str:
@@ -163,8 +191,9 @@ targets (ethanol-50, official test split: energy MAE <= 8.7 meV, force MAE <= 40
     OMP_NUM_THREADS=2 mlip-uq train configs/tio2_subset_map.yaml --out runs/tio2_subset_map
 
 `metrics.json` holds the test errors (`energy_mae` in eV/atom: × 9 for meV per ethanol molecule), the log one
-line per epoch (the epochs run, seconds of training and validation) and `logs/metrics.csv` the curve
-(`val_loss`, `val_energy_mae`, `val_forces_mae` per epoch)."""
+line per epoch (the epochs run, seconds of training and validation), `logs/metrics.csv` the curve
+(`val_loss`, `val_energy_mae`, `val_forces_mae` per epoch) and `training_curve.png` its plot. The measured
+results are in the MAP accuracy section at the top of this page."""
 
 
 def median(values) -> float:

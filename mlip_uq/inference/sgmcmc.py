@@ -91,7 +91,7 @@ __all__ = [
     "AdaptiveSGHMC",
     "potential_gradient",
     "preconditioner_from_moment",
-    "sghmc_update",
+    "sghmc_update_",
     "update_second_moment",
 ]
 
@@ -117,8 +117,10 @@ def potential_gradient(
     """
     grad = grad_mean_nll * num_data
     if prior_scale is not None:
-        deviation = param if prior_center is None else param - prior_center
-        grad = grad + deviation / (prior_scale * prior_scale)
+        precision = 1.0 / (prior_scale * prior_scale)
+        grad.add_(param, alpha=precision)
+        if prior_center is not None:
+            grad.sub_(prior_center, alpha=precision)
     return grad
 
 
@@ -139,8 +141,11 @@ def update_second_moment(
         ``(m2, m2_max)``: m̂2 + w (g² - m̂2) with w = (1 - β2) / (1 - β2^step) (w = 1 at step 1, so m̂2 = g²
         exactly), and max(m2_max, m̂2). New tensors.
     """
-    step = torch.as_tensor(step, dtype=grad_u.dtype, device=grad_u.device)
-    weight = torch.where(step > 0, (1.0 - beta2) / (1.0 - beta2 ** step.clamp(min=1)), 0.0)
+    if isinstance(step, int):
+        weight = (1.0 - beta2) / (1.0 - beta2**step) if step > 0 else 0.0
+    else:
+        step = torch.as_tensor(step, dtype=grad_u.dtype, device=grad_u.device)
+        weight = torch.where(step > 0, (1.0 - beta2) / (1.0 - beta2 ** step.clamp(min=1)), 0.0)
     m2 = torch.lerp(m2, grad_u * grad_u, weight)
     return m2, torch.maximum(m2_max, m2)
 
@@ -152,7 +157,7 @@ def preconditioner_from_moment(m2_max: Tensor, eps: float, seen: Tensor | None =
     return precond if seen is None else torch.where(seen > 0, precond, 0.0)
 
 
-def sghmc_update(
+def sghmc_update_(
     param: Tensor,
     velocity: Tensor,
     grad_u: Tensor,
@@ -161,30 +166,35 @@ def sghmc_update(
     friction: float,
     temperature: float,
     noise: Tensor | None = None,
+    sqrt_precond: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One SGHMC step in velocity form (derivation in the module docstring).
+    """One SGHMC step in velocity form (derivation in the module docstring), in place.
 
-    v ← (1 - α) v - η P ∇U + sqrt(2 α η P T) ξ;  θ ← θ + v.
+    v ← (1 - α) v - η P ∇U + sqrt(2 α η T) sqrt(P) ξ;  θ ← θ + v.
 
     Args:
-        param: θ.
-        velocity: v (the momentum, in units of θ per step).
+        param: θ, updated in place.
+        velocity: v (the momentum, in units of θ per step), updated in place.
         grad_u: ∇U at θ.
         precond: P, the diagonal preconditioner (inverse mass), same shape as θ.
         lr: η, the step.
         friction: α in (0, 1], the fraction of the velocity lost per step.
         temperature: T >= 0.
         noise: ξ ~ N(0, I) of the shape of θ; required when ``temperature > 0``, ignored when it is 0.
+        sqrt_precond: sqrt(P), if the caller keeps it (P changes only while it adapts); computed if None.
 
     Returns:
-        ``(param, velocity)``, new tensors.
+        ``(param, velocity)``, the same tensors, updated.
     """
-    velocity = velocity * (1.0 - friction) - (precond * grad_u) * lr
+    velocity.mul_(1.0 - friction).addcmul_(precond, grad_u, value=-lr)
     if temperature > 0:
         if noise is None:
-            raise ValueError("sghmc_update needs noise when temperature > 0")
-        velocity = velocity + torch.sqrt(precond * (2.0 * friction * lr * temperature)) * noise
-    return param + velocity, velocity
+            raise ValueError("sghmc_update_ needs noise when temperature > 0")
+        if sqrt_precond is None:
+            sqrt_precond = precond.sqrt()
+        velocity.addcmul_(sqrt_precond, noise, value=math.sqrt(2.0 * friction * lr * temperature))
+    param.add_(velocity)
+    return param, velocity
 
 
 class AdaptiveSGHMC(Optimizer):
@@ -231,14 +241,15 @@ class AdaptiveSGHMC(Optimizer):
     ``prior_scale``, ``prior_center`` (a list of tensors aligned with the group's ``params``, or None),
     ``beta2``, ``eps`` and ``adapt_preconditioner`` (set to False by :meth:`freeze_preconditioner`).
     Per-parameter state, created at a parameter's first step: ``velocity`` (v), ``m2`` (m̂2), ``m2_max``,
-    ``precond`` (P), ``step`` and, while adapting, ``seen`` (per element: steps since its first non-zero
-    gradient). Parameters whose ``grad`` is None are skipped, as in torch's optimisers.
+    ``precond`` (P), ``sqrt_precond`` (sqrt(P), kept while P is fixed), ``step`` and, while adapting,
+    ``seen`` (per element: steps since its first non-zero gradient; one int while that is the same for every
+    element). Parameters whose ``grad`` is None are skipped, as in torch's optimisers.
 
     Randomness comes from a ``torch.Generator`` owned by the optimizer (on the device of the first parameter);
     its state is saved by :meth:`state_dict` under ``"generator_state"`` and restored by
     :meth:`load_state_dict`, so that a resumed chain repeats the next step bit for bit. Noise is drawn
     parameter by parameter in ``param_groups`` order. A ``state_dict()`` is a snapshot that later steps do
-    not change (state tensors are replaced, never written in place).
+    not change (it holds copies: the steps update the state tensors in place).
 
     Args:
         params: parameters or parameter groups (``model.named_parameters()`` also works; the names are then
@@ -326,9 +337,11 @@ class AdaptiveSGHMC(Optimizer):
         The result is a snapshot: later steps do not change it (the parameters themselves are not in it).
         """
         state = super().state_dict()
-        # the base class returns the live per-parameter dicts; copy them (the tensors are replaced by each
-        # step, never written in place), so that a state_dict taken now is a snapshot
-        state["state"] = {key: dict(value) for key, value in state["state"].items()}
+        # the base class returns the live per-parameter tensors, which each step updates in place: clone them
+        state["state"] = {
+            key: {name: value.clone() if isinstance(value, Tensor) else value for name, value in entry.items()}
+            for key, entry in state["state"].items()
+        }
         state["generator_state"] = self._generator.get_state()
         return state
 
@@ -340,6 +353,11 @@ class AdaptiveSGHMC(Optimizer):
             raise KeyError("state_dict has no 'generator_state': it was not made by AdaptiveSGHMC.state_dict()")
         generator_state = state_dict.pop("generator_state")
         super().load_state_dict(state_dict)
+        # the loaded tensors may be the caller's own (same dtype and device); the steps update them in place
+        for entry in self.state.values():
+            for name, value in entry.items():
+                if isinstance(value, Tensor):
+                    entry[name] = value.clone()
         self._generator.set_state(generator_state)
 
     def reseed(self, seed: int) -> None:
@@ -413,14 +431,18 @@ class AdaptiveSGHMC(Optimizer):
                 work.append((group, p, grad_u, label))
         if not work:
             return loss
-        finite = torch.stack([torch.isfinite(g).all() for _, _, g, _ in work])
-        if not bool(finite.all()):
-            group, p, grad_u, label = work[int((~finite).nonzero()[0])]
-            bad = int((~torch.isfinite(grad_u)).sum())
-            raise FloatingPointError(
-                f"AdaptiveSGHMC: the gradient of the potential of parameter {label}, shape {tuple(p.shape)}, "
-                f"has {bad} non-finite entries (NaN or inf); stop the chain, the samples taken so far are valid"
-            )
+        # one reduction per parameter: a sum is finite exactly when no entry is NaN or inf, short of an
+        # overflow of the sum itself, which the exact check below tells apart
+        sums = torch.stack([g.sum() for _, _, g, _ in work])
+        if not bool(torch.isfinite(sums).all()):
+            for group, p, grad_u, label in work:
+                bad = int((~torch.isfinite(grad_u)).sum())
+                if bad:
+                    raise FloatingPointError(
+                        f"AdaptiveSGHMC: the gradient of the potential of parameter {label}, shape "
+                        f"{tuple(p.shape)}, has {bad} non-finite entries (NaN or inf); stop the chain, the samples "
+                        "taken so far are valid"
+                    )
 
         for group, p, grad_u, _ in work:
             state = self.state[p]
@@ -432,23 +454,42 @@ class AdaptiveSGHMC(Optimizer):
                 state["precond"] = torch.ones_like(p)
             state["step"] += 1
             if group["adapt_preconditioner"]:
-                # per element: steps since its first non-zero gradient (the module docstring's t)
-                seen = state["seen"] if "seen" in state else torch.full_like(p, state["step"] - 1)
-                state["seen"] = seen + ((grad_u != 0) | (seen > 0)).to(p.dtype)
+                # per element: steps since its first non-zero gradient (the module docstring's t); one number
+                # while every element has been seen from the same step (the usual case), else a tensor
+                seen = state.get("seen", state["step"] - 1)
+                if isinstance(seen, int) and (seen > 0 or bool((grad_u != 0).all())):
+                    seen += 1
+                else:
+                    if isinstance(seen, int):
+                        seen = torch.full_like(p, seen)
+                    seen = seen + ((grad_u != 0) | (seen > 0)).to(p.dtype)
+                state["seen"] = seen
                 state["m2"], state["m2_max"] = update_second_moment(
-                    state["m2"], state["m2_max"], grad_u, state["seen"], group["beta2"]
+                    state["m2"], state["m2_max"], grad_u, seen, group["beta2"]
                 )
-                state["precond"] = preconditioner_from_moment(state["m2_max"], group["eps"], state["seen"])
+                state["precond"] = preconditioner_from_moment(
+                    state["m2_max"], group["eps"], None if isinstance(seen, int) else seen
+                )
+                state.pop("sqrt_precond", None)
             temperature = group["temperature"]
             noise = None
             if temperature > 0:
+                if "sqrt_precond" not in state:
+                    state["sqrt_precond"] = state["precond"].sqrt()
                 noise = torch.randn(
                     p.shape, generator=self._generator, dtype=p.dtype, device=self._generator.device
                 ).to(p.device)
-            new_p, state["velocity"] = sghmc_update(
-                p, state["velocity"], grad_u, state["precond"], group["lr"], group["friction"], temperature, noise
+            sghmc_update_(
+                p,
+                state["velocity"],
+                grad_u,
+                state["precond"],
+                group["lr"],
+                group["friction"],
+                temperature,
+                noise,
+                state.get("sqrt_precond"),
             )
-            p.copy_(new_p)
         return loss
 
 

@@ -33,7 +33,7 @@ from mlip_uq.inference.sgmcmc import (
     AdaptiveSGHMC,
     potential_gradient,
     preconditioner_from_moment,
-    sghmc_update,
+    sghmc_update_,
     update_second_moment,
 )
 
@@ -141,14 +141,18 @@ def test_sghmc_update_formula():
         [0.3, -1.2], dtype=DTYPE
     )
     lr, alpha, temp = 0.01, 0.1, 2.0
-    new_theta, new_v = sghmc_update(theta, v, g, p, lr, alpha, temp, xi)
     expected_v = (1 - alpha) * v - lr * p * g + torch.sqrt(2 * alpha * lr * p * temp) * xi
-    torch.testing.assert_close(new_v, expected_v, rtol=1e-15, atol=0)
-    torch.testing.assert_close(new_theta, theta + expected_v, rtol=1e-15, atol=0)
+    expected_theta = theta + expected_v
+    new_theta, new_v = sghmc_update_(theta, v, g, p, lr, alpha, temp, xi)
+    assert new_theta is theta and new_v is v  # in place
+    torch.testing.assert_close(new_v, expected_v, rtol=1e-14, atol=0)
+    torch.testing.assert_close(new_theta, expected_theta, rtol=1e-14, atol=0)
     with pytest.raises(ValueError, match="noise"):
-        sghmc_update(theta, v, g, p, lr, alpha, temp)
+        sghmc_update_(theta.clone(), v.clone(), g, p, lr, alpha, temp)
     # temperature 0: the noise is ignored
-    assert torch.equal(sghmc_update(theta, v, g, p, lr, alpha, 0.0, xi)[1], (1 - alpha) * v - lr * p * g)
+    v0 = torch.tensor([0.1, 0.2], dtype=DTYPE)
+    expected_v0 = (1 - alpha) * v0 - lr * p * g
+    torch.testing.assert_close(sghmc_update_(theta.clone(), v0, g, p, lr, alpha, 0.0, xi)[1], expected_v0, rtol=1e-14, atol=0)
 
 
 # --------------------------------------------------------------------------- 1. anisotropic Gaussian target
