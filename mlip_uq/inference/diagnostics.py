@@ -24,7 +24,8 @@ estimators). With M chains of N draws, chain means x̄_m, chain variances s²_m 
 The cap on τ̂ (ESS at most M N log10(M N)) is the paper's guard for antithetic chains, whose ESS exceeds the
 number of draws. A coordinate with zero variance gets NaN from both functions.
 
-:func:`write_diagnostics` and :func:`plot_traces` write a sampler run's ``diagnostics.json`` and ``trace.png``.
+:func:`write_diagnostics` and :func:`plot_traces` write a sampler run's ``diagnostics.json`` and ``trace.png``;
+:func:`trace_drift` tells whether an optimisation trace (VI's negative ELBO) has stopped moving.
 
 Caveats for SG-MCMC chains. Geyer's truncation assumes the paired sums P̂_k decay (true for reversible
 chains). Underdamped SGHMC is not reversible: the autocorrelation of θ oscillates, and that of a squared
@@ -51,7 +52,7 @@ from ..files import atomic_write
 if TYPE_CHECKING:
     from ..posterior import Posterior
 
-__all__ = ["effective_sample_size", "split_rhat", "write_diagnostics", "plot_traces"]
+__all__ = ["effective_sample_size", "split_rhat", "trace_drift", "write_diagnostics", "plot_traces"]
 
 
 def _as_chains(x: np.ndarray, min_draws: int) -> np.ndarray:
@@ -145,6 +146,43 @@ def split_rhat(x: np.ndarray) -> np.ndarray:
         rhat = np.sqrt(var_plus / within)
     rhat = np.where(within > 0, rhat, np.nan)
     return rhat.reshape(out_shape)
+
+
+def trace_drift(values, fraction: float = 0.2, tolerance: float = 3.0, relative_tolerance: float = 1e-3) -> Dict:
+    """Whether a noisy trace has reached its plateau: the change of its mean between the last two windows.
+
+    The windows are the last ``fraction`` of the rows and the ``fraction`` before them. The change is compared
+    with its standard error from the windows' spread (rows taken as independent: minibatch noise dominates a
+    trace row to row; a slow trend is what this measures), and the trace counts as flat when the change is
+    within ``tolerance`` standard errors or below ``relative_tolerance`` of the last window's mean (a long
+    trace resolves trends too small to matter).
+
+    Args:
+        values: the trace, in step order (at least 2 rows per window).
+        fraction: the size of each window, as a fraction of the rows.
+        tolerance: standard errors within which the change counts as none.
+        relative_tolerance: a relative change below which the trace counts as flat whatever its error.
+
+    Returns:
+        ``{"previous_mean", "last_mean", "change", "standard_error", "relative_change", "flat"}``; the relative
+        change is the change over the magnitude of the last window's mean.
+
+    >>> trace_drift(np.r_[np.linspace(10, 1, 50), np.ones(50)])["flat"]
+    True
+    >>> trace_drift(np.linspace(10, 1, 100))["flat"]
+    False
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = int(round(fraction * x.size))
+    if n < 2:
+        raise ValueError(f"trace_drift needs at least 2 rows per window; {x.size} rows at fraction {fraction}")
+    last, previous = x[-n:], x[-2 * n:-n]
+    change = float(last.mean() - previous.mean())
+    error = float(np.sqrt(last.var(ddof=1) / n + previous.var(ddof=1) / n))
+    relative = change / max(abs(float(last.mean())), 1e-300)
+    return {"previous_mean": float(previous.mean()), "last_mean": float(last.mean()), "change": change,
+            "standard_error": error, "relative_change": relative,
+            "flat": bool(abs(change) <= tolerance * error or abs(relative) <= relative_tolerance)}
 
 
 def write_diagnostics(posterior: Posterior, work: Path) -> Dict:

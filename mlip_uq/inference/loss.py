@@ -50,7 +50,7 @@ def num_atoms_per_frame(batch: AtomicDataDict.Type) -> torch.Tensor:
     return torch.tensor([batch[AtomicDataDict.POSITIONS_KEY].shape[0]], device=batch[AtomicDataDict.POSITIONS_KEY].device)
 
 
-def _errors(out: AtomicDataDict.Type, batch: AtomicDataDict.Type):
+def errors(out: AtomicDataDict.Type, batch: AtomicDataDict.Type):
     """(F,) energy-per-atom errors, (N, 3) force errors and, where the batch has stress, (F, 9) stress errors."""
     n_atoms = num_atoms_per_frame(batch).to(out[AtomicDataDict.TOTAL_ENERGY_KEY].dtype)
     e_err = (out[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1) - batch[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1)) / n_atoms
@@ -68,7 +68,7 @@ def loss_terms(out: AtomicDataDict.Type, batch: AtomicDataDict.Type) -> Dict[str
     ``stress``: each a frame's NLL of those labels, averaged over the frames (module docstring), and the
     detached metrics ``energy_mae`` (eV/atom) and ``forces_mae`` (eV/Å).
     """
-    e_err, f_err, s_err = _errors(out, batch)
+    e_err, f_err, s_err = errors(out, batch)
     n_frames = e_err.shape[0]
     terms = {
         "energy": _gaussian_nll(e_err, out[ENERGY_LOG_SIGMA_KEY].view(-1)).mean(),
@@ -84,7 +84,7 @@ def loss_terms(out: AtomicDataDict.Type, batch: AtomicDataDict.Type) -> Dict[str
 def squared_error_sums(out: AtomicDataDict.Type, batch: AtomicDataDict.Type) -> Dict[str, torch.Tensor]:
     """``{term: (Σ e², number of items)}`` of the batch (float64, detached): energy per atom, force components,
     and stress components where the batch has stress."""
-    e_err, f_err, s_err = _errors(out, batch)
+    e_err, f_err, s_err = errors(out, batch)
     sums = {"energy": e_err, "forces": f_err}
     if s_err is not None:
         sums["stress"] = s_err
@@ -137,7 +137,7 @@ def neg_log_likelihood(out: AtomicDataDict.Type, batch: AtomicDataDict.Type) -> 
 
     A sampler's potential is ``N · mean(neg_log_likelihood) − log prior`` for a data set of N frames.
     """
-    e_err, f_err, s_err = _errors(out, batch)
+    e_err, f_err, s_err = errors(out, batch)
     nll = _gaussian_nll(e_err, out[ENERGY_LOG_SIGMA_KEY].view(-1).to(e_err.dtype))
     per_atom = _gaussian_nll(f_err, out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1)).sum(-1)
     frame = batch.get(AtomicDataDict.BATCH_KEY, torch.zeros_like(per_atom, dtype=torch.long))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import time
 import warnings
@@ -24,10 +25,13 @@ from torch.utils.data import DataLoader
 
 from ..config import settings_from
 from ..data import collate
+from .._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
 from ..files import appending_csv, load_checkpoint
 from ..model import build_model
+from ..model.build import ObservationNoise
 from ..posterior import Posterior
-from .loss import LossWeights, loss_terms, profile_neg_log_likelihood, squared_error_sums, weighted_loss
+from ..uq.plots import training_curve_plot
+from .loss import LossWeights, errors, loss_terms, profile_neg_log_likelihood, squared_error_sums, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ class MAPSettings:
         lr_patience: epochs without improvement before the learning rate is reduced.
         min_lr: training stops when the learning rate falls below this.
         patience: early stopping: epochs without validation improvement before training stops.
+        noise_from_validation: after training, set the learned noise stds to their maximum-likelihood values on
+            the validation set, the rest of the model fixed (:func:`fit_noise_on_validation`): trained jointly,
+            they shrink to the training errors, which on small data sets are far below the errors on new
+            structures. No effect with ``model.noise: fixed``.
         loss_weights: weights of the energy, forces and stress terms (each a frame's Gaussian NLL of those labels
             with the model's own noise stds, averaged over frames: :func:`~mlip_uq.inference.loss.loss_terms`);
             the validation loss that the schedule, early stopping and the best checkpoint follow is the profile
@@ -63,6 +71,7 @@ class MAPSettings:
     lr_patience: int = 10
     min_lr: float = 1e-6
     patience: int = 30
+    noise_from_validation: bool = True
     loss_weights: LossWeights = field(default_factory=LossWeights)
     accelerator: str = "auto"
     devices: str | int = "auto"
@@ -167,7 +176,9 @@ def fit_map(
 
     Checkpoints go to ``out_dir/checkpoints`` (``last.ckpt`` every epoch, ``best.ckpt``); with ``resume``
     training continues from ``last.ckpt`` (optimizer, schedule, early-stopping state and epoch included). One
-    row per epoch goes to ``out_dir/logs/metrics.csv`` (:class:`_MetricsRows`).
+    row per epoch goes to ``out_dir/logs/metrics.csv`` (:class:`_MetricsRows`), and its curve to
+    ``out_dir/training_curve.png``. With ``settings.noise_from_validation`` the returned state's noise stds are
+    then fitted to the validation set (:func:`fit_noise_on_validation`).
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -210,8 +221,73 @@ def fit_map(
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         L.seed_everything(seed, verbose=False)
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+    training_curve_plot(out_dir / "logs" / "metrics.csv", out_dir / "training_curve.png")
     state = load_checkpoint(best.best_model_path)["state_dict"]
-    return {name.removeprefix("model."): t for name, t in state.items()}
+    state = {name.removeprefix("model."): t for name, t in state.items()}
+    if settings.noise_from_validation:
+        model.load_state_dict(state)
+        fit_noise_on_validation(model, list(val_loader))
+        state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    return state
+
+
+def fit_noise_on_validation(model: GraphModel, batches: List[AtomicDataDict.Type]) -> Dict[str, float]:
+    """Set the learned noise stds of ``model`` to their maximum-likelihood values on held-out ``batches``, in place.
+
+    The rest of the model stays as it is, the noise head included: each element's force log-factor, the energy
+    log-factor and (where the batches have stress) the stress log-factor move by the constant that maximises the
+    Gaussian likelihood of the held-out errors, i.e. the log of the root mean square of the errors in units of
+    the current stds (per element for forces). With a noise head the factors of the atoms keep their ratios.
+    A term without held-out labels (an element absent from the batches) keeps its std; fixed noise (buffers,
+    ``model.noise: fixed``) is not changed.
+
+    Returns:
+        The factor each std was multiplied by: ``{"forces_<element>": ..., "energy": ..., "stress": ...}``.
+    """
+    noise = next((m for m in model.modules() if isinstance(m, ObservationNoise)), None)
+    if noise is None or not isinstance(noise.force_log_factor, torch.nn.Parameter):
+        return {}
+    device = noise.force_log_factor.device
+    n_types = noise.force_log_factor.shape[0]
+    force_sums = torch.zeros(n_types, dtype=torch.float64, device=device)
+    force_counts = torch.zeros(n_types, dtype=torch.float64, device=device)
+    sums = {"energy": torch.zeros((), dtype=torch.float64, device=device),
+            "stress": torch.zeros((), dtype=torch.float64, device=device)}
+    counts = {"energy": 0, "stress": 0}
+    training = model.training
+    model.eval()
+    for batch in batches:
+        batch = AtomicDataDict.to_(dict(batch), device)
+        out = model(dict(batch))
+        e_err, f_err, s_err = errors(out, batch)
+        z = (f_err.detach() * torch.exp(-out[PER_ATOM_LOG_SIGMA_KEY].detach().view(-1, 1))).double()
+        types = batch[AtomicDataDict.ATOM_TYPE_KEY].view(-1)
+        force_sums.index_add_(0, types, z.square().sum(-1))
+        force_counts.index_add_(0, types, torch.full_like(types, 3, dtype=torch.float64))
+        standardised = {"energy": e_err.detach() * torch.exp(-out[ENERGY_LOG_SIGMA_KEY].detach().view(-1)),
+                        "stress": None if s_err is None else
+                        s_err.detach() * torch.exp(-out[STRESS_LOG_SIGMA_KEY].detach().view(-1, 1))}
+        for name, values in standardised.items():
+            if values is not None:
+                values = values[torch.isfinite(values)]  # frames without a stress label (no volume) are NaN
+                sums[name] += values.double().square().sum()
+                counts[name] += values.numel()
+    model.train(training)
+    factors = {}
+    with torch.no_grad():
+        fitted = (force_counts > 0) & (force_sums > 0)  # a zero error has no finite maximum-likelihood std
+        shift = torch.where(fitted, 0.5 * torch.log(force_sums.clamp(min=1e-300) / force_counts.clamp(min=1)), 0.0)
+        noise.force_log_factor += shift.to(noise.force_log_factor.dtype)
+        for name, t in zip(model.type_names, shift.exp().tolist()):
+            factors[f"forces_{name}"] = t
+        for name, parameter in (("energy", noise.energy_log_factor), ("stress", noise.stress_log_factor)):
+            if counts[name] and float(sums[name]) > 0:
+                step = 0.5 * math.log(float(sums[name]) / counts[name])
+                parameter += step
+                factors[name] = math.exp(step)
+    log.info("noise stds fitted to the %d validation frames: multiplied by %s", sum(
+        AtomicDataDict.num_frames(b) for b in batches), ", ".join(f"{k} {v:.3g}" for k, v in factors.items()))
+    return factors
 
 
 class _MetricsRows(L.Callback):

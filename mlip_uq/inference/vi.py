@@ -23,6 +23,7 @@ the groups ``/vi/mean`` and ``/vi/scale``, so that it can be sampled again at an
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import time
@@ -36,11 +37,12 @@ import torch
 from nequip.data import AtomicDataDict
 
 from ..config import ConfigError, settings_from
-from ..files import appending_csv, load_checkpoint
+from ..files import appending_csv, load_checkpoint, write_json
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, PosteriorFileError, load_posterior
 from ..posterior.io import save_posterior
 from .common import fit_map_once, minibatch, resolve_device, save_checkpoint
+from .diagnostics import trace_drift
 from .loss import neg_log_likelihood
 from .map import MAPSettings
 from .options import PriorSettings, check_no_dropout, likelihood_options
@@ -272,9 +274,9 @@ def fit(context) -> Posterior:
     """Method ``vi``: fit the mean-field Gaussian of the stochastic parameters and write ``posterior.h5``.
 
     Files in ``context.out_dir``: ``map/`` (the MAP phase, when ``settings.init`` is None), ``vi/vi.ckpt``
-    (checkpoint), ``vi/trace.csv``, ``posterior.h5``. With ``context.resume`` the fit continues from
-    ``vi/vi.ckpt`` (and a finished or checkpointed MAP phase). N = ``len(context.train)`` in the KL weight; the
-    validation graphs are used by the MAP phase only.
+    (checkpoint), ``vi/trace.csv``, ``vi/convergence.json`` (:func:`report_convergence`), ``posterior.h5``.
+    With ``context.resume`` the fit continues from ``vi/vi.ckpt`` (and a finished or checkpointed MAP phase).
+    N = ``len(context.train)`` in the KL weight; the validation graphs are used by the MAP phase only.
 
     Returns:
         The posterior: ``settings.n_samples`` draws (seed ``model_config.seed``) from the fitted Gaussian, the
@@ -308,6 +310,7 @@ def fit(context) -> Posterior:
         state.load_state_dict(load_checkpoint(checkpoint))
         log.info("VI resumed at step %d", state.step)
     _run(state, model, train, settings, prior, config.seed, work, device)
+    report_convergence(work)
     scales = state.scales()
     shared = {n: t.detach().cpu().clone() for n, t in model.state_dict().items() if n not in stochastic}
     partial = len(stochastic) < len(params)
@@ -318,6 +321,26 @@ def fit(context) -> Posterior:
     save_vi_posterior(posterior, {n: t.cpu() for n, t in state.means.items()}, {n: t.cpu() for n, t in scales.items()},
                       context.posterior_path)
     return posterior
+
+
+def report_convergence(work: Path) -> Dict:
+    """Whether the fit converged: the drift of the negative ELBO and of the median scale between the last two
+    fifths of ``work/trace.csv`` (:func:`~mlip_uq.inference.diagnostics.trace_drift`), written to
+    ``work/convergence.json`` and logged, with a warning when either still moves."""
+    rows = list(csv.DictReader((work / "trace.csv").open()))
+    report: Dict = {"rows": len(rows)}
+    if len(rows) >= 10:
+        for key in ("neg_elbo", "median_scale"):
+            report[key] = trace_drift([float(r[key]) for r in rows])
+        report["flat"] = report["neg_elbo"]["flat"] and report["median_scale"]["flat"]
+        text = ", ".join(f"{key} {report[key]['previous_mean']:.5g} -> {report[key]['last_mean']:.5g} "
+                         f"({report[key]['change'] / max(report[key]['standard_error'], 1e-300):+.1f} s.e.)"
+                         for key in ("neg_elbo", "median_scale"))
+        (log.info if report["flat"] else log.warning)(
+            "VI %s: between the last two fifths of the trace %s", "converged" if report["flat"] else
+            "has not converged (more vi.steps, or another lr)", text)
+    write_json(report, work / "convergence.json")
+    return report
 
 
 def _run(state: VIState, model, train, settings: VISettings, prior: GaussianPrior, seed: int,

@@ -235,7 +235,7 @@ class SamplePass:
                 atomic.append(out[AtomicDataDict.PER_ATOM_ENERGY_KEY].detach().view(-1))
                 for key in _NOISE_KEYS:
                     noise[key].append(torch.exp(2.0 * out[key].detach().view(-1)))
-            del out, e
+                del out, e  # this sample's outputs go before the next sample's forward pass allocates its own
         self.energy, self.atomic_energy = torch.stack(energy), torch.stack(atomic)
         n_atoms = torch.bincount(self.frame, minlength=n_frames).to(self.energy)
         self.forces_noise_var = torch.stack(noise[PER_ATOM_LOG_SIGMA_KEY])

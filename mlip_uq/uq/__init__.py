@@ -21,7 +21,7 @@ from .metrics import (
     sharpness,
     spearman,
 )
-from .plots import calibration_plot, error_vs_std_plot, parity_plot
+from .plots import calibration_plot, error_vs_std_plot, parity_plot, training_curve_plot
 
 __all__ = [
     "CALIBRATION_LEVELS",
@@ -42,4 +42,5 @@ __all__ = [
     "rms_calibration_error",
     "sharpness",
     "spearman",
+    "training_curve_plot",
 ]

@@ -1,4 +1,4 @@
-"""Diagnostic plots: parity, calibration (coverage) and error-vs-uncertainty. PNG files at 150 dpi.
+"""Diagnostic plots: parity, calibration (coverage), error-vs-uncertainty and training curves. PNG files at 150 dpi.
 
 Matplotlib is imported inside the functions, and figures are made with the object-oriented
 ``matplotlib.figure.Figure`` on an explicit Agg canvas: no backend is selected, no pyplot figure is
@@ -20,7 +20,7 @@ from .metrics import (
     miscalibration_area,
 )
 
-__all__ = ["calibration_plot", "error_vs_std_plot", "parity_plot"]
+__all__ = ["calibration_plot", "error_vs_std_plot", "parity_plot", "training_curve_plot"]
 
 DPI = 150
 #: Above this many points, scatter plots are rasterised and error bars are replaced by colour.
@@ -222,4 +222,39 @@ def error_vs_std_plot(abs_error, std, path: PathLike, label: str = "forces", n_b
     hidden_note = f"\n({n_hidden} zero items not shown)" if n_hidden else ""
     ax.set_title(f"error vs uncertainty: {label}{hidden_note}")
     ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)
+
+
+def training_curve_plot(metrics_csv: PathLike, path: PathLike, title: Optional[str] = None) -> Path:
+    """The validation energy and force MAE per epoch of a MAP-type run (its ``logs/metrics.csv``), log scale,
+    with the epoch of the lowest monitored ``val_loss`` (the kept model) marked and the learning rate on a
+    second axis: the plateau of the curve is where training converged.
+
+    Args:
+        metrics_csv: the run's per-epoch rows (:class:`mlip_uq.inference.map._MetricsRows`).
+        path: PNG file to write.
+        title: optional figure title.
+    """
+    import csv
+
+    rows = [r for r in csv.DictReader(Path(metrics_csv).open()) if r.get("val_loss")]
+    if not rows:
+        raise ValueError(f"{metrics_csv} has no validation rows")
+    epoch = np.array([int(r["epoch"]) + 1 for r in rows])
+    column = lambda name: np.array([float(r[name]) for r in rows])  # noqa: E731
+    best = int(np.argmin(column("val_loss")))
+    fig = new_figure(6.5, 4.0)
+    ax = fig.subplots()
+    ax.plot(epoch, 1000 * column("val_energy_mae"), color="tab:blue", lw=1, label="energy MAE (meV/atom)")
+    ax.plot(epoch, 1000 * column("val_forces_mae"), color="tab:orange", lw=1, label="force MAE (meV/Å)")
+    ax.axvline(epoch[best], color="k", ls=":", lw=1, label=f"best epoch {epoch[best]}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation MAE")
+    lr = ax.twinx()
+    lr.plot(epoch, column("lr"), color="0.6", lw=1, ls="--")
+    lr.set_yscale("log")
+    lr.set_ylabel("learning rate (dashed)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or f"validation curve ({len(rows)} epochs)")
     return save_figure(fig, path)

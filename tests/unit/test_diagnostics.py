@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.signal import lfilter
 
-from mlip_uq.inference.diagnostics import effective_sample_size, split_rhat
+from mlip_uq.inference.diagnostics import effective_sample_size, split_rhat, trace_drift
 
 
 def ar1(phi: float, shape, rng, burn: int = 500) -> np.ndarray:
@@ -138,3 +138,19 @@ def test_rhat_closed_form():
     w, b_over_n = 0.5, 5.0 / 3.0
     expected = np.sqrt((0.5 * w + b_over_n) / w)
     assert split_rhat(x) == pytest.approx(expected, rel=1e-12)
+
+
+def test_trace_drift_tells_a_plateau_from_a_trend():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=500)
+    plateau = np.r_[np.linspace(50.0, 10.0, 250), np.full(250, 10.0)] + noise
+    assert trace_drift(plateau)["flat"]
+    trend = np.linspace(50.0, 10.0, 500) + noise
+    report = trace_drift(trend)
+    assert not report["flat"] and report["change"] < -3 * report["standard_error"]
+    assert report["change"] == pytest.approx(-40.0 / 499 * 100, abs=0.5)  # windows 100 rows apart
+    # a resolved but negligible trend (1e-4 relative over a window) counts as flat
+    tiny = 1000.0 + np.linspace(0.0, -0.5, 500) + 0.01 * noise
+    assert not trace_drift(tiny, relative_tolerance=0.0)["flat"] and trace_drift(tiny)["flat"]
+    with pytest.raises(ValueError, match="2 rows per window"):
+        trace_drift(np.ones(5))

@@ -69,9 +69,10 @@ def test_ensemble_mean_and_std_equal_those_of_its_members_one_by_one(trained, da
 def test_identical_members_have_zero_spread(data, tmp_path):
     config, train, val = data
     same = Posterior.from_state_dicts(config, [build_model(config).state_dict()] * 3)
-    # warm start from three identical samples, learning rate 0: the members stay identical
-    post = fit_ensemble(config, train, val, EnsembleSettings(3, training=member_settings(lr=0.0, max_epochs=1)),
-                        tmp_path, init=same)
+    # warm start from three identical samples, learning rate 0 and the noise left as it is: the members stay
+    # identical
+    settings = member_settings(lr=0.0, max_epochs=1, noise_from_validation=False)
+    post = fit_ensemble(config, train, val, EnsembleSettings(3, training=settings), tmp_path, init=same)
     assert post.hyperparameters["warm_start"]
     for name, t in post.samples.items():
         assert torch.equal(t[0], same.samples[name][0]) and torch.equal(t[2], same.samples[name][0])

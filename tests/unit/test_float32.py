@@ -95,6 +95,11 @@ def test_every_method_trains_in_float32(tio2_path, store, tmp_path, method):
     assert all(torch.isfinite(t).all() for t in post.samples.values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(metrics["energy_mae"]) and np.isfinite(metrics["forces_mae"])
+    curves = {"map": ["."], "dropout": ["."], "ensemble": ["members/0", "members/1"], "vi": ["map"], "sgmcmc": []}
+    for folder in curves[method]:  # every MAP-type training plots its validation curve
+        assert (out / folder / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    if method == "vi":  # too short a trace to judge (3 rows): reported as such
+        assert json.loads((out / "vi" / "convergence.json").read_text()) == {"rows": 3}
 
 
 def test_sgmcmc_with_the_noise_head_samples_in_float32(tio2_path, store, tmp_path):

@@ -13,6 +13,7 @@ from test_sgmcmc import assert_moments, run_chains
 from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY
 from mlip_uq.data import atoms_to_graph, collate, read_frames
 from mlip_uq.inference.loss import loss_terms
+from mlip_uq.inference.map import fit_noise_on_validation
 from mlip_uq.inference.sgmcmc import AdaptiveSGHMC
 from mlip_uq.model import build_model
 
@@ -69,6 +70,52 @@ def test_learned_noise_recovers_the_noise_added_to_a_fixed_models_labels(tio2_pa
     mle_e = eps_e.square().mean().sqrt().item()
     assert learned_e == pytest.approx(mle_e, rel=1e-3)
     assert abs(mle_e / sigma_e - 1) < 4 / math.sqrt(2 * len(frames))
+
+
+@pytest.mark.parametrize("noise", ["learned", "head", "fixed"])
+def test_noise_fitted_on_held_out_frames_is_their_maximum_likelihood_std(tio2_path, noise):
+    """Held-out labels = the model's predictions + Gaussian noise; fit_noise_on_validation makes each element's
+    force std and the energy std the root mean square of the drawn noise (in units of the head's per-atom factors,
+    whose ratios it keeps), split over two batches; a fixed noise is left as configured."""
+    config = tiny_model_config(["O", "Ti"], r_max=4.0, avg_num_neighbors=10.0, dtype="float64",
+                               force_noise=0.3, energy_noise=0.05, noise=noise)
+    model = build_model(config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "noise_head" in name:  # a head that gives the atoms different factors
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=DTYPE))
+    frames = read_frames(tio2_path)[:24]
+    batch = collate([atoms_to_graph(a, config.type_names, config.r_max, dtype=DTYPE) for a in frames])
+    clean = model(dict(batch))
+    before = clean[PER_ATOM_LOG_SIGMA_KEY].detach().view(-1)
+    n_atoms = batch["num_atoms"].to(DTYPE)
+    eps_f = 0.04 * torch.randn(clean["forces"].shape, generator=gen, dtype=DTYPE)
+    eps_e = 0.002 * torch.randn(n_atoms.shape, generator=gen, dtype=DTYPE)
+    batch["forces"] = clean["forces"].detach() + eps_f
+    batch["total_energy"] = clean["total_energy"].detach() + (eps_e * n_atoms).view(-1, 1)
+    halves = [collate([atoms_to_graph(a, config.type_names, config.r_max, dtype=DTYPE) for a in part])
+              for part in (frames[:10], frames[10:])]
+    for half, (lo, hi) in zip(halves, ((0, 10), (10, 24))):
+        atoms = slice(int(n_atoms[:lo].sum()), int(n_atoms[:hi].sum()))
+        half["forces"], half["total_energy"] = batch["forces"][atoms], batch["total_energy"][lo:hi]
+
+    factors = fit_noise_on_validation(model, halves)
+    out = model(dict(batch))
+    after = out[PER_ATOM_LOG_SIGMA_KEY].detach().view(-1)
+    types = batch["atom_types"].view(-1)
+    if noise == "fixed":
+        assert factors == {} and torch.equal(after, before)
+        return
+    for t, element in enumerate(config.type_names):
+        z = eps_f[types == t] / before[types == t].exp().unsqueeze(-1)
+        shift = after[types == t] - before[types == t]
+        torch.testing.assert_close(shift, torch.full_like(shift, math.log(z.square().mean().sqrt())))
+        assert factors[f"forces_{element}"] == pytest.approx(z.square().mean().sqrt().item(), rel=1e-10)
+    z_e = eps_e / clean[ENERGY_LOG_SIGMA_KEY].detach().view(-1).exp()
+    torch.testing.assert_close(out[ENERGY_LOG_SIGMA_KEY].detach().view(-1) - clean[ENERGY_LOG_SIGMA_KEY].detach().view(-1),
+                               torch.full_like(z_e, math.log(z_e.square().mean().sqrt())))
+    assert "stress" not in factors  # the frames have no stress labels: its std stays
 
 
 def test_sampled_noise_and_weights_match_the_exact_posterior_of_linear_regression():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlip_uq.uq import calibration_plot, error_vs_std_plot, parity_plot
+from mlip_uq.uq import calibration_plot, error_vs_std_plot, parity_plot, training_curve_plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,6 +55,17 @@ def test_error_vs_std_plot(tmp_path, data, n):
     err[0] = 0.0  # a zero error cannot go on log axes; must not crash
     out = error_vs_std_plot(err, f_std.reshape(-1)[:n], tmp_path / f"evs_{n}.png")
     _assert_png(out)
+
+
+def test_training_curve_plot(tmp_path):
+    rows = ["epoch,step,train_loss,val_loss,val_energy_mae,val_forces_mae,lr"]
+    rows += [f"{e},{10 * e},1.0,{-e if e < 30 else -30 + (e - 30) * 0.1},{0.01 / (e + 1)},{0.1 / (e + 1)},"
+             f"{0.01 if e < 20 else 0.005}" for e in range(40)]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert _assert_png(training_curve_plot(tmp_path / "metrics.csv", tmp_path / "curve.png")) == int(6.5 * 150)
+    (tmp_path / "empty.csv").write_text(rows[0] + "\n")
+    with pytest.raises(ValueError, match="no validation rows"):
+        training_curve_plot(tmp_path / "empty.csv", tmp_path / "none.png")
 
 
 def test_plots_do_not_touch_global_matplotlib_state(tmp_path, data):

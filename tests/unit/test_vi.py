@@ -1,6 +1,10 @@
 """Mean-field VI core on Bayesian linear regression, its state, KL, sampling and the posterior file."""
 
+import csv
+import json
+
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +16,7 @@ from mlip_uq.inference.vi import (
     kl_divergence,
     load_gaussian,
     posterior_from_gaussian,
+    report_convergence,
     resample,
     sample_gaussian,
     save_vi_posterior,
@@ -153,3 +158,20 @@ def test_posterior_file_stores_the_gaussian_and_resamples_at_any_k(tmp_path):
         assert "vi" not in f
     with pytest.raises(PosteriorFileError, match="holds no fitted Gaussian"):
         resample(plain, 3, seed=0)
+
+
+def test_convergence_report_reads_the_trace(tmp_path):
+    """A trace whose negative ELBO still falls is reported as not converged, its plateau as converged."""
+    rng = np.random.default_rng(1)
+    for name, elbo in (("falling", np.linspace(100.0, 0.0, 200)), ("plateau", np.r_[np.linspace(100.0, 0.0, 100),
+                                                                                     np.zeros(100)])):
+        work = tmp_path / name
+        work.mkdir()
+        with (work / "trace.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "neg_elbo", "nll", "kl", "median_scale"])
+            for i, value in enumerate(elbo + rng.normal(size=elbo.size)):
+                writer.writerow([10 * i, value, value, 0.0, 0.01])
+        report = report_convergence(work)
+        assert report["flat"] is (name == "plateau") and report["median_scale"]["flat"]
+        assert json.loads((work / "convergence.json").read_text()) == report
