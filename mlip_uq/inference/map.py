@@ -221,7 +221,11 @@ def fit_map(
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         L.seed_everything(seed, verbose=False)
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
-    training_curve_plot(out_dir / "logs" / "metrics.csv", out_dir / "training_curve.png")
+    rows = out_dir / "logs" / "metrics.csv"
+    try:
+        training_curve_plot(rows, out_dir / "training_curve.png")
+    except (FileNotFoundError, ValueError) as error:  # no epoch was run (e.g. a finished run resumed)
+        log.warning("no training curve: %s", error)
     state = load_checkpoint(best.best_model_path)["state_dict"]
     state = {name.removeprefix("model."): t for name, t in state.items()}
     if settings.noise_from_validation:
