@@ -177,7 +177,8 @@ def profile(run, work: Path, top: int = 15) -> str:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     lines = text.getvalue().splitlines()
     start = next(i for i, line in enumerate(lines) if "ncalls" in line)
-    return "\n".join(line.replace(str(Path(torch.__file__).parents[1]) + "/", "") for line in lines[start:]).rstrip()
+    prefixes = (str(Path(torch.__file__).parents[1]) + "/", str(ROOT) + "/")  # site-packages, this checkout
+    return "\n".join(line.replace(prefixes[0], "").replace(prefixes[1], "") for line in lines[start:]).rstrip()
 
 
 ACCURACY_RUNS = """\
