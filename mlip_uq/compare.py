@@ -40,7 +40,6 @@ from .files import write_json
 from .files import atomic_write
 from .posterior import load_posterior
 from .train import train
-from .uq.calibration import fit_calibration
 from .uq.plots import new_figure, save_figure
 
 log = logging.getLogger(__name__)
@@ -163,9 +162,7 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
     row = {"regime": regime, "split": split, "method": method, "n_train": len(splits["train"]),
            "n_test": len(splits["test"]), "n_samples": posterior.n_samples, "train_seconds": train_seconds,
            "inference_seconds_per_structure": infer_seconds, "before": metrics_and_plots(test)}
-    calibration = fit_calibration(val.energy_pred - val.energy_true, val.energy_std_uncalibrated,
-                                  val.forces_pred - val.forces_true, val.forces_std_uncalibrated,
-                                  isotonic=study["calibration"] == "isotonic")
+    calibration = val.fitted_calibration(isotonic=study["calibration"] == "isotonic")
     recalibrated = test.with_calibration(calibration)
     row["after"] = metrics_and_plots(recalibrated)
     row["calibration"] = _jsonable(calibration)

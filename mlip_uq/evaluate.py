@@ -47,6 +47,12 @@ class Predictions:
     forces_std_uncalibrated: np.ndarray
     calibration: Dict = field(default_factory=dict)
 
+    def fitted_calibration(self, isotonic: bool = False) -> Dict:
+        """The recalibration of the raw stds that these labelled predictions call for (minimum Gaussian NLL:
+        :func:`~mlip_uq.uq.calibration.fit_calibration`; one factor per quantity, or isotonic maps)."""
+        return fit_calibration(self.energy_pred - self.energy_true, self.energy_std_uncalibrated,
+                               self.forces_pred - self.forces_true, self.forces_std_uncalibrated, isotonic=isotonic)
+
     def with_calibration(self, calibration: Dict) -> "Predictions":
         """The same predictions with ``calibration`` applied to the raw stds instead (``{}``: none)."""
         check_calibration(calibration)
@@ -179,8 +185,7 @@ def calibrate_file(
     posterior = load_posterior(posterior_path).to(device)
     graphs = _labelled_graphs(posterior, data_path, keys, indices)
     raw = predict_graphs(posterior, graphs, batch_size).with_calibration({})
-    calibration = fit_calibration(raw.energy_pred - raw.energy_true, raw.energy_std_uncalibrated,
-                                  raw.forces_pred - raw.forces_true, raw.forces_std_uncalibrated, isotonic=isotonic)
+    calibration = raw.fitted_calibration(isotonic)
     write_calibration(posterior_path, calibration)
     log.info("wrote the calibration into %s: %s", posterior_path, describe(calibration))
     report = {

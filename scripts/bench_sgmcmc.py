@@ -37,13 +37,12 @@ import yaml
 from nequip.utils.global_state import set_global_state
 
 from _harness import update_section
-from mlip_uq.config import resolve_path
+from mlip_uq.config import load_config
 from mlip_uq.data import atoms_to_graph, read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import write_json
 from mlip_uq.posterior import load_posterior
 from mlip_uq.train import prepare_data, train
-from mlip_uq.uq.calibration import fit_calibration
 from mlip_uq.uq.metrics import auroc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,21 +51,13 @@ BASE = {"ethanol": ROOT / "configs" / "ethanol_map.yaml", "tio2": ROOT / "config
 WITH_TRAINING = ("ensemble", "vi", "dropout")
 
 
-def read_yaml(path: Path) -> dict:
-    config = yaml.safe_load(path.read_text())
-    for key in ("path", "test_path"):  # absolute, so that the assembled configuration runs from anywhere
-        if config.get("data", {}).get(key):
-            config["data"][key] = str(resolve_path(config["data"][key], path.parent))
-    return config
-
-
 def method_config(data: str, method: str, noise: str) -> dict:
     """The run configuration of ``method``: its own method section on the MAP configuration's data and model."""
-    base = read_yaml(BASE[data])
+    base = load_config(BASE[data])
     if method == "map":
         config = copy.deepcopy(base)
     else:
-        config = read_yaml(ROOT / "configs" / f"{data}_{method}.yaml")
+        config = load_config(ROOT / "configs" / f"{data}_{method}.yaml")
         config["data"] = copy.deepcopy(base["data"])
         config["model"] = {**config.get("model", {}), **base["model"]}
         if method in WITH_TRAINING:
@@ -101,8 +92,7 @@ def evaluate(out: Path, ood_path: Path | None) -> dict:
     batch = config.get("evaluate", {}).get("batch_size", 16)
     val = predict_graphs(posterior, data.val, batch).with_calibration({})
     test = predict_graphs(posterior, data.test, batch).with_calibration({})
-    calibration = fit_calibration(val.energy_pred - val.energy_true, val.energy_std_uncalibrated,
-                                  val.forces_pred - val.forces_true, val.forces_std_uncalibrated)
+    calibration = val.fitted_calibration()
     result = {"raw": metrics_and_plots(test), "recalibrated": metrics_and_plots(test.with_calibration(calibration)),
               "calibration": calibration, "n_samples": posterior.n_samples, "n_test": len(data.test)}
     if ood_path is not None:
