@@ -9,7 +9,8 @@ resolved against the folder of the configuration file.
 Which sections a method reads:
 
 - ``map``: ``training`` (:class:`~mlip_uq.inference.map.MAPSettings`).
-- ``sgmcmc``: ``sgmcmc`` (:class:`~mlip_uq.inference.sampling.SGMCMCSettings`).
+- ``sgmcmc``: ``sgmcmc`` (:class:`~mlip_uq.inference.sampling.SGMCMCSettings`), and ``training`` for the MAP
+  phase that the chains start from when ``sgmcmc.init`` or ``sgmcmc.prior.center`` is ``map``.
 - ``ensemble``: ``ensemble`` (``n_members``, ``bootstrap``; :class:`~mlip_uq.inference.ensemble.EnsembleSettings`)
   and ``training`` for every member.
 - ``vi``: ``vi`` (:class:`~mlip_uq.inference.vi.VISettings`; ``stochastic``, ``prior`` and ``noise`` shaped as in
@@ -35,6 +36,9 @@ from .inference import METHODS, method_sections
 
 #: sections of every run configuration; the methods' sections come from :data:`mlip_uq.inference.METHODS`
 BASE_SECTIONS = ("name", "method", "seed", "data", "model", "evaluate")
+# the value of a pre-trained-weights option (``sgmcmc.init``, ``sgmcmc.prior.center``) that names the MAP model
+# the run trains first, instead of a file
+FROM_MAP = "map"
 
 BASE_DEFAULTS: Dict[str, Any] = {
     "method": "map",
@@ -169,8 +173,8 @@ def load_config(source, overrides: Iterable[str] = ()) -> Dict[str, Any]:
 
 def resolve_method_paths(config: Dict[str, Any], base_dir: Path) -> None:
     """Resolve, in place, the path options (``Settings.PATHS``) of every method whose sections ``config`` fills
-    in, against ``base_dir``; only those methods' modules are imported. Values that are not strings are left
-    to the settings' type check."""
+    in, against ``base_dir``; only those methods' modules are imported. Values that are not strings, and
+    :data:`FROM_MAP` (the run's own MAP model), are left to the settings."""
     for method in METHODS.values():
         if not any(config.get(s) for s in method.sections):
             continue
@@ -179,7 +183,7 @@ def resolve_method_paths(config: Dict[str, Any], base_dir: Path) -> None:
             node = config
             for part in parents:
                 node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict) and isinstance(node.get(last), str) and node[last]:
+            if isinstance(node, dict) and isinstance(node.get(last), str) and node[last] not in ("", FROM_MAP):
                 node[last] = str(resolve_path(node[last], base_dir))  # a mistyped value is reported later
 
 

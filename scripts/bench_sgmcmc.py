@@ -4,20 +4,24 @@ Every method trains through ``mlip_uq.train.train`` on the data, split and archi
 configuration (``configs/ethanol_map.yaml``: rMD17 ethanol, 50 training structures, official test split;
 ``configs/tio2_subset_map.yaml``: the bundled 1,000-structure TiO2 subset, random 90/10): each method's own
 configuration (``configs/<data>_<method>.yaml``) gives its method section, and the MAP configuration's ``data``
-and ``model`` sections (and its ``training`` section, for ensemble members, VI's MAP phase and dropout) replace
-its own. MC dropout keeps its readout hidden layer (units to drop). SG-MCMC starts from the MAP run's model,
-with its prior centred there (``sgmcmc.init``, ``sgmcmc.prior.center``); its wall-clock includes the MAP run's.
+and ``model`` sections (and its ``training`` section, for ensemble members and dropout) replace its own. MC
+dropout keeps its readout hidden layer (units to drop). SG-MCMC and VI start from the MAP run's model, with
+their prior centred there (``sgmcmc.init``/``vi.init``, ``*.prior.center``); their wall-clock includes the MAP
+run's. The ensemble runs last (the most expensive: n members, each trained as the MAP model).
 
 Reported on the test split, **raw** and after the default recalibration (one factor per quantity fitted on the
 validation split, :func:`mlip_uq.uq.calibration.fit_calibration`): energy and force MAE, NLL, miscalibration
 area, Spearman of std vs error, force sharpness; the training wall-clock; the MAP model's plateau (best epoch of
-epochs run); with ``--ood FILE`` the AUROC of the per-structure max ``atom_force_std`` for telling the structures
-of FILE (e.g. acetylacetone 600 K frames for a model of the 300 K ones) from the test split. Targets (issue 11):
+epochs run); for SG-MCMC the smallest per-layer median effective sample size of the draws and the largest
+split-R̂ over the layers (several chains); with ``--ood FILE`` the AUROC of the per-structure max
+``atom_force_std`` for telling the structures of FILE (e.g. acetylacetone 600 K frames for a model of the 300 K
+ones) from the test split, with ``--ood-top-energy N`` the same for the N highest-energy structures of the data
+file that were neither trained nor validated on. Targets (issue 11):
 raw force miscalibration area <= 0.10 for SG-MCMC and the ensemble; one chain's force NLL <= the 5-member
 ensemble's at <= 1/3 of its wall-clock; energy Spearman >= 0.3; posterior-mean force MAE <= the MAP model's.
 
     OMP_NUM_THREADS=2 python scripts/bench_sgmcmc.py --data ethanol [--noise learned|head]
-        [--methods map sgmcmc ensemble vi dropout] [--ood FILE] [--out docs/benchmarks.md]
+        [--methods map sgmcmc vi dropout ensemble] [--ood FILE | --ood-top-energy N] [--out docs/benchmarks.md]
 
 Finished runs (their ``metrics.json`` exists) are reused and evaluations are cached (``bench.json`` in each
 run), so an interrupted benchmark continues where it stopped.
@@ -37,8 +41,8 @@ import yaml
 from nequip.utils.global_state import set_global_state
 
 from _harness import update_section
-from mlip_uq.config import load_config
-from mlip_uq.data import atoms_to_graph, read_frames
+from mlip_uq.config import load_config, settings_from
+from mlip_uq.data import LabelKeys, atoms_to_graph, read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import write_json
 from mlip_uq.posterior import load_posterior
@@ -46,9 +50,11 @@ from mlip_uq.train import prepare_data, train
 from mlip_uq.uq.metrics import auroc
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("map", "sgmcmc", "ensemble", "vi", "dropout")
+METHODS = ("map", "sgmcmc", "vi", "dropout", "ensemble")
 BASE = {"ethanol": ROOT / "configs" / "ethanol_map.yaml", "tio2": ROOT / "configs" / "tio2_subset_map.yaml"}
-WITH_TRAINING = ("ensemble", "vi", "dropout")
+WITH_TRAINING = ("ensemble", "dropout")
+# 4 chains in 2 processes of one thread each
+PARALLEL_CHAINS = ["sgmcmc.n_processes=2"]
 
 
 def method_config(data: str, method: str, noise: str) -> dict:
@@ -81,7 +87,18 @@ def structure_max_atom_std(pred) -> np.ndarray:
     return np.maximum.reduceat(atom, np.concatenate([[0], np.cumsum(pred.n_atoms)[:-1]]))
 
 
-def evaluate(out: Path, ood_path: Path | None) -> dict:
+def unused_high_energy(config: dict, data, n: int) -> list:
+    """The ``n`` structures of the run's data file with the highest energy per atom among those it neither trained
+    nor validated on: a property-range shift from the training data."""
+    keys = settings_from(LabelKeys, config["data"]["keys"], "data.keys")
+    frames = read_frames(config["data"]["path"], keys=keys, type_names=data.type_names)
+    used = set(data.indices["train"]) | set(data.indices["val"])
+    pool = [i for i in range(len(frames)) if i not in used]
+    per_atom = np.array([frames[i].get_potential_energy() / len(frames[i]) for i in pool])
+    return [frames[pool[i]] for i in np.argsort(per_atom)[::-1][:n]]
+
+
+def evaluate(out: Path, ood_path: Path | None, ood_top_energy: int | None = None) -> dict:
     """Raw and recalibrated test metrics of the run in ``out`` (cached in ``out/bench.json``)."""
     cached = out / "bench.json"
     if cached.is_file():
@@ -95,8 +112,9 @@ def evaluate(out: Path, ood_path: Path | None) -> dict:
     calibration = val.fitted_calibration()
     result = {"raw": metrics_and_plots(test), "recalibrated": metrics_and_plots(test.with_calibration(calibration)),
               "calibration": calibration, "n_samples": posterior.n_samples, "n_test": len(data.test)}
-    if ood_path is not None:
-        frames = read_frames(ood_path, type_names=posterior.config.type_names)
+    if ood_path is not None or ood_top_energy:
+        frames = (read_frames(ood_path, type_names=posterior.config.type_names) if ood_path is not None
+                  else unused_high_energy(config, data, ood_top_energy))
         dtype = getattr(torch, posterior.config.dtype)
         ood = predict_graphs(posterior, [atoms_to_graph(a, posterior.config.type_names, posterior.config.r_max,
                                                         dtype=dtype) for a in frames], batch).with_calibration({})
@@ -109,7 +127,7 @@ def evaluate(out: Path, ood_path: Path | None) -> dict:
 
 def plateau(out: Path) -> str:
     """``best epoch / epochs run`` (lowest val_loss) of each MAP-type training in ``out``: the run's own
-    ``logs/metrics.csv``, each ensemble member's, VI's MAP phase's."""
+    ``logs/metrics.csv``, each ensemble member's."""
     found = []
     for path in sorted(out.glob("**/logs/metrics.csv")):
         rows = [r for r in csv.DictReader(path.open()) if r.get("val_loss")]
@@ -119,6 +137,20 @@ def plateau(out: Path) -> str:
     return ", ".join(found) or "–"
 
 
+def mixing(out: Path) -> str:
+    """An SG-MCMC run's smallest per-layer median ESS of its draws (all chains) and, with several chains, its
+    largest split-R̂ (``sgmcmc/diagnostics.json``); "–" for other methods."""
+    path = out / "sgmcmc" / "diagnostics.json"
+    if not path.is_file():
+        return "–"
+    layers = json.loads(path.read_text())["layers"].values()
+    if not layers:
+        return "–"
+    text = f"{min(layer['ess_median'] for layer in layers):.1f}"
+    rhat = [layer["rhat_max"] for layer in layers if "rhat_max" in layer]
+    return text + (f" / {max(rhat):.2f}" if rhat else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=sorted(BASE), required=True)
@@ -126,50 +158,60 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--noise", choices=["learned", "head"], default="learned",
                         help="the models' observation noise: per element (default) or per atom from the noise head")
-    parser.add_argument("--ood", type=Path, help="labelled structures unlike the training data (AUROC vs the test split)")
+    ood = parser.add_mutually_exclusive_group()
+    ood.add_argument("--ood", type=Path, help="labelled structures unlike the training data (AUROC vs the test split)")
+    ood.add_argument("--ood-top-energy", type=int, metavar="N",
+                     help="out-of-distribution set: the N highest-energy structures of the data file not trained on")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_sgmcmc")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
     runs = args.runs / args.data / f"noise_{args.noise}"
-    methods = list(dict.fromkeys(["map", *args.methods] if "sgmcmc" in args.methods else args.methods))
+    methods = list(dict.fromkeys(["map", *args.methods] if {"sgmcmc", "vi"} & set(args.methods) else args.methods))
     rows = {}
 
     def run(name: str, method: str, out: Path, overrides=(), extra_seconds: float = 0.0) -> None:
         wall = timed_train(method_config(args.data, method, args.noise), out, overrides) + extra_seconds
-        rows[name] = dict(evaluate(out, args.ood), wall_s=wall, plateau=plateau(out))
+        rows[name] = dict(evaluate(out, args.ood, args.ood_top_energy), wall_s=wall, plateau=plateau(out), mixing=mixing(out))
+        write_report(rows, args, runs)  # after every method: an interrupted benchmark reports what it has
 
     map_dir = runs / "map"
     if "map" in methods:
         run("MAP", "map", map_dir)
+    start = map_dir / "posterior.h5"
     if "sgmcmc" in methods:
-        start = map_dir / "posterior.h5"
         for chains in (1, 4):
             run(f"SG-MCMC from MAP, {chains} chain{'s' if chains > 1 else ''}", "sgmcmc",
                 runs / f"sgmcmc_{chains}chain", [f"sgmcmc.n_chains={chains}", f"sgmcmc.init={start}",
-                                                  f"sgmcmc.prior.center={start}"], rows["MAP"]["wall_s"])
+                                                  f"sgmcmc.prior.center={start}", *PARALLEL_CHAINS],
+                rows["MAP"]["wall_s"])
+    if "vi" in methods:
+        run("mean-field VI from MAP", "vi", runs / "vi", [f"vi.init={start}", f"vi.prior.center={start}"],
+            rows["MAP"]["wall_s"])
+    if "dropout" in methods:
+        run("MC dropout", "dropout", runs / "dropout")
     if "ensemble" in methods:
         run(f"deep ensemble ({args.members} members)", "ensemble", runs / f"ensemble_{args.members}",
             [f"ensemble.n_members={args.members}"])
-    if "vi" in methods:
-        run("mean-field VI (MAP phase included)", "vi", runs / "vi")
-    if "dropout" in methods:
-        run("MC dropout", "dropout", runs / "dropout")
-    write_json(rows, runs / "results.json")
 
+
+def write_report(rows: dict, args, runs: Path) -> None:
+    """The table of the methods run so far: ``results.json`` in the runs folder and the section of ``args.out``."""
+    write_json(rows, runs / "results.json")
     first = next(iter(rows.values()))
     lines = [
         f"Measured {date.today().isoformat()}, 2 CPU cores, torch {torch.__version__}: "
         f"`OMP_NUM_THREADS=2 python scripts/bench_sgmcmc.py --data {args.data} --noise {args.noise}"
-        f"{f' --ood {args.ood.name}' if args.ood else ''}`; data, split and model of "
+        f"{f' --ood {args.ood.name}' if args.ood else ''}"
+        f"{f' --ood-top-energy {args.ood_top_energy}' if args.ood_top_energy else ''}`; data, split and model of "
         f"`configs/{BASE[args.data].name}`. Test set: {first['n_test']} structures. Energies in meV/atom, forces "
         "in meV/Å; raw / recal. = as predicted / after one factor per quantity fitted on the validation split.",
         "",
         "| method | samples | energy MAE | force MAE | energy NLL raw / recal. | force NLL raw / recal. | "
         "force miscal. raw / recal. | energy Spearman | force Spearman | force sharpness | OOD AUROC | "
-        "wall-clock | MAP-type plateau (best / epochs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "wall-clock | MAP-type plateau (best / epochs) | ESS / R̂ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in rows.items():
         raw, cal = m["raw"], m["recalibrated"]
@@ -179,7 +221,7 @@ def main() -> None:
             f"{raw['forces_miscal_area']:.3f} / {cal['forces_miscal_area']:.3f} | {raw['energy_spearman']:.2f} | "
             f"{raw['forces_spearman']:.2f} | {1000 * raw['forces_sharpness']:.1f} | "
             f"{m['ood_auroc'] if 'ood_auroc' in m else float('nan'):.3f} | {m['wall_s'] / 60:.1f} min | "
-            f"{m['plateau']} |"
+            f"{m['plateau']} | {m.get('mixing', '–')} |"
         )
     one, ens = rows.get("SG-MCMC from MAP, 1 chain"), rows.get(f"deep ensemble ({args.members} members)")
     if one and ens:

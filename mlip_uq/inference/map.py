@@ -18,7 +18,7 @@ from typing import ClassVar, Dict, List, Tuple
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModel
 from torch.utils.data import DataLoader
@@ -50,6 +50,9 @@ class MAPSettings:
         lr_patience: epochs without improvement before the learning rate is reduced.
         min_lr: training stops when the learning rate falls below this.
         patience: early stopping: epochs without validation improvement before training stops.
+        checkpoint_seconds: ``last.ckpt`` is written at the end of the first epoch that ends at least this many
+            seconds after the previous write, and when training ends: a killed run repeats at most this much
+            training when it is resumed (0: every epoch).
         noise_from_validation: after training, set the learned noise stds to their maximum-likelihood values on
             the validation set, the rest of the model fixed (:func:`fit_noise_on_validation`): trained jointly,
             they shrink to the training errors, which on small data sets are far below the errors on new
@@ -71,6 +74,7 @@ class MAPSettings:
     lr_patience: int = 10
     min_lr: float = 1e-6
     patience: int = 30
+    checkpoint_seconds: float = 60.0
     noise_from_validation: bool = True
     loss_weights: LossWeights = field(default_factory=LossWeights)
     accelerator: str = "auto"
@@ -92,6 +96,9 @@ class PotentialModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.settings = settings
+        self._sums: Dict[str, Dict[str, torch.Tensor]] = {"train": {}, "val": {}}
+        self._frames = {"train": 0, "val": 0}
+        self._val_sums: Dict[str, torch.Tensor] = {}
 
     def forward(self, batch: AtomicDataDict.Type) -> AtomicDataDict.Type:
         return self.model(batch)
@@ -101,31 +108,37 @@ class PotentialModule(L.LightningModule):
         terms = loss_terms(out, batch)
         loss = weighted_loss(terms, self.settings.loss_weights)
         n_frames = AtomicDataDict.num_frames(batch)
-        # epoch means only: Lightning accumulates them as tensors, no per-step host copy or log row
-        if stage == "train":
-            self.log("train_loss", loss, batch_size=n_frames, prog_bar=True, on_step=False, on_epoch=True)
-        else:  # val_loss, the monitored one, is computed from these sums at the end of the epoch
-            for name, sums in squared_error_sums(out, batch).items():
-                self._val_sums[name] = self._val_sums.get(name, 0.0) + sums
-            self._val_frames += n_frames
-        for name in ("energy_mae", "forces_mae"):
-            self.log(f"{stage}_{name}", terms[name], batch_size=n_frames, prog_bar=stage == "val", on_step=False,
-                     on_epoch=True)
+        # the epoch's frame-weighted sums, kept as tensors: no per-step host copy, log call or result bookkeeping
+        sums = self._sums[stage]
+        for name, value in (("loss", loss), ("energy_mae", terms["energy_mae"]), ("forces_mae", terms["forces_mae"])):
+            sums[name] = sums.get(name, 0.0) + value.detach() * n_frames
+        self._frames[stage] += n_frames
+        if stage == "val":  # val_loss, the monitored one, is computed from these sums at the end of the epoch
+            for name, value in squared_error_sums(out, batch).items():
+                self._val_sums[name] = self._val_sums.get(name, 0.0) + value
         return loss
 
     def on_validation_epoch_start(self):
-        self._val_sums: Dict[str, torch.Tensor] = {}
-        self._val_frames = 0
+        self._sums["val"], self._frames["val"], self._val_sums = {}, 0, {}
 
     def on_validation_epoch_end(self):
-        """``val_loss``: the validation NLL per frame at the best constant noise std of each term
-        (:func:`~mlip_uq.inference.loss.profile_neg_log_likelihood`; the model's learned stds overfit with it)."""
-        sums, frames = self._val_sums, torch.tensor(float(self._val_frames), dtype=torch.float64)
+        """The epoch's logged metrics, once: ``val_loss``, the validation NLL per frame at the best constant noise
+        std of each term (:func:`~mlip_uq.inference.loss.profile_neg_log_likelihood`; the model's learned stds
+        overfit with it), the validation MAEs and the means of the epoch's training batches (Lightning validates
+        after the epoch's last training batch)."""
+        sums, frames = self._val_sums, torch.tensor(float(self._frames["val"]), dtype=torch.float64)
         if self.trainer.world_size > 1:  # every device validated part of the set
             sums = {name: self.all_gather(s).sum(0) for name, s in sums.items()}
             frames = self.all_gather(frames).sum()
         value = profile_neg_log_likelihood(sums, float(frames), self.settings.loss_weights)
-        self.log("val_loss", torch.tensor(value, dtype=torch.float64), prog_bar=True)
+        metrics = {"val_loss": torch.tensor(value, dtype=torch.float64)}
+        for stage in ("train", "val") if not self.trainer.sanity_checking else ("val",):
+            if self._frames[stage]:
+                metrics.update({f"{stage}_{name}": total / self._frames[stage]
+                                for name, total in self._sums[stage].items() if f"{stage}_{name}" != "val_loss"})
+        self.log_dict(metrics, prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        if not self.trainer.sanity_checking:  # the next epoch's training sums start from zero
+            self._sums["train"], self._frames["train"] = {}, 0
 
     def transfer_batch_to_device(self, batch: AtomicDataDict.Type, device: torch.device, dataloader_idx: int):
         # a flat dict of tensors: moved directly, without Lightning's generic walk over nested collections
@@ -174,8 +187,9 @@ def fit_map(
 ) -> Dict[str, torch.Tensor]:
     """Train ``model`` in place and return the state dict with the lowest validation loss.
 
-    Checkpoints go to ``out_dir/checkpoints`` (``last.ckpt`` every epoch, ``best.ckpt``); with ``resume``
-    training continues from ``last.ckpt`` (optimizer, schedule, early-stopping state and epoch included). One
+    Checkpoints go to ``out_dir/checkpoints`` (``last.ckpt`` every ``settings.checkpoint_seconds`` and at the
+    end, ``best.ckpt`` the best weights); with ``resume`` training continues from ``last.ckpt`` (optimizer,
+    schedule, early-stopping state and epoch included). One
     row per epoch goes to ``out_dir/logs/metrics.csv`` (:class:`_MetricsRows`), and its curve to
     ``out_dir/training_curve.png``. With ``settings.noise_from_validation`` the returned state's noise stds are
     then fitted to the validation set (:func:`fit_noise_on_validation`).
@@ -189,11 +203,9 @@ def fit_map(
         load_checkpoint(last)  # refused by name if it is not weights-only, before Lightning reads it
     module = PotentialModule(model, settings)
     interactive = sys.stderr.isatty()
+    # the weights only: what is read from it is the best model, and resuming starts from last.ckpt
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", save_top_k=1,
-                           enable_version_counter=False)
-    # every epoch, after its validation and its metrics row (so that --resume repeats no epoch)
-    every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, save_on_train_epoch_end=True,
-                                  enable_version_counter=False)
+                           save_weights_only=True, enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=settings.max_epochs,
         max_time=None if settings.max_time_minutes is None else {"minutes": settings.max_time_minutes},
@@ -203,7 +215,7 @@ def fit_map(
         callbacks=[
             _MetricsRows(out_dir / "logs" / "metrics.csv"),
             best,
-            every_epoch,
+            _LastCheckpoint(last, settings.checkpoint_seconds),
             EarlyStopping(monitor="val_loss", patience=settings.patience),
             _StopAtMinLR(settings.min_lr),
             *([] if interactive else [_EpochLog()]),
@@ -320,6 +332,30 @@ class _MetricsRows(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._files.close()
+
+
+class _LastCheckpoint(Checkpoint):
+    """``last.ckpt`` (all that ``--resume`` needs: weights, optimiser, schedule, callbacks, epoch) at the end of
+    an epoch, after its validation and metrics row, when ``seconds`` have passed since the last write, and when
+    training ends. Written with ``Trainer.save_checkpoint`` (atomically, as Lightning writes its checkpoints)."""
+
+    def __init__(self, path: Path, seconds: float):
+        self.path, self.seconds = path, seconds
+
+    def on_train_start(self, trainer, pl_module):
+        self._written, self._epoch = time.monotonic(), None
+
+    def _save(self, trainer):
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self._written, self._epoch = time.monotonic(), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if time.monotonic() - self._written >= self.seconds:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._epoch != trainer.current_epoch - 1 and trainer.current_epoch > 0:  # not just written
+            self._save(trainer)
 
 
 class _StopAtMinLR(L.Callback):

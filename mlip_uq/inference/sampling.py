@@ -41,19 +41,20 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
 from nequip.data import AtomicDataDict
 
-from ..config import settings_from
+from ..config import FROM_MAP, ConfigError, settings_from
 from ..files import atomic_write
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior
 from .chains import Job, assemble_posterior, chain_samples, run_chain, write_chain_samples
-from .common import resolve_device
+from .common import fit_map_once, resolve_device
+from .map import MAPSettings
 from .diagnostics import write_diagnostics
 from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import pretrained_weights, prior_from_spec, select_stochastic
@@ -85,9 +86,11 @@ class SGMCMCSettings:
         accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         stochastic: which parameters are sampled: ``all``, ``{last_layers: N}`` or ``{patterns: [...]}``.
         init: start every chain from pre-trained weights (a posterior file or checkpoint, matched as prior
-            centres are) instead of a fresh initialisation; None: fresh.
-        prior: ``{scale: s, layer_scales: {layer: s}, center: null | path}`` — Gaussian prior; ``center`` a
-            posterior file or checkpoint of a pre-trained model (transfer-learning prior).
+            centres are) instead of a fresh initialisation; ``map``: from a MAP model trained first in the same
+            run (:data:`FROM_MAP`); None: fresh.
+        prior: ``{scale: s, layer_scales: {layer: s}, center: null | path | map}`` — Gaussian prior; ``center``
+            a posterior file or checkpoint of a pre-trained model (transfer-learning prior), or ``map``: the
+            run's own MAP model.
         checkpoint_every: steps between checkpoints (besides the one taken with every sample).
         trace_every: steps between trace rows.
         beta2: EMA factor of the squared-gradient preconditioner.
@@ -114,8 +117,13 @@ class SGMCMCSettings:
     trace_every: int = 10
     beta2: float = 0.999
     eps: float = 1e-8
+    training: Optional[MAPSettings] = None
 
     PATHS: ClassVar[Tuple[str, ...]] = ("sgmcmc.init", "sgmcmc.prior.center")
+
+    def uses_map(self) -> bool:
+        """Whether the run starts by training its own MAP model (``init`` or ``prior.center`` is ``map``)."""
+        return FROM_MAP in (self.init, self.prior.center)
 
     @classmethod
     def from_dict(cls, config: Dict) -> "SGMCMCSettings":
@@ -126,7 +134,12 @@ class SGMCMCSettings:
         """
         model = config.get("model", {})
         check_no_dropout(model, "sgmcmc")
-        settings = settings_from(cls, likelihood_options(config.get("sgmcmc"), "sgmcmc"), "sgmcmc")
+        values = likelihood_options(config.get("sgmcmc"), "sgmcmc")
+        if "training" in values:
+            raise ConfigError("the MAP phase's settings go in the training section, not sgmcmc.training")
+        settings = settings_from(cls, values, "sgmcmc")
+        if settings.uses_map():
+            settings.training = MAPSettings.from_dict(config.get("training"))
         return settings
 
     def __post_init__(self):
@@ -314,10 +327,24 @@ Settings = SGMCMCSettings
 
 
 def fit(context) -> Posterior:
-    """Method ``sgmcmc``: :func:`run_sgmcmc` on ``context.train`` (the validation graphs are not used:
-    sampling has no early stopping); ``posterior.h5`` is kept up to date with every sample."""
-    return run_sgmcmc(context.model_config, context.train, context.settings, context.out_dir,
-                      resume=context.resume, metadata=context.metadata)
+    """Method ``sgmcmc``: :func:`run_sgmcmc` on ``context.train`` (the validation graphs are not used by the
+    sampler: it has no early stopping); ``posterior.h5`` is kept up to date with every sample.
+
+    With ``sgmcmc.init`` or ``sgmcmc.prior.center`` set to ``map`` the run first trains a MAP model with the
+    ``training`` section (:func:`~mlip_uq.inference.common.fit_map_once` in ``out_dir/map``: resumable, early
+    stopping on the validation graphs) and the chains start from it and/or the prior is centred on it.
+    """
+    settings = context.settings
+    if settings.uses_map():
+        model = build_model(context.model_config)
+        fit_map_once(model, context.train, context.val, settings.training, Path(context.out_dir) / "map",
+                     seed=context.model_config.seed, resume=context.resume)
+        start = str(Path(context.out_dir) / "map" / "final.pt")
+        settings = replace(settings, init=start if settings.init == FROM_MAP else settings.init,
+                           prior=replace(settings.prior, center=start if settings.prior.center == FROM_MAP
+                                         else settings.prior.center))
+    return run_sgmcmc(context.model_config, context.train, settings, context.out_dir, resume=context.resume,
+                      metadata=context.metadata)
 
 
 @dataclass
@@ -344,6 +371,9 @@ def update(context, options: UpdateSettings, index: int) -> Path:
     """Fit ``index`` of an active-learning loop on ``train + val`` (sampling has no early stopping): the first
     (``index`` 0) is :func:`run_sgmcmc`, later ones continue every chain with :func:`continue_sgmcmc`. Both are
     checkpointed: a killed update is finished by calling it again. Returns ``out_dir/posterior.h5``."""
+    if context.settings.uses_map():
+        raise ConfigError("an active-learning update has no validation split for a MAP phase: set sgmcmc.init "
+                          "and sgmcmc.prior.center to a trained model's file (or null), not map")
     graphs = list(context.train) + list(context.val)
     if index == 0:
         run_sgmcmc(context.model_config, graphs, context.settings, context.out_dir, resume=context.resume,

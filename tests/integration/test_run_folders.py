@@ -101,7 +101,7 @@ def killed_train(config: dict, out: Path, log: Path, rows: int) -> None:
 
 
 def test_a_killed_map_training_resumes_with_every_epoch_logged_once(tio2_path, tio2_store, tmp_path):
-    config = map_config(tio2_path, tio2_store, max_epochs=40, patience=100, lr_patience=100)
+    config = map_config(tio2_path, tio2_store, max_epochs=40, patience=100, lr_patience=100, checkpoint_seconds=0)
     out, log = tmp_path / "run", tmp_path / "run" / "logs" / "metrics.csv"
     killed_train(config, out, log, rows=3)
     on_disk = list(csv.DictReader(open(log)))

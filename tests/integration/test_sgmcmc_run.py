@@ -121,6 +121,48 @@ def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, tio2_store, 
     assert set(prior.centers) == set(source.samples)
 
 
+def test_init_map_trains_a_map_model_first_and_starts_and_centres_there(tio2_path, tio2_store, tmp_path,
+                                                                        monkeypatch):
+    seen = {}
+    original_prior, original_job = sampling.prior_from_spec, sampling._make_job
+
+    def prior_spy(spec, model, stochastic):
+        seen["prior"] = original_prior(spec, model, stochastic)
+        return seen["prior"]
+
+    def job_spy(*args, **kwargs):
+        seen["job"] = original_job(*args, **kwargs)
+        return seen["job"]
+
+    monkeypatch.setattr(sampling, "prior_from_spec", prior_spy)
+    monkeypatch.setattr(sampling, "_make_job", job_spy)
+    cfg = config(tio2_path, tio2_store, n_chains=1, init="map", prior={"scale": 0.05, "center": "map"})
+    cfg["training"] = {"max_epochs": 3, "batch_size": 8, "lr": 0.01}
+    train(cfg, out_dir=tmp_path)
+    epochs = [int(row.split(",")[0]) for row in (tmp_path / "map" / "logs" / "metrics.csv").read_text().split()[1:]]
+    assert epochs == [0, 1, 2]  # the MAP phase: 3 epochs, validated
+    map_state = torch.load(tmp_path / "map" / "final.pt", weights_only=True)
+    fresh = build_model(load_posterior(tmp_path / "posterior.h5").config)
+    # every chain starts at the MAP weights (not a fresh initialisation) and the prior is centred on them
+    assert set(seen["job"].start) == set(seen["prior"].centers) == {n for n, _ in fresh.named_parameters()}
+    fresh = fresh.state_dict()
+    for name, value in seen["job"].start.items():
+        assert torch.equal(value, map_state[name]) and torch.equal(seen["prior"].centers[name], map_state[name])
+    assert not torch.equal(map_state[READOUT], fresh[READOUT])
+    assert load_posterior(tmp_path / "posterior.h5").hyperparameters["init"] == str(tmp_path / "map" / "final.pt")
+
+
+def test_init_map_needs_no_file_and_a_typo_is_still_a_path(tio2_path, tio2_store):
+    from mlip_uq.config import ConfigError, resolve_method_paths
+    from mlip_uq.inference.sampling import SGMCMCSettings
+
+    cfg = {"sgmcmc": {"init": "map", "prior": {"center": "maps"}}}
+    resolve_method_paths(cfg, tio2_path.parent)
+    assert cfg["sgmcmc"]["init"] == "map" and cfg["sgmcmc"]["prior"]["center"] == str(tio2_path.parent / "maps")
+    with pytest.raises(ConfigError, match="sgmcmc.training"):
+        SGMCMCSettings.from_dict({"sgmcmc": {"init": "map", "training": {}}})
+
+
 def test_a_diverging_chain_stops_and_keeps_only_its_finite_samples(tio2_path, tio2_store, tmp_path, monkeypatch,
                                                                    caplog):
     # one run, both ways a chain diverges (the chains run one after the other, one likelihood call per step and

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,7 +80,7 @@ def test_evaluate_cli_reproduces_metrics_and_plots(trained, tio2_path, tmp_path,
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tio2_path, tmp_path, monkeypatch):
-    config = small_config(tio2_path, max_epochs=4)
+    config = small_config(tio2_path, max_epochs=4, checkpoint_seconds=0)  # last.ckpt after every epoch
 
     def killed_after_epoch_1(self):
         if self.current_epoch == 1:
@@ -100,6 +101,26 @@ def test_killed_run_resumes_from_its_last_checkpoint(tio2_path, tmp_path, monkey
     final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == 4 * first["global_step"]  # 4 epochs of optimiser steps in all
     assert (tmp_path / "posterior.h5").is_file()
+
+
+def test_last_checkpoint_waits_for_its_interval_and_is_written_when_training_ends(tio2_path, tmp_path, monkeypatch):
+    import lightning as L
+
+    writes, original = [], L.Trainer.save_checkpoint
+
+    def recorded(trainer, path, *args, **kwargs):
+        writes.append((Path(path).name, trainer.current_epoch))
+        return original(trainer, path, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", recorded)
+    train(small_config(tio2_path, max_epochs=3, checkpoint_seconds=1e6), out_dir=tmp_path)
+    monkeypatch.undo()
+    # no epoch ended an interval after the start: last.ckpt once, when the third epoch had ended
+    assert [w for w in writes if w[0] == "last.ckpt"] == [("last.ckpt", 3)]
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 3 * 10  # 60 structures in batches of 6
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    assert "optimizer_states" not in best and best["state_dict"]  # the best weights only
 
 
 def test_resume_refuses_a_changed_configuration(tio2_path, tmp_path):

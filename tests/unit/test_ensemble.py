@@ -104,7 +104,7 @@ def test_bootstrap_resamples_the_training_set_per_member(data, tmp_path, monkeyp
 
 def test_killed_ensemble_keeps_finished_members_and_resumes_the_unfinished_one(data, tmp_path, monkeypatch):
     config, train, val = data
-    settings = EnsembleSettings(3, training=member_settings())
+    settings = EnsembleSettings(3, training=member_settings(checkpoint_seconds=0))  # last.ckpt every epoch
     epochs = []
 
     def count_and_kill(self):
