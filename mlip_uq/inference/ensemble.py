@@ -6,8 +6,10 @@ training set drawn from that seed) and trained by :func:`~mlip_uq.inference.comm
 is finished exactly when that file exists, so a killed run resumed with ``resume=True`` keeps its finished
 members and continues the unfinished one from its Lightning checkpoint (``members/<k>/checkpoints/last.ckpt``).
 
-Members train one after the other; each member's training uses the devices that ``training.accelerator`` /
-``training.devices`` give Lightning (several GPUs: data-parallel within a member). Every member learns its
+Members train one after the other, or ``n_processes`` at a time in spawned CPU processes that share the cores
+(``ensemble.n_processes``: small systems, whose tensors are too small for several threads per model to pay);
+each member's training uses the devices that ``training.accelerator`` / ``training.devices`` give Lightning
+(several GPUs: data-parallel within a member). Every member learns its
 own observation noise with its energy model (a mean-variance ensemble: the predictive variance is the spread of
 the members' means plus the mean of their noise variances).
 """
@@ -16,18 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 from nequip.data import AtomicDataDict
 
 from ..config import ConfigError, settings_from
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
-from .common import fit_map_once
+from ..files import load_checkpoint
+from .common import fit_map_once, resolve_device
 from .map import MAPSettings
 
 log = logging.getLogger(__name__)
@@ -41,18 +47,26 @@ class EnsembleSettings:
         n_members: number K of members (= posterior samples).
         bootstrap: train each member on a bootstrap resampling (N draws with replacement) of the training set,
             drawn from the member's seed; False: every member sees the whole training set.
+        n_processes: members trained at the same time, each in its own CPU process with ``cpu_count //
+            n_processes`` threads; 1: one after the other in this process. A member's result does not depend
+            on it, up to the floating-point summation order of torch's threaded CPU kernels.
         training: the MAP training settings of every member (the configuration's ``training`` section).
     """
 
     n_members: int = 5
     bootstrap: bool = False
+    n_processes: int = 1
     training: MAPSettings = field(default_factory=MAPSettings)
 
     PATHS: ClassVar[Tuple[str, ...]] = ()
 
     def __post_init__(self):
-        if self.n_members < 1:
-            raise ValueError(f"ensemble.n_members must be at least 1, got {self.n_members}")
+        for name in ("n_members", "n_processes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ensemble.{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_processes > 1 and self.training.accelerator not in ("auto", "cpu"):
+            raise ValueError(f"ensemble.n_processes > 1 trains members in CPU processes; training.accelerator "
+                             f"is {self.training.accelerator!r}")
 
     @classmethod
     def from_dict(cls, config: Dict) -> "EnsembleSettings":
@@ -90,6 +104,55 @@ class UpdateSettings:
         return options
 
 
+@dataclass
+class _MemberJob:
+    """What one member's training needs besides the data: its index, architecture with its seed, warm-start
+    state (or None) and folder."""
+
+    index: int
+    config: ModelConfig
+    init_state: Optional[Dict]
+    out_dir: Path
+
+
+def _train_member(job: _MemberJob, train: List[AtomicDataDict.Type], val: List[AtomicDataDict.Type],
+                  settings: EnsembleSettings, resume: bool) -> Dict:
+    """Train member ``job.index`` (:func:`~mlip_uq.inference.common.fit_map_once`) and return its best state."""
+    model = build_model(job.config)
+    if job.init_state is not None:
+        try:
+            model.load_state_dict(job.init_state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"init posterior does not match the ensemble's architecture: {e}") from e
+    seed = job.config.seed
+    member_train = train
+    if settings.bootstrap:
+        picks = np.random.default_rng(seed).integers(0, len(train), size=len(train))
+        member_train = [train[i] for i in picks]
+    log.info("ensemble member %d/%d (seed %d)", job.index + 1, settings.n_members, seed)
+    state = fit_map_once(model, member_train, val, settings.training, job.out_dir, seed=seed, resume=resume)
+    log.info("ensemble member %d/%d done", job.index + 1, settings.n_members)
+    return state
+
+
+_WORKER: Dict = {}  # in a member process: the data and settings every member it trains shares
+
+
+def _worker_start(threads: int, level: int, shared: Dict) -> None:
+    """A member process: nequip's global state, its share of the cores, log lines at the parent's level, and
+    the shared arguments of :func:`_train_member` (sent once per process, not once per member)."""
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format=f"[process {os.getpid()}] %(message)s")
+    _WORKER.update(shared)
+
+
+def _train_member_in_worker(job: _MemberJob) -> None:
+    _train_member(job, **_WORKER)
+
+
 def fit_ensemble(
     config: ModelConfig,
     train: List[AtomicDataDict.Type],
@@ -121,24 +184,26 @@ def fit_ensemble(
     if init is not None and init.n_samples < settings.n_members:
         raise ValueError(f"init posterior has {init.n_samples} samples; the ensemble needs one per member "
                          f"({settings.n_members})")
-    states = []
+    members = out_dir / "members"
+    jobs = [_MemberJob(k, ModelConfig.from_dict({**config.to_dict(), "seed": config.seed + k}),
+                       None if init is None else init.state_dict(k), members / str(k))
+            for k in range(settings.n_members)]
     start = time.perf_counter()
-    for k in range(settings.n_members):
-        seed = config.seed + k
-        model = build_model(ModelConfig.from_dict({**config.to_dict(), "seed": seed}))
-        if init is not None:
-            try:
-                model.load_state_dict(init.state_dict(k), strict=True)
-            except RuntimeError as e:
-                raise ValueError(f"init posterior does not match the ensemble's architecture: {e}") from e
-        member_train = train
-        if settings.bootstrap:
-            picks = np.random.default_rng(seed).integers(0, len(train), size=len(train))
-            member_train = [train[i] for i in picks]
-        log.info("ensemble member %d/%d (seed %d)", k + 1, settings.n_members, seed)
-        states.append(fit_map_once(model, member_train, val, settings.training, out_dir / "members" / str(k),
-                                   seed=seed, resume=resume))
-        log.info("ensemble member %d/%d done (%.0f s)", k + 1, settings.n_members, time.perf_counter() - start)
+    n_processes = min(settings.n_processes, settings.n_members)
+    if n_processes > 1 and resolve_device(settings.training.accelerator).type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // n_processes)
+        log.info("training %d members in %d processes of %d thread(s)", settings.n_members, n_processes, threads)
+        context = torch.multiprocessing.get_context("spawn")
+        shared = {"train": train, "val": val, "settings": settings, "resume": resume}
+        with ProcessPoolExecutor(n_processes, mp_context=context, initializer=_worker_start,
+                                 initargs=(threads, logging.getLogger().getEffectiveLevel(), shared)) as pool:
+            futures = [pool.submit(_train_member_in_worker, job) for job in jobs]
+            for future in futures:
+                future.result()  # a member's error is raised here, after the others have finished
+        states = [load_checkpoint(job.out_dir / "final.pt") for job in jobs]
+    else:
+        states = [_train_member(job, train, val, settings, resume) for job in jobs]
+    log.info("ensemble of %d members done (%.0f s)", settings.n_members, time.perf_counter() - start)
     hyper = {**asdict(settings), "member_seeds": [config.seed + k for k in range(settings.n_members)],
              "warm_start": init is not None}
     return Posterior.from_state_dicts(config, states, method="ensemble", hyperparameters=hyper, **(metadata or {}))

@@ -308,11 +308,12 @@ def fit_noise_on_validation(model: GraphModel, batches: List[AtomicDataDict.Type
 
 class _MetricsRows(L.Callback):
     """``metrics.csv``: one row per epoch (epoch, optimiser steps so far, the epoch means of the training and
-    validation losses and MAEs, the learning rate), handed to the operating system as it is written; a resumed
-    training appends the rows from the epoch it resumes at (:func:`mlip_uq.files.appending_csv`)."""
+    validation losses and MAEs, the learning rate, the epoch's seconds of training and validation), handed to
+    the operating system as it is written; a resumed training appends the rows from the epoch it resumes at
+    (:func:`mlip_uq.files.appending_csv`), so the ``seconds`` column sums to the training's cost."""
 
     FIELDS = ["epoch", "step", "train_loss", "train_energy_mae", "train_forces_mae", "val_loss", "val_energy_mae",
-              "val_forces_mae", "lr"]
+              "val_forces_mae", "lr", "seconds"]
 
     def __init__(self, path: Path):
         self.path = path
@@ -321,11 +322,15 @@ class _MetricsRows(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.rows = self._files.enter_context(appending_csv(self.path, self.FIELDS, "epoch", trainer.current_epoch))
 
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch_start = time.perf_counter()
+
     def on_train_epoch_end(self, trainer, pl_module):
         metrics = trainer.callback_metrics
         self.rows.writerow({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                            **{k: float(metrics[k]) for k in self.FIELDS[2:-1] if k in metrics},
-                            "lr": trainer.optimizers[0].param_groups[0]["lr"]})
+                            **{k: float(metrics[k]) for k in self.FIELDS[2:-2] if k in metrics},
+                            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                            "seconds": round(time.perf_counter() - self._epoch_start, 3)})
 
     def on_train_end(self, trainer, pl_module):
         self._files.close()

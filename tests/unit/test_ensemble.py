@@ -130,6 +130,31 @@ def test_killed_ensemble_keeps_finished_members_and_resumes_the_unfinished_one(d
     assert all(torch.equal(post.state_dict(0)[n], t) for n, t in member0.items())
 
 
+def test_members_trained_in_parallel_processes_are_the_sequential_members(data, tmp_path, monkeypatch):
+    config, train, val = data
+    monkeypatch.setattr("os.cpu_count", lambda: 6)  # 3 processes of 2 threads, as the parent's sequential run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # with the same number of threads the kernels sum in the same order: the same members, bit for bit
+        again = fit_ensemble(config, train, val, EnsembleSettings(3, training=member_settings()), tmp_path / "seq")
+    finally:
+        torch.set_num_threads(threads)
+    parallel = fit_ensemble(config, train, val, EnsembleSettings(3, n_processes=3, training=member_settings()),
+                            tmp_path / "par")
+    assert [(tmp_path / "par" / "members" / str(k) / "final.pt").is_file() for k in range(3)] == [True] * 3
+    for k in range(3):
+        for name, value in again.state_dict(k).items():
+            assert torch.equal(parallel.state_dict(k)[name], value), (k, name)
+    first, second = parallel.state_dict(0), parallel.state_dict(1)
+    assert any(not torch.equal(first[n], second[n]) for n in first)  # the members differ
+
+
+def test_parallel_members_need_cpu_training():
+    with pytest.raises(ValueError, match="CPU processes"):
+        EnsembleSettings(2, n_processes=2, training=member_settings(accelerator="gpu"))
+
+
 def test_bad_warm_starts_are_reported(data, tmp_path):
     config, train, val = data
     one = Posterior.from_state_dicts(config, [build_model(config).state_dict()])
