@@ -1,50 +1,75 @@
-"""Data efficiency of uncertainty-triggered vs random relabelling on ethanol, GFN2-xTB as the reference.
+"""Data efficiency of uncertainty-triggered vs random relabelling, GFN2-xTB as the reference, several seeds.
 
-Five active-learning runs of ``configs/active_ethanol_xtb.yaml`` (20 initial rMD17 configurations relabelled by
-GFN2-xTB, a small SG-MCMC NequIP model, a test set of rMD17 test configurations relabelled by GFN2-xTB), each
-stopped after the same number of reference calls:
+Active-learning runs of one system's configuration, each stopped after the same number of reference calls:
 
-- MD exploration (Langevin, 500 K, two walkers), labelling where the rule fires:
-  ``force_std`` (max per-atom force std above a threshold), ``calibrated`` (P(|force error| > tolerance) above
-  one half, scale learned from the residuals), ``random`` (each MD step with a fixed probability);
-- pool exploration (rMD17 training configurations not in the initial set): ``top_k`` (most uncertain first) and
-  ``random`` (uniform), a batch of candidates per update.
+- ``--system acac`` (``configs/active_acac_xtb.yaml``): 20 acetylacetone configurations from 300 K MD, MD
+  exploration at 600 K, a test set of 600 K MD configurations, a pool of 600 K MD configurations; exploration
+  has to leave the training data's distribution, as it does in practice;
+- ``--system ethanol`` (``configs/active_ethanol_xtb.yaml``): 20 rMD17 ethanol configurations, exploration at
+  the data's own 500 K, rMD17 test configurations, a pool of rMD17 training configurations.
 
-A control repeats the MD runs' updates without new data (the first fit, then as many SG-MCMC continuations on
-the initial set): how much of the improvement is more sampling rather than the new labels.
+Everything is relabelled by GFN2-xTB (tblite), so training, test and calls share one level of theory. Arms:
 
-After every update the test force MAE is recorded; the script plots MAE against the number of reference calls
-(``docs/active_learning.png``) and writes a table (and the loop overhead) into ``docs/active_learning.md``.
-Finished runs are reused and unfinished ones resumed, so an interrupted study continues where it stopped.
+- MD exploration (Langevin, two walkers), labelling where the rule fires: ``force_std`` (max per-atom force std
+  above a threshold), ``calibrated`` (P(|force error| > tolerance) above one half, scale learned from the
+  residuals), ``random`` (each MD step with a fixed probability);
+- pool exploration: ``top_k`` (most uncertain first) and ``random`` (uniform), a batch of candidates per update.
 
-    OMP_NUM_THREADS=1 python scripts/study_active.py [--calls 20] [--runs runs/study_active]
+The posterior is SG-MCMC (updates continue the chain) or a deep ensemble (updates fine-tune the members),
+``--method``. Every arm runs with ``--seeds`` (initial set, walkers' thermostats, model and sampler all follow the seed). A
+control repeats the MD runs' updates without new data (seed 0): how much of the improvement is more sampling
+rather than the new labels. ``--divergence N`` adds the high-temperature test of the MD stop rule: N trajectories
+from the initial model at ``--hot-K`` with and without the force-std stop rule, counting those that reach an
+unphysical structure (two atoms closer than 0.6 Å, or a fragment split off the molecule's bond graph).
+
+Reported: learning curves (test force and energy MAE against reference calls, seed mean and range;
+``docs/active_learning_<system>_<method>.png``), the calls each uncertainty rule needs to reach the test force MAE that random
+selection reaches at its final budget (the call ratio: rule calls / random's calls, from the seed-mean curves and
+per seed), wall-clock per call and the loop's own overhead; written to ``docs/active_learning.md``. Finished runs
+are reused and unfinished ones resumed, so an interrupted study continues where it stopped.
+
+    OMP_NUM_THREADS=1 python scripts/study_active.py [--system acac|ethanol] [--method sgmcmc|ensemble]
+        [--calls 40] [--seeds 0 1 2] [--divergence 10] [--runs runs/study_active]
 """
 
 import argparse
 import json
 import logging
 import os
+import statistics
 import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 from nequip.utils.global_state import set_global_state
 
 from _harness import update_section
 from mlip_uq.active import ActiveLoop, load_active_config, run_active
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
+from mlip_uq.files import write_json
 from mlip_uq.posterior import load_posterior
 from mlip_uq.uq.plots import new_figure, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "active_ethanol_xtb.yaml"
-HEADING = "## Study: reference calls vs test force error (scripts/study_active.py)"
+DATA = ROOT.parent / "shared" / "data"
+HEADING = "## Study: reference calls vs test force error, {system}, {method} (scripts/study_active.py)"
+SYSTEMS = {
+    "acac": {"config": ROOT / "configs" / "active_acac_xtb.yaml", "pool": DATA / "botnet_acac" / "train_600K.xyz",
+             "threshold": 0.08,
+             "words": "acetylacetone: 20 initial configurations from 300 K MD, MD exploration at 600 K, test and "
+                      "pool configurations from 600 K MD"},
+    "ethanol": {"config": ROOT / "configs" / "active_ethanol_xtb.yaml",
+                "pool": DATA / "rmd17" / "rmd17_ethanol_train_01.extxyz", "threshold": 0.06,
+                "words": "rMD17 ethanol: 20 initial configurations, MD exploration at 500 K, rMD17 test and "
+                         "training configurations as test set and pool"},
+}
+RANDOM_OF = {"md_force_std": "md_random", "md_calibrated": "md_random", "pool_top_k": "pool_random"}
 
 
 def arms(args):
     """name -> (explore section changes, rule)."""
-    pool = {"kind": "pool", "batch": args.batch,
-            "pool": {"path": str(ROOT.parent / "shared/data/rmd17/rmd17_ethanol_train_01.extxyz"), "n": args.pool}}
+    pool = {"kind": "pool", "batch": args.batch, "pool": {"path": str(SYSTEMS[args.system]["pool"]), "n": args.pool}}
     return {
         "md_force_std": ({}, {"kind": "force_std", "threshold": args.threshold}),
         "md_calibrated": ({}, {"kind": "calibrated", "tolerance": args.tolerance, "probability": 0.5}),
@@ -54,22 +79,30 @@ def arms(args):
     }
 
 
-def study_config(args, explore, rule):
-    """The ethanol configuration with the study's (smaller) CPU settings and one arm's explorer and rule."""
-    cfg = load_active_config(CONFIG)
+def study_config(args, explore, rule, seed: int):
+    """The system's configuration with the study's CPU settings, one arm's explorer and rule, and ``seed``."""
+    cfg = load_active_config(SYSTEMS[args.system]["config"])
+    cfg["seed"] = seed
+    cfg["train"]["seed"] = seed
     cfg["test"]["n"] = args.test
     cfg["budget"] = {"max_calls": args.calls, "target_forces_mae": None}
     cfg["explore"]["steps"] = args.md_steps
     if explore:
         cfg["explore"] = explore
     cfg["rule"] = rule
-    cfg["update"] = {"settle_steps": 40, "n_samples": 4}
-    cfg["train"]["sgmcmc"].update(burnin_steps=800, n_samples=4)
+    if args.method == "sgmcmc":
+        cfg["update"] = {"settle_steps": 40, "n_samples": 4}
+        cfg["train"]["sgmcmc"].update(burnin_steps=800, n_samples=4)
+    else:  # 4 members trained on the initial set, each update fine-tunes them on the grown one
+        cfg["train"].pop("sgmcmc", None)
+        cfg["train"].update(method="ensemble", ensemble={"n_members": 4},
+                            training={"max_epochs": 150, "batch_size": 5, "lr": 0.01, "lr_patience": 10,
+                                      "patience": 30})
+        cfg["update"] = {"max_epochs": 20}
     return cfg
 
 
-def run_arm(name, cfg, runs):
-    out = runs / name
+def run_arm(cfg, out: Path):
     summary = out / "summary.json"
     if summary.is_file() and json.loads(summary.read_text())["stop_reason"]:
         return json.loads(summary.read_text())
@@ -86,7 +119,7 @@ def control(args, runs):
     if path.is_file():
         return json.loads(path.read_text())
     start = time.perf_counter()
-    cfg = study_config(args, {}, {"kind": "force_std", "threshold": 1e6})
+    cfg = study_config(args, {}, {"kind": "force_std", "threshold": 1e6}, seed=0)
     cfg["budget"]["max_calls"] = 0
     loop = ActiveLoop(cfg, out, resume=(out / "state.json").is_file())
     loop.run()  # labels the initial and test sets, fits, stops: budget of 0 calls used
@@ -105,60 +138,166 @@ def control(args, runs):
     return result
 
 
-def mae_at(history, calls):
-    """Test force MAE (meV/Å) of the last update made with at most ``calls`` exploration calls."""
+def value_at(history, calls, key="forces_mae"):
+    """``key`` (meV/Å, meV/atom) of the last update made with at most ``calls`` exploration calls."""
     rows = [h for h in history if h["calls_explore"] <= calls]
-    return 1000 * rows[-1]["forces_mae"] if rows else float("nan")
+    return 1000 * rows[-1][key] if rows else float("nan")
 
 
-def plot(results, no_new_data, path):
-    fig = new_figure(10.0, 4.2)
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, prefix, title in ((axes[0], "md_", "MD exploration"), (axes[1], "pool_", "candidate pool")):
-        for name, summary in results.items():
-            if not name.startswith(prefix):
-                continue
-            h = summary["history"]
-            calls = [r["calls_initial"] + r["calls_explore"] for r in h]
-            ax.plot(calls, [1000 * r["forces_mae"] for r in h], marker="o", ms=3,
-                    label=name.removeprefix(prefix).replace("_", " "),
-                    linestyle="--" if "random" in name else "-")
-        if prefix == "md_" and no_new_data:
-            h = no_new_data["history"]
-            ax.plot([r["calls_initial"] + r["calls_explore"] for r in h], [1000 * r["forces_mae"] for r in h],
-                    color="grey", linestyle=":", marker="x", ms=3, label="no new data (same updates)")
-        ax.set_title(title)
-        ax.set_xlabel("reference calls (GFN2-xTB labels in the training set)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test force MAE (meV/Å)")
+def curve(per_seed, calls, key="forces_mae"):
+    """(n_seeds, calls + 1) array: ``key`` after 0, 1, ..., ``calls`` exploration calls, one row per seed."""
+    return np.array([[value_at(s["history"], c, key) for c in range(calls + 1)] for s in per_seed.values()])
+
+
+def calls_to_reach(values: np.ndarray, target: float) -> float:
+    """The first number of calls at which ``values`` (one per call count) is at or below ``target`` (NaN: never)."""
+    hits = np.flatnonzero(values <= target)
+    return float(hits[0]) if len(hits) else float("nan")
+
+
+def call_ratios(results, calls):
+    """For every uncertainty arm: the calls it needs to reach its random baseline's final test force MAE (the
+    seed mean), as a fraction of random's ``calls``, from the seed-mean curve and per seed."""
+    out = {}
+    for name, baseline in RANDOM_OF.items():
+        if name not in results or baseline not in results:
+            continue
+        target = float(np.nanmean(curve(results[baseline], calls)[:, -1]))
+        mean_curve = np.nanmean(curve(results[name], calls), axis=0)
+        per_seed = [calls_to_reach(row, target) / calls for row in curve(results[name], calls)]
+        out[name] = {"baseline": baseline, "target_mev_per_a": target,
+                     "ratio": calls_to_reach(mean_curve, target) / calls, "per_seed": per_seed}
+    return out
+
+
+def fraction(x: float) -> str:
+    return "never" if not np.isfinite(x) else f"{x:.2f}"
+
+
+def fragments(atoms) -> int:
+    """Connected fragments of the bond graph (bonded: within 1.3x the sum of the covalent radii)."""
+    from ase.data import covalent_radii
+    from scipy.sparse.csgraph import connected_components
+
+    radii = covalent_radii[atoms.numbers]
+    return connected_components(atoms.get_all_distances() < 1.3 * (radii[:, None] + radii[None, :]), directed=False)[0]
+
+
+def unphysical(atoms, initial_fragments: int) -> bool:
+    """Two atoms closer than 0.6 Å, or more fragments than at the start."""
+    d = atoms.get_all_distances()
+    np.fill_diagonal(d, np.inf)
+    return bool(d.min() < 0.6) or fragments(atoms) > initial_fragments
+
+
+def divergence(args, runs):
+    """The stop rule at high temperature: ``args.divergence`` MD trajectories of the initial model (seed 0's first
+    fit) at ``args.hot_k`` K, with and without the force-std stop rule, and how many reached an unphysical
+    structure (before the rule stopped them)."""
+    import ase.io
+
+    from mlip_uq import UQCalculator
+    from mlip_uq.md import ForceStdRule, run_md
+
+    path = runs / "divergence" / "divergence.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = runs / "divergence"
+    cfg = study_config(args, {}, {"kind": "force_std", "threshold": 1e6}, seed=0)
+    cfg["budget"]["max_calls"] = 0
+    ActiveLoop(cfg, out / "initial_model", resume=(out / "initial_model" / "state.json").is_file()).run()
+    posterior = load_posterior(out / "initial_model" / "model" / "posterior.h5")
+    starts = ase.io.read(cfg["explore"]["starts"]["path"], index=":")
+    result = {"temperature_K": args.hot_k, "steps": args.hot_steps, "threshold": args.threshold, "runs": []}
+    for i in range(args.divergence):
+        atoms0 = starts[(i * 37) % len(starts)]
+        components = fragments(atoms0)
+        for with_rule in (False, True):
+            atoms = atoms0.copy()
+            atoms.calc = None
+            run_dir = out / f"traj{i}_{'rule' if with_rule else 'free'}"
+            try:
+                md = run_md(atoms, UQCalculator(posterior), args.hot_steps, timestep_fs=0.5,
+                            temperature_K=args.hot_k, out_dir=run_dir,
+                            stop_rule=ForceStdRule(args.threshold) if with_rule else None, log_every=10, seed=i,
+                            progress=False, uq_every=10)
+            except ValueError as error:  # the calculator refuses a structure (e.g. overlapping atoms)
+                entry = {"steps_done": None, "stopped": False, "unphysical_frame": "refused", "error": str(error)}
+            else:
+                frames = ase.io.read(md.trajectory_path, index=":")
+                bad = next((k for k, frame in enumerate(frames) if unphysical(frame, components)), None)
+                entry = {"steps_done": md.steps_done, "stopped": md.stopped, "unphysical_frame": bad}
+            result["runs"].append({"trajectory": i, "rule": with_rule, **entry})
+            logging.info("hot MD %d, rule %s: %s", i, with_rule, entry)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def plot(results, no_new_data, calls, path):
+    fig = new_figure(10.0, 7.0)
+    axes = fig.subplots(2, 2, sharex=True)
+    for col, (prefix, title) in enumerate((("md_", "MD exploration"), ("pool_", "candidate pool"))):
+        for row, (key, unit) in enumerate((("forces_mae", "test force MAE (meV/Å)"),
+                                           ("energy_mae", "test energy MAE (meV/atom)"))):
+            ax = axes[row, col]
+            for name, per_seed in results.items():
+                if not name.startswith(prefix):
+                    continue
+                values = curve(per_seed, calls, key)
+                x = np.arange(calls + 1)
+                line, = ax.plot(x, np.nanmean(values, axis=0), label=f"{name.removeprefix(prefix).replace('_', ' ')} "
+                                f"({len(values)} seeds)", linestyle="--" if "random" in name else "-")
+                ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(),
+                                alpha=0.15)
+            if prefix == "md_" and no_new_data:
+                h = no_new_data["history"]
+                ax.plot([r["calls_explore"] for r in h], [1000 * r[key] for r in h], color="grey", linestyle=":",
+                        label="no new data (same updates, seed 0)")
+            ax.set_title(title if row == 0 else "")
+            ax.set_ylabel(unit)
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel("reference calls during exploration")
+        axes[0, col].legend(fontsize=7)
     return save_figure(fig, path)
 
 
 def table(results, args, checkpoints):
-    head = ("| run | rule | MD steps | calls / MD step | " + " | ".join(f"MAE @ +{c}" for c in checkpoints)
-            + " | total (s) | reference calls (s) | updates (s) | exploration (s) | test eval (s) | bookkeeping (s) "
-            "| bookkeeping / decision (ms) |")
+    head = ("| run | rule | seeds | " + " | ".join(f"force MAE @ +{c}" for c in checkpoints)
+            + " | energy MAE @ +{0} | MD steps | s per call (total / calls) | reference call (s) | bookkeeping / "
+              "decision (ms) |".format(checkpoints[-1]))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, s in results.items():
-        t = s["timings_s"]
-        fraction = s["fraction_md_steps_with_call"]
-        rule = {"md_force_std": f"force std > {args.threshold} eV/Å",
-                "md_calibrated": f"P(err > {args.tolerance} eV/Å) > 0.5",
-                "md_random": f"random, p = {args.probability}/step",
-                "pool_top_k": f"top {args.batch} of the pool", "pool_random": f"random {args.batch}"}[name]
-        maes = " | ".join(f"{mae_at(s['history'], c):.1f}" for c in checkpoints)
-        lines.append(
-            f"| {name} | {rule} | {s['md_steps'] or '—'} | {'—' if fraction is None else f'{fraction:.3f}'} | {maes} "
-            f"| {t['total']:.0f} | {t['oracle']:.1f} | {t['update']:.0f} | {t['explore']:.0f} | {t['evaluate']:.0f} "
-            f"| {s['bookkeeping_s']:.1f} | {1000 * s['bookkeeping_per_decision_s']:.0f} |")
+    rules = {"md_force_std": f"force std > {args.threshold} eV/Å", "md_calibrated": f"P(err > {args.tolerance} eV/Å) > 0.5",
+             "md_random": f"random, p = {args.probability}/step", "pool_top_k": f"top {args.batch} of the pool",
+             "pool_random": f"random {args.batch}"}
+    for name, per_seed in results.items():
+        summaries = list(per_seed.values())
+
+        def spread(values):
+            values = [v for v in values if np.isfinite(v)]
+            return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}" if values else "–"
+
+        maes = " | ".join(spread([value_at(s["history"], c) for s in summaries]) for c in checkpoints)
+        energy = spread([value_at(s["history"], checkpoints[-1], "energy_mae") for s in summaries])
+        steps = [s["md_steps"] for s in summaries if s["md_steps"]]
+        per_call = statistics.mean(s["timings_s"]["total"] / max(1, s["history"][-1]["calls_explore"]) for s in summaries)
+        oracle = statistics.mean(s["timings_s"]["oracle"] / max(1, s["history"][-1]["calls_initial"]
+                                                                 + s["history"][-1]["calls_explore"]) for s in summaries)
+        book = statistics.mean(1000 * s["bookkeeping_per_decision_s"] for s in summaries)
+        lines.append(f"| {name} | {rules[name]} | {len(summaries)} | {maes} | {energy} | "
+                     f"{statistics.mean(steps):.0f} | {per_call:.1f} | {oracle:.3f} | {book:.0f} |" if steps else
+                     f"| {name} | {rules[name]} | {len(summaries)} | {maes} | {energy} | — | {per_call:.1f} | "
+                     f"{oracle:.3f} | {book:.0f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20, help="reference calls per run during exploration")
-    parser.add_argument("--threshold", type=float, default=0.06, help="force_std rule threshold (eV/Å)")
+    parser.add_argument("--system", choices=sorted(SYSTEMS), default="acac")
+    parser.add_argument("--calls", type=int, default=40, help="reference calls per run during exploration")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--method", choices=["sgmcmc", "ensemble"], default="sgmcmc", help="posterior and updates")
+    parser.add_argument("--threshold", type=float, help="force_std rule threshold (eV/Å; default: the system's)")
     parser.add_argument("--tolerance", type=float, default=0.5, help="calibrated rule tolerance (eV/Å)")
     parser.add_argument("--probability", type=float, default=0.02, help="random MD rule: calls per step")
     parser.add_argument("--md-steps", type=int, default=3000, help="MD steps per walker (at most)")
@@ -166,46 +305,75 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="pool candidates per update")
     parser.add_argument("--test", type=int, default=100, help="test structures")
     parser.add_argument("--only", nargs="+", help="run only these arms")
+    parser.add_argument("--divergence", type=int, default=0, help="high-temperature MD trajectories per variant")
+    parser.add_argument("--hot-k", type=float, default=1200.0, help="temperature of the divergence test (K)")
+    parser.add_argument("--hot-steps", type=int, default=2000, help="MD steps of each divergence trajectory")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study_active")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "active_learning.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
+    if args.threshold is None:
+        args.threshold = SYSTEMS[args.system]["threshold"]
+    runs = args.runs / args.system / args.method
     results = {}
     for name, (explore, rule) in arms(args).items():
         if args.only and name not in args.only:
             continue
-        logging.info("=== %s ===", name)
-        results[name] = run_arm(name, study_config(args, explore, rule), args.runs)
-    no_new_data = None if args.only else control(args, args.runs)
-    minutes = (sum(s["timings_s"]["total"] for s in results.values())
+        results[name] = {}
+        for seed in args.seeds:
+            logging.info("=== %s, seed %d ===", name, seed)
+            results[name][seed] = run_arm(study_config(args, explore, rule, seed), runs / name / f"seed{seed}")
+    no_new_data = None if args.only or args.method != "sgmcmc" else control(args, runs)
+    hot = divergence(args, runs) if args.divergence else None
+    minutes = (sum(s["timings_s"]["total"] for per_seed in results.values() for s in per_seed.values())
                + (no_new_data["seconds"] if no_new_data else 0.0)) / 60
-    png = plot(results, no_new_data, args.doc.with_suffix(".png"))
+    png = plot(results, no_new_data, args.calls,
+               args.doc.with_name(f"{args.doc.stem}_{args.system}_{args.method}.png"))
     checkpoints = sorted({0, args.calls // 4, args.calls // 2, args.calls})
+    ratios = call_ratios(results, args.calls)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    finals = {n: s["history"][-1] for n, s in results.items()}
-    body = (
+    write_json({"ratios": ratios, "divergence": hot}, runs / "study.json")
+    body = [
         f"Measured {date.today().isoformat()} with `OMP_NUM_THREADS={threads} python scripts/study_active.py "
-        f"--calls {args.calls}` on the 2-core CPU machine, one thread (shared with other jobs: times are upper "
-        f"bounds); CPU budget: {minutes:.0f} min of wall time for the runs and the control together. Every run: 20 initial rMD17 ethanol configurations relabelled by GFN2-xTB, a test set of "
-        f"{args.test} rMD17 test configurations relabelled by GFN2-xTB, SG-MCMC (one chain, 800 burn-in steps, 4 "
-        f"samples; each update 40 re-equilibration steps and 4 new samples), {args.calls} reference calls during "
-        f"exploration. MAE columns: test force MAE (meV/Å) after +N exploration calls. Times in seconds; "
-        f"`bookkeeping` is everything besides reference calls, updates, the model's predictions during "
-        f"exploration and the test evaluation (state and log writes, store commits, graph building).\n\n"
-        f"![test force MAE vs reference calls]({png.name})\n\n"
-        + table(results, args, checkpoints)
-        + ("" if no_new_data is None else
-           "\n\nControl (no new data): the first fit, then the same number of SG-MCMC updates on the initial set "
-           "only: test force MAE " + ", ".join(f"{mae_at(no_new_data['history'], c):.1f}" for c in checkpoints)
-           + " meV/Å after " + ", ".join(str(c) for c in checkpoints) + " updates.")
-        + "\n\nFinal test metrics: "
-        + "; ".join(f"{n}: forces MAE {1000 * h['forces_mae']:.1f} meV/Å, energy MAE {1000 * h['energy_mae']:.2f} "
-                    f"meV/atom, forces NLL {h['forces_nll']:.3g}" for n, h in finals.items())
-        + "."
-    )
-    update_section(args.doc, HEADING, body)
-    print(body)
+        f"--system {args.system} --method {args.method} --calls {args.calls} --seeds {' '.join(map(str, args.seeds))}"
+        f"{f' --divergence {args.divergence}' if args.divergence else ''}` on the 2-core CPU machine "
+        f"({minutes:.0f} min of runs). {SYSTEMS[args.system]['words']}; every label GFN2-xTB. Test set: "
+        f"{args.test} structures. "
+        + ("SG-MCMC (one chain, 800 burn-in steps, 4 samples; each update 40 re-equilibration steps and 4 new "
+           "samples)" if args.method == "sgmcmc" else
+           "A deep ensemble of 4 members (150 epochs at most on the initial set; each update fine-tunes every "
+           "member for 20 epochs)")
+        + f"; {args.calls} reference calls during exploration per run. Force "
+        "MAE in meV/Å, energy MAE in meV/atom: seed mean ± standard deviation after +N exploration calls.",
+        "",
+        f"![test MAE vs reference calls]({png.name})",
+        "",
+        table(results, args, checkpoints),
+    ]
+    if ratios:
+        body += ["", "**Call ratio** (calls an uncertainty rule needs to reach the test force MAE its random "
+                 "baseline reaches with all its calls, / that number of calls; target <= 0.5):", ""]
+        for name, r in ratios.items():
+            seeds = ", ".join(fraction(x) for x in r["per_seed"])
+            body.append(f"- {name} vs {r['baseline']} (target {r['target_mev_per_a']:.1f} meV/Å): "
+                        f"{fraction(r['ratio'])} from the seed-mean curves; per seed {seeds}.")
+    if no_new_data is not None:
+        body += ["", "Control (no new data, seed 0): the first fit, then the same number of SG-MCMC updates on the "
+                 "initial set only: test force MAE " + ", ".join(f"{value_at(no_new_data['history'], c):.1f}"
+                                                               for c in checkpoints)
+                 + " meV/Å after " + ", ".join(str(c) for c in checkpoints) + " updates."]
+    if hot is not None:
+        for with_rule in (False, True):
+            rows = [r for r in hot["runs"] if r["rule"] == with_rule]
+            bad = sum(r["unphysical_frame"] is not None for r in rows)
+            stopped = sum(r["stopped"] for r in rows)
+            body += ["", f"High-temperature MD ({hot['temperature_K']:.0f} K, {hot['steps']} steps of 0.5 fs, initial "
+                     f"model), {'with the stop rule (force std > ' + str(hot['threshold']) + ' eV/Å)' if with_rule else 'without a stop rule'}: "
+                     f"{bad} of {len(rows)} trajectories reached an unphysical structure"
+                     + (f", {stopped} stopped by the rule" if with_rule else "") + "."]
+    update_section(args.doc, HEADING.format(system=args.system, method=args.method), "\n".join(body))
+    print("\n".join(body))
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def run_chain(chain: Chain, job: Job, stop: int) -> None:
             for group in chain.optimizer.param_groups:
                 group["temperature"], group["lr"] = temperature, lr
             batch = AtomicDataDict.to_(minibatch(job.train, settings.batch_size, chain.seed, step), chain.device)
-            nll = neg_log_likelihood(chain.model(batch), batch).mean()
+            nll = neg_log_likelihood(chain.model(batch), batch, settings.likelihood_weights).mean()
             chain.optimizer.zero_grad(set_to_none=True)
             try:
                 if not torch.isfinite(nll):
@@ -206,7 +206,7 @@ def run_chain(chain: Chain, job: Job, stop: int) -> None:
             if schedule.sample_index(step) is not None:
                 # a step can blow the parameters up while the loss it started from was finite: a sample must
                 # predict finite values on the minibatch before it is kept
-                check = neg_log_likelihood(chain.model(batch), batch).mean()
+                check = neg_log_likelihood(chain.model(batch), batch, settings.likelihood_weights).mean()
                 if not torch.isfinite(check):
                     chain.status = "diverged"
                     log.error("chain %d diverged at step %d (its sample predicts %s); it stops here, keeping its "

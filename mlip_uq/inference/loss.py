@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from nequip.data import AtomicDataDict
@@ -130,19 +130,25 @@ def _gaussian_nll(err: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * err.square() * torch.exp(-2.0 * log_sigma) + log_sigma + _HALF_LOG_2PI
 
 
-def neg_log_likelihood(out: AtomicDataDict.Type, batch: AtomicDataDict.Type) -> torch.Tensor:
+def neg_log_likelihood(out: AtomicDataDict.Type, batch: AtomicDataDict.Type,
+                       weights: Optional[LossWeights] = None) -> torch.Tensor:
     """(F,) negative log-likelihood of each frame's labels: energy per atom, every force component, and the
     nine stress components where the batch has stress; with the noise stds of the model's output, natural
     units, normalisation constants included.
 
-    A sampler's potential is ``N · mean(neg_log_likelihood) − log prior`` for a data set of N frames.
+    A sampler's potential is ``N · mean(neg_log_likelihood) − log prior`` for a data set of N frames. With
+    ``weights`` each label's term is raised to its weight (a power likelihood: energy weight w counts every
+    energy label w times); None or all 1: the likelihood itself.
     """
+    w = weights or LossWeights()
     e_err, f_err, s_err = errors(out, batch)
-    nll = _gaussian_nll(e_err, out[ENERGY_LOG_SIGMA_KEY].view(-1).to(e_err.dtype))
+    nll = w.energy * _gaussian_nll(e_err, out[ENERGY_LOG_SIGMA_KEY].view(-1).to(e_err.dtype))
     per_atom = _gaussian_nll(f_err, out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1)).sum(-1)
+    if w.forces != 1:
+        per_atom = w.forces * per_atom
     frame = batch.get(AtomicDataDict.BATCH_KEY, torch.zeros_like(per_atom, dtype=torch.long))
     # per-frame sums in the energy's dtype (float64 for a float32 model: nequip sums its energies in float64)
     nll = nll + torch.zeros_like(nll).index_add_(0, frame, per_atom.to(nll.dtype))
-    if s_err is not None:
-        nll = nll + _gaussian_nll(s_err, out[STRESS_LOG_SIGMA_KEY].view(-1, 1)).sum(-1).to(nll.dtype)
+    if s_err is not None and w.stress:
+        nll = nll + w.stress * _gaussian_nll(s_err, out[STRESS_LOG_SIGMA_KEY].view(-1, 1)).sum(-1).to(nll.dtype)
     return nll

@@ -29,8 +29,8 @@ class PriorSettings:
 
 
 def likelihood_options(values: Any, section: str) -> Dict[str, Any]:
-    """A copy of a method section with ``prior`` parsed into a :class:`PriorSettings` and the form of
-    ``stochastic`` checked (``all``,
+    """A copy of a method section with ``prior`` parsed into a :class:`PriorSettings`, ``likelihood_weights``
+    into a :class:`~mlip_uq.inference.loss.LossWeights` and the form of ``stochastic`` checked (``all``,
     ``{last_layers: N}`` or ``{patterns: [...]}``; which layers exist is checked against the model later).
 
     Raises:
@@ -43,6 +43,11 @@ def likelihood_options(values: Any, section: str) -> Dict[str, Any]:
                           "(learned, head or fixed) and model.force_noise / energy_noise / stress_noise")
     if "prior" in values:
         values["prior"] = settings_from(PriorSettings, values["prior"], f"{section}.prior")
+    if isinstance(values.get("likelihood_weights"), dict):
+        from .loss import LossWeights  # torch: imported here, so that reading a configuration stays light
+
+        values["likelihood_weights"] = settings_from(LossWeights, values["likelihood_weights"],
+                                                     f"{section}.likelihood_weights")
     if "stochastic" in values:
         check_stochastic(values["stochastic"], f"{section}.stochastic")
     return values

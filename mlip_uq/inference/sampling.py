@@ -54,7 +54,8 @@ from ..model import ModelConfig, build_model
 from ..posterior import Posterior
 from .chains import Job, assemble_posterior, chain_samples, run_chain, write_chain_samples
 from .common import fit_map_once, resolve_device
-from .map import MAPSettings
+from .loss import LossWeights
+from .map import MAPSettings, fit_posterior_noise_on_validation
 from .diagnostics import write_diagnostics
 from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import pretrained_weights, prior_from_spec, select_stochastic
@@ -91,6 +92,16 @@ class SGMCMCSettings:
         prior: ``{scale: s, layer_scales: {layer: s}, center: null | path | map}`` — Gaussian prior; ``center``
             a posterior file or checkpoint of a pre-trained model (transfer-learning prior), or ``map``: the
             run's own MAP model.
+        likelihood_weights: ``{energy, forces, stress}``: each label term of the likelihood raised to its weight
+            (a power likelihood, :func:`~mlip_uq.inference.loss.neg_log_likelihood`); all 1 (default): the
+            posterior itself. Set them to a MAP start's ``training.loss_weights`` to sample around the objective
+            it was trained on (e.g. energy 20 on TiO2, where one energy label per frame meets ~64 force
+            components).
+        noise_from_validation: after sampling, set every sample's learned noise stds to their maximum-likelihood
+            values on the validation split (:func:`~mlip_uq.inference.map.fit_posterior_noise_on_validation`),
+            as MAP training and every ensemble member do; the chains' own samples stay in
+            ``sgmcmc/samples_chain<c>.h5``. Only in ``method: sgmcmc`` (an active-learning update has no
+            validation split).
         checkpoint_every: steps between checkpoints (besides the one taken with every sample).
         trace_every: steps between trace rows.
         beta2: EMA factor of the squared-gradient preconditioner.
@@ -113,6 +124,8 @@ class SGMCMCSettings:
     stochastic: Union[str, Dict] = "all"
     init: Optional[str] = None
     prior: PriorSettings = field(default_factory=PriorSettings)
+    likelihood_weights: LossWeights = field(default_factory=LossWeights)
+    noise_from_validation: bool = True
     checkpoint_every: int = 500
     trace_every: int = 10
     beta2: float = 0.999
@@ -327,8 +340,9 @@ Settings = SGMCMCSettings
 
 
 def fit(context) -> Posterior:
-    """Method ``sgmcmc``: :func:`run_sgmcmc` on ``context.train`` (the validation graphs are not used by the
-    sampler: it has no early stopping); ``posterior.h5`` is kept up to date with every sample.
+    """Method ``sgmcmc``: :func:`run_sgmcmc` on ``context.train`` (the sampler has no early stopping);
+    ``posterior.h5`` is kept up to date with every sample, and when the chains are done its noise stds are
+    fitted to the validation graphs (``sgmcmc.noise_from_validation``).
 
     With ``sgmcmc.init`` or ``sgmcmc.prior.center`` set to ``map`` the run first trains a MAP model with the
     ``training`` section (:func:`~mlip_uq.inference.common.fit_map_once` in ``out_dir/map``: resumable, early
@@ -343,8 +357,12 @@ def fit(context) -> Posterior:
         settings = replace(settings, init=start if settings.init == FROM_MAP else settings.init,
                            prior=replace(settings.prior, center=start if settings.prior.center == FROM_MAP
                                          else settings.prior.center))
-    return run_sgmcmc(context.model_config, context.train, settings, context.out_dir, resume=context.resume,
-                      metadata=context.metadata)
+    posterior = run_sgmcmc(context.model_config, context.train, settings, context.out_dir, resume=context.resume,
+                           metadata=context.metadata)
+    if settings.noise_from_validation and context.val:
+        posterior = fit_posterior_noise_on_validation(posterior, context.val, settings.batch_size)
+        posterior.save(context.posterior_path)
+    return posterior
 
 
 @dataclass

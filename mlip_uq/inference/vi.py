@@ -43,8 +43,8 @@ from ..posterior import Posterior, PosteriorFileError, load_posterior
 from ..posterior.io import save_posterior
 from .common import fit_map_once, minibatch, resolve_device, save_checkpoint
 from .diagnostics import trace_drift
-from .loss import neg_log_likelihood
-from .map import MAPSettings
+from .loss import LossWeights, neg_log_likelihood
+from .map import MAPSettings, fit_posterior_noise_on_validation
 from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import GaussianPrior, pretrained_weights, prior_from_spec, select_stochastic
 
@@ -69,6 +69,10 @@ class VISettings:
         init: a posterior file or checkpoint holding MAP weights for the means (and the fixed parameters),
             matched as SG-MCMC's ``init``; None: a MAP phase run by ``fit_map`` with the ``training`` settings.
         prior: ``{scale: s, layer_scales: {layer: s}, center: null | path}`` as for SG-MCMC.
+        likelihood_weights: ``{energy, forces, stress}``, the power likelihood of SG-MCMC's option; all 1: the
+            ELBO of the likelihood itself.
+        noise_from_validation: set every stored draw's learned noise stds to their maximum-likelihood values on
+            the validation split, as SG-MCMC's option (the fitted Gaussian in ``/vi`` is kept as fitted).
         checkpoint_every: steps between checkpoints.
         trace_every: steps between trace rows.
         accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -85,6 +89,8 @@ class VISettings:
     stochastic: Union[str, Dict] = "all"
     init: Optional[str] = None
     prior: PriorSettings = field(default_factory=PriorSettings)
+    likelihood_weights: LossWeights = field(default_factory=LossWeights)
+    noise_from_validation: bool = True
     checkpoint_every: int = 200
     trace_every: int = 10
     accelerator: str = "auto"
@@ -318,6 +324,8 @@ def fit(context) -> Posterior:
         config, shared, state.means, scales, settings.n_samples, seed=config.seed, method="vi",
         hyperparameters={**asdict(settings), "partial": partial, "sample_seed": config.seed}, **context.metadata,
     )
+    if settings.noise_from_validation and context.val:
+        posterior = fit_posterior_noise_on_validation(posterior, context.val, settings.batch_size)
     save_vi_posterior(posterior, {n: t.cpu() for n, t in state.means.items()}, {n: t.cpu() for n, t in scales.items()},
                       context.posterior_path)
     return posterior
@@ -349,7 +357,7 @@ def _run(state: VIState, model, train, settings: VISettings, prior: GaussianPrio
     start = time.perf_counter()
 
     def nll(out, batch):
-        return neg_log_likelihood(out, batch)
+        return neg_log_likelihood(out, batch, settings.likelihood_weights)
 
     with appending_csv(work / "trace.csv", _TRACE_FIELDS, "step", state.step) as writer:
         while state.step < settings.steps:

@@ -54,6 +54,17 @@ def test_full_posterior_has_every_sample_of_every_chain(full_run):
     assert (full_run / "sgmcmc" / "trace.png").stat().st_size > 5000
 
 
+def test_posterior_noise_is_fitted_on_the_validation_split_and_the_chain_files_keep_the_sampled_noise(full_run):
+    post = load_posterior(full_run / "posterior.h5")
+    chain = load_posterior(full_run / "sgmcmc" / "samples_chain0.h5")
+    force_factor = "model.func.observation_noise.force_log_factor"
+    for name, values in chain.samples.items():
+        if name == force_factor:  # every sample's force noise moved to its held-out value
+            assert all(not torch.equal(post.samples[name][k], values[k]) for k in range(4))
+        elif "observation_noise" not in name:
+            assert torch.equal(post.samples[name][:4], values), name
+
+
 def test_trace_records_the_phases_and_temperature_ramp(full_run):
     import csv
 
@@ -175,9 +186,9 @@ def test_a_diverging_chain_stops_and_keeps_only_its_finite_samples(tio2_path, ti
     calls = {"n": 0}
     poison = {40: float("inf"), 85: float("nan")}
 
-    def poisoned(out, batch):
+    def poisoned(out, batch, weights=None):
         calls["n"] += 1
-        nll = original(out, batch)
+        nll = original(out, batch, weights)
         return nll * poison[calls["n"]] if calls["n"] in poison else nll
 
     monkeypatch.setattr(chain_module, "neg_log_likelihood", poisoned)

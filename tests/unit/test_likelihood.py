@@ -77,6 +77,35 @@ def test_loss_terms_are_per_frame_nlls_summing_to_the_likelihood_and_reach_every
         assert out[key].grad.abs().min() > 0, key
 
 
+def test_power_likelihood_weights_each_label_term_and_equals_the_weighted_training_loss():
+    out, batch = fake_batch()
+    parts = {}  # each term alone: the others weighted 0
+    for name in ("energy", "forces", "stress"):
+        only = LossWeights(**{k: float(k == name) for k in ("energy", "forces", "stress")})
+        parts[name] = neg_log_likelihood(out, batch, only)
+    torch.testing.assert_close(sum(parts.values()), neg_log_likelihood(out, batch), rtol=1e-12, atol=0)
+    weights = LossWeights(energy=20.0, forces=0.5, stress=3.0)
+    expected = 20.0 * parts["energy"] + 0.5 * parts["forces"] + 3.0 * parts["stress"]
+    weighted = neg_log_likelihood(out, batch, weights)
+    torch.testing.assert_close(weighted, expected, rtol=1e-12, atol=0)
+    # the frame mean is the MAP training loss with the same weights
+    terms = loss_terms(out, batch)
+    assert abs(weighted.mean().item() - weighted_loss(terms, weights).item()) < 1e-10 * abs(weighted.mean().item())
+
+
+def test_likelihood_weights_are_read_from_a_method_section():
+    from mlip_uq.config import ConfigError
+    from mlip_uq.inference.sampling import SGMCMCSettings
+    from mlip_uq.inference.vi import VISettings
+
+    settings = SGMCMCSettings.from_dict({"sgmcmc": {"likelihood_weights": {"energy": 20.0}}})
+    assert settings.likelihood_weights == LossWeights(energy=20.0)
+    assert VISettings.from_dict({"vi": {"init": "x.h5", "likelihood_weights": {"forces": 2.0}}}).likelihood_weights \
+        == LossWeights(forces=2.0)
+    with pytest.raises(ConfigError, match="sgmcmc.likelihood_weights"):
+        SGMCMCSettings.from_dict({"sgmcmc": {"likelihood_weights": {"energies": 20.0}}})
+
+
 def test_profile_likelihood_is_the_nll_at_each_terms_best_constant_sigma():
     out, batch = fake_batch()
     sums = squared_error_sums(out, batch)

@@ -118,6 +118,43 @@ def test_noise_fitted_on_held_out_frames_is_their_maximum_likelihood_std(tio2_pa
     assert "stress" not in factors  # the frames have no stress labels: its std stays
 
 
+def test_posterior_noise_fitted_on_held_out_frames_is_each_samples_own_fit(tio2_path):
+    """Every sample of a posterior gets the held-out noise fit of its own energy model, the other parameters
+    untouched; with the noise shared by all samples (not stochastic), one fit (the first sample's) for all."""
+    from mlip_uq.inference.map import fit_posterior_noise_on_validation
+    from mlip_uq.inference.priors import select_stochastic
+    from mlip_uq.model import ModelConfig
+    from mlip_uq.posterior import Posterior
+
+    config = tiny_model_config(["O", "Ti"], r_max=4.0, avg_num_neighbors=10.0, dtype="float64", force_noise=0.3,
+                               energy_noise=0.05)
+    states = [build_model(ModelConfig.from_dict({**config.to_dict(), "seed": s})).state_dict() for s in (0, 1)]
+    val = [atoms_to_graph(a, config.type_names, config.r_max, dtype=DTYPE) for a in read_frames(tio2_path)[:12]]
+    batches = [collate(val[i:i + 5]) for i in range(0, len(val), 5)]
+
+    def fitted_alone(state):
+        model = build_model(config)
+        model.load_state_dict(state)
+        fit_noise_on_validation(model, batches)
+        return model.state_dict()
+
+    for stochastic in ("all", {"patterns": ["*per_atom_energy_readout*"]}):
+        names = select_stochastic(build_model(config), stochastic)
+        posterior = Posterior.from_state_dicts(config, [dict(states[0], **{n: st[n] for n in names}) for st in states],
+                                               stochastic=names)
+        fitted = fit_posterior_noise_on_validation(posterior, val, batch_size=5)
+        for k in range(2):
+            # sampled noise: this sample's own fit; shared noise: the first sample's fit
+            expected = fitted_alone(posterior.state_dict(k if stochastic == "all" else 0))
+            for name, value in fitted.state_dict(k).items():
+                if "observation_noise" in name:
+                    torch.testing.assert_close(value, expected[name], rtol=1e-12, atol=1e-12)
+                    if name.endswith(("force_log_factor", "energy_log_factor")):  # fitted (no stress labels here)
+                        assert not torch.equal(value, posterior.state_dict(k)[name]), name
+                else:
+                    assert torch.equal(value, posterior.state_dict(k)[name]), name
+
+
 def test_sampled_noise_and_weights_match_the_exact_posterior_of_linear_regression():
     """y = X w + ε, ε ~ N(0, σ²) with σ unknown; the noise is sampled as a log-factor f (σ = σ₀ eᶠ, σ₀ = 1) with
     the weights, as the model's observation noise is: prior w ~ N(0, s² I), f ~ N(0, 1) (the package's default
