@@ -156,15 +156,19 @@ def calls_to_reach(values: np.ndarray, target: float) -> float:
 
 
 def call_ratios(results, calls):
-    """For every uncertainty arm: the calls it needs to reach its random baseline's final test force MAE (the
-    seed mean), as a fraction of random's ``calls``, from the seed-mean curve and per seed."""
+    """For every uncertainty arm: the calls it needs to reach its random baseline's final test force MAE, as a
+    fraction of random's ``calls``: from the seed-mean curves, and per seed against the random run of the same
+    seed (the same initial set). Both arms must have run the same seeds."""
     out = {}
     for name, baseline in RANDOM_OF.items():
         if name not in results or baseline not in results:
             continue
-        target = float(np.nanmean(curve(results[baseline], calls)[:, -1]))
+        random_final = curve(results[baseline], calls)[:, -1]
+        target = float(np.nanmean(random_final))
         mean_curve = np.nanmean(curve(results[name], calls), axis=0)
-        per_seed = [calls_to_reach(row, target) / calls for row in curve(results[name], calls)]
+        # per seed, paired: the same seed's initial set and random run
+        per_seed = [calls_to_reach(row, final) / calls
+                    for row, final in zip(curve(results[name], calls), random_final)]
         out[name] = {"baseline": baseline, "target_mev_per_a": target,
                      "ratio": calls_to_reach(mean_curve, target) / calls, "per_seed": per_seed}
     return out
