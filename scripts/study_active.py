@@ -266,6 +266,12 @@ def plot(results, no_new_data, calls, path):
     return save_figure(fig, path)
 
 
+def spread(values) -> str:
+    """Mean ± standard deviation of the finite ``values``."""
+    values = [v for v in values if np.isfinite(v)]
+    return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}" if values else "–"
+
+
 def table(results, args, checkpoints):
     head = ("| run | rule | seeds | " + " | ".join(f"force MAE @ +{c}" for c in checkpoints)
             + " | energy MAE @ +{0} | MD steps | s per call (total / calls) | reference call (s) | bookkeeping / "
@@ -276,11 +282,6 @@ def table(results, args, checkpoints):
              "pool_random": f"random {args.batch}"}
     for name, per_seed in results.items():
         summaries = list(per_seed.values())
-
-        def spread(values):
-            values = [v for v in values if np.isfinite(v)]
-            return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}" if values else "–"
-
         maes = " | ".join(spread([value_at(s["history"], c) for s in summaries]) for c in checkpoints)
         energy = spread([value_at(s["history"], checkpoints[-1], "energy_mae") for s in summaries])
         steps = [s["md_steps"] for s in summaries if s["md_steps"]]
@@ -288,10 +289,9 @@ def table(results, args, checkpoints):
         oracle = statistics.mean(s["timings_s"]["oracle"] / max(1, s["history"][-1]["calls_initial"]
                                                                  + s["history"][-1]["calls_explore"]) for s in summaries)
         book = statistics.mean(1000 * s["bookkeeping_per_decision_s"] for s in summaries)
-        lines.append(f"| {name} | {rules[name]} | {len(summaries)} | {maes} | {energy} | "
-                     f"{statistics.mean(steps):.0f} | {per_call:.1f} | {oracle:.3f} | {book:.0f} |" if steps else
-                     f"| {name} | {rules[name]} | {len(summaries)} | {maes} | {energy} | — | {per_call:.1f} | "
-                     f"{oracle:.3f} | {book:.0f} |")
+        md_steps = f"{statistics.mean(steps):.0f}" if steps else "—"
+        lines.append(f"| {name} | {rules[name]} | {len(summaries)} | {maes} | {energy} | {md_steps} | {per_call:.1f} "
+                     f"| {oracle:.3f} | {book:.0f} |")
     return "\n".join(lines)
 
 

@@ -202,6 +202,9 @@ def fit_ensemble(
                 future.result()  # a member's error is raised here, after the others have finished
         states = [load_checkpoint(job.out_dir / "final.pt") for job in jobs]
     else:
+        if n_processes > 1:
+            log.info("ensemble.n_processes ignored: members train one after the other on %s",
+                     resolve_device(settings.training.accelerator))
         states = [_train_member(job, train, val, settings, resume) for job in jobs]
     log.info("ensemble of %d members done (%.0f s)", settings.n_members, time.perf_counter() - start)
     hyper = {**asdict(settings), "member_seeds": [config.seed + k for k in range(settings.n_members)],

@@ -143,9 +143,7 @@ def neg_log_likelihood(out: AtomicDataDict.Type, batch: AtomicDataDict.Type,
     w = weights or LossWeights()
     e_err, f_err, s_err = errors(out, batch)
     nll = w.energy * _gaussian_nll(e_err, out[ENERGY_LOG_SIGMA_KEY].view(-1).to(e_err.dtype))
-    per_atom = _gaussian_nll(f_err, out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1)).sum(-1)
-    if w.forces != 1:
-        per_atom = w.forces * per_atom
+    per_atom = w.forces * _gaussian_nll(f_err, out[PER_ATOM_LOG_SIGMA_KEY].view(-1, 1)).sum(-1)
     frame = batch.get(AtomicDataDict.BATCH_KEY, torch.zeros_like(per_atom, dtype=torch.long))
     # per-frame sums in the energy's dtype (float64 for a float32 model: nequip sums its energies in float64)
     nll = nll + torch.zeros_like(nll).index_add_(0, frame, per_atom.to(nll.dtype))

@@ -80,6 +80,10 @@ class MAPSettings:
     accelerator: str = "auto"
     devices: str | int = "auto"
 
+    def __post_init__(self):
+        if not self.checkpoint_seconds >= 0:
+            raise ValueError(f"training.checkpoint_seconds must be >= 0 (0: every epoch), got {self.checkpoint_seconds}")
+
     @classmethod
     def from_dict(cls, values: Dict) -> "MAPSettings":
         """The settings of a ``training`` section (types checked; ``loss_weights`` a mapping)."""

@@ -354,9 +354,8 @@ def fit(context) -> Posterior:
         fit_map_once(model, context.train, context.val, settings.training, Path(context.out_dir) / "map",
                      seed=context.model_config.seed, resume=context.resume)
         start = str(Path(context.out_dir) / "map" / "final.pt")
-        settings = replace(settings, init=start if settings.init == FROM_MAP else settings.init,
-                           prior=replace(settings.prior, center=start if settings.prior.center == FROM_MAP
-                                         else settings.prior.center))
+        init, center = (start if value == FROM_MAP else value for value in (settings.init, settings.prior.center))
+        settings = replace(settings, init=init, prior=replace(settings.prior, center=center))
     posterior = run_sgmcmc(context.model_config, context.train, settings, context.out_dir, resume=context.resume,
                            metadata=context.metadata)
     if settings.noise_from_validation and context.val:

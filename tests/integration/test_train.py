@@ -121,6 +121,10 @@ def test_last_checkpoint_waits_for_its_interval_and_is_written_when_training_end
     assert final["global_step"] == 3 * 10  # 60 structures in batches of 6
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
     assert "optimizer_states" not in best and best["state_dict"]  # the best weights only
+    from mlip_uq.inference.map import MAPSettings
+
+    with pytest.raises(ValueError, match="checkpoint_seconds must be >= 0"):
+        MAPSettings(checkpoint_seconds=-1)
 
 
 def test_resume_refuses_a_changed_configuration(tio2_path, tmp_path):
