@@ -11,7 +11,8 @@ Active-learning runs of one system's configuration, each stopped after the same 
 Everything is relabelled by GFN2-xTB (tblite), so training, test and calls share one level of theory. Arms:
 
 - MD exploration (Langevin, two walkers), labelling where the rule fires: ``force_std`` (max per-atom force std
-  above a threshold), ``calibrated`` (P(|force error| > tolerance) above one half, scale learned from the
+  above a threshold: by default, per seed, the 0.9 quantile of the initial model's stds over the pool's
+  unlabelled candidates, ``--threshold-quantile``), ``calibrated`` (P(|force error| > tolerance) above one half, scale learned from the
   residuals), ``random`` (each MD step with a fixed probability);
 - pool exploration: ``top_k`` (most uncertain first) and ``random`` (uniform), a batch of candidates per update.
 
@@ -46,6 +47,7 @@ from nequip.utils.global_state import set_global_state
 
 from _harness import update_section
 from mlip_uq.active import ActiveLoop, load_active_config, run_active
+from mlip_uq.active.explore import pool_uncertainty
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import write_json
 from mlip_uq.posterior import load_posterior
@@ -56,22 +58,25 @@ DATA = ROOT.parent / "shared" / "data"
 HEADING = "## Study: reference calls vs test force error, {system}, {method} (scripts/study_active.py)"
 SYSTEMS = {
     "acac": {"config": ROOT / "configs" / "active_acac_xtb.yaml", "pool": DATA / "botnet_acac" / "train_600K.xyz",
-             "threshold": 0.08,
              "words": "acetylacetone: 20 initial configurations from 300 K MD, MD exploration at 600 K, test and "
                       "pool configurations from 600 K MD"},
     "ethanol": {"config": ROOT / "configs" / "active_ethanol_xtb.yaml",
-                "pool": DATA / "rmd17" / "rmd17_ethanol_train_01.extxyz", "threshold": 0.06,
+                "pool": DATA / "rmd17" / "rmd17_ethanol_train_01.extxyz",
                 "words": "rMD17 ethanol: 20 initial configurations, MD exploration at 500 K, rMD17 test and "
                          "training configurations as test set and pool"},
 }
 RANDOM_OF = {"md_force_std": "md_random", "md_calibrated": "md_random", "pool_top_k": "pool_random"}
 
 
-def arms(args):
-    """name -> (explore section changes, rule)."""
-    pool = {"kind": "pool", "batch": args.batch, "pool": {"path": str(SYSTEMS[args.system]["pool"]), "n": args.pool}}
+def pool_explore(args) -> dict:
+    return {"kind": "pool", "batch": args.batch, "pool": {"path": str(SYSTEMS[args.system]["pool"]), "n": args.pool}}
+
+
+def arms(args, threshold: float):
+    """name -> (explore section changes, rule); ``threshold``: the force-std rule's, eV/Å."""
+    pool = pool_explore(args)
     return {
-        "md_force_std": ({}, {"kind": "force_std", "threshold": args.threshold}),
+        "md_force_std": ({}, {"kind": "force_std", "threshold": threshold}),
         "md_calibrated": ({}, {"kind": "calibrated", "tolerance": args.tolerance, "probability": 0.5}),
         "md_random": ({}, {"kind": "random", "probability": args.probability}),
         "pool_top_k": (pool, {"kind": "top_k"}),
@@ -100,6 +105,37 @@ def study_config(args, explore, rule, seed: int):
                                       "patience": 30})
         cfg["update"] = {"max_epochs": 20}
     return cfg
+
+
+def initial_model(args, runs, seed: int) -> ActiveLoop:
+    """The seed's first fit (what every arm of the seed starts from), without exploration calls; its explorer is
+    the pool arms' (same candidates)."""
+    out = runs / "initial" / f"seed{seed}"
+    cfg = study_config(args, pool_explore(args), {"kind": "top_k"}, seed)
+    cfg["budget"]["max_calls"] = 0
+    loop = ActiveLoop(cfg, out, resume=(out / "state.json").is_file())
+    loop.run()  # labels the initial and test sets, fits, stops: budget of 0 calls used
+    return loop
+
+
+def rule_threshold(args, runs, seed: int) -> float:
+    """The force-std rule's threshold (eV/Å): ``--threshold``, or the ``--threshold-quantile`` quantile of the
+    seed's initial model's per-structure max ``atom_force_std`` over the pool's unlabelled candidates, so that
+    the rule fires on structures the first model is less sure of than of most of the target distribution
+    (a fixed number fires at every step or never, depending on how much data the first model had)."""
+    if args.threshold is not None:
+        return args.threshold
+    path = runs / "initial" / f"seed{seed}" / "threshold.json"
+    if not path.is_file():
+        loop = initial_model(args, runs, seed)
+        _, stds = pool_uncertainty(loop.posterior(), loop.explorer.graphs())
+        per_structure = np.array([float(s.max()) for s in stds])
+        write_json({"quantile": args.threshold_quantile, "threshold": float(np.quantile(per_structure,
+                    args.threshold_quantile)), "pool_max_atom_force_std": per_structure.tolist()}, path)
+    saved = json.loads(path.read_text())
+    if saved["quantile"] != args.threshold_quantile:
+        raise SystemExit(f"{path} was written for --threshold-quantile {saved['quantile']}; delete it to change it")
+    return saved["threshold"]
 
 
 def run_arm(cfg, out: Path):
@@ -194,10 +230,10 @@ def unphysical(atoms, initial_fragments: int) -> bool:
     return bool(d.min() < 0.6) or fragments(atoms) > initial_fragments
 
 
-def divergence(args, runs):
+def divergence(args, runs, threshold: float):
     """The stop rule at high temperature: ``args.divergence`` MD trajectories of the initial model (seed 0's first
-    fit) at ``args.hot_k`` K, with and without the force-std stop rule, and how many reached an unphysical
-    structure (before the rule stopped them)."""
+    fit) at ``args.hot_k`` K, with and without the force-std stop rule at ``threshold`` eV/Å, and how many
+    reached an unphysical structure (before the rule stopped them)."""
     import ase.io
 
     from mlip_uq import UQCalculator
@@ -207,12 +243,9 @@ def divergence(args, runs):
     if path.is_file():
         return json.loads(path.read_text())
     out = runs / "divergence"
-    cfg = study_config(args, {}, {"kind": "force_std", "threshold": 1e6}, seed=0)
-    cfg["budget"]["max_calls"] = 0
-    ActiveLoop(cfg, out / "initial_model", resume=(out / "initial_model" / "state.json").is_file()).run()
-    posterior = load_posterior(out / "initial_model" / "model" / "posterior.h5")
-    starts = ase.io.read(cfg["explore"]["starts"]["path"], index=":")
-    result = {"temperature_K": args.hot_k, "steps": args.hot_steps, "threshold": args.threshold, "runs": []}
+    posterior = initial_model(args, runs, seed=0).posterior()
+    starts = ase.io.read(study_config(args, {}, {}, seed=0)["explore"]["starts"]["path"], index=":")
+    result = {"temperature_K": args.hot_k, "steps": args.hot_steps, "threshold": threshold, "runs": []}
     for i in range(args.divergence):
         atoms0 = starts[(i * 37) % len(starts)]
         components = fragments(atoms0)
@@ -223,7 +256,7 @@ def divergence(args, runs):
             try:
                 md = run_md(atoms, UQCalculator(posterior), args.hot_steps, timestep_fs=0.5,
                             temperature_K=args.hot_k, out_dir=run_dir,
-                            stop_rule=ForceStdRule(args.threshold) if with_rule else None, log_every=10, seed=i,
+                            stop_rule=ForceStdRule(threshold) if with_rule else None, log_every=10, seed=i,
                             progress=False, uq_every=10)
             except ValueError as error:  # the calculator refuses a structure (e.g. overlapping atoms)
                 entry = {"steps_done": None, "stopped": False, "unphysical_frame": "refused", "error": str(error)}
@@ -272,12 +305,12 @@ def spread(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}" if values else "–"
 
 
-def table(results, args, checkpoints):
+def table(results, args, checkpoints, thresholds):
     head = ("| run | rule | seeds | " + " | ".join(f"force MAE @ +{c}" for c in checkpoints)
             + " | energy MAE @ +{0} | MD steps | s per call (total / calls) | reference call (s) | bookkeeping / "
               "decision (ms) |".format(checkpoints[-1]))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    rules = {"md_force_std": f"force std > {args.threshold} eV/Å", "md_calibrated": f"P(err > {args.tolerance} eV/Å) > 0.5",
+    rules = {"md_force_std": "force std > " + ", ".join(f"{t:.3f}" for t in thresholds.values()) + " eV/Å", "md_calibrated": f"P(err > {args.tolerance} eV/Å) > 0.5",
              "md_random": f"random, p = {args.probability}/step", "pool_top_k": f"top {args.batch} of the pool",
              "pool_random": f"random {args.batch}"}
     for name, per_seed in results.items():
@@ -301,7 +334,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=40, help="reference calls per run during exploration")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--method", choices=["sgmcmc", "ensemble"], default="sgmcmc", help="posterior and updates")
-    parser.add_argument("--threshold", type=float, help="force_std rule threshold (eV/Å; default: the system's)")
+    parser.add_argument("--threshold", type=float, help="force_std rule threshold (eV/Å; default: per seed, from "
+                        "the initial model, --threshold-quantile)")
+    parser.add_argument("--threshold-quantile", type=float, default=0.9,
+                        help="the force_std threshold's quantile of the initial model's pool stds")
     parser.add_argument("--tolerance", type=float, default=0.5, help="calibrated rule tolerance (eV/Å)")
     parser.add_argument("--probability", type=float, default=0.02, help="random MD rule: calls per step")
     parser.add_argument("--md-steps", type=int, default=3000, help="MD steps per walker (at most)")
@@ -317,19 +353,20 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
-    if args.threshold is None:
-        args.threshold = SYSTEMS[args.system]["threshold"]
     runs = args.runs / args.system / args.method
+    thresholds = {seed: rule_threshold(args, runs, seed) for seed in args.seeds}
+    logging.info("force-std rule thresholds per seed: %s eV/Å", thresholds)
     results = {}
-    for name, (explore, rule) in arms(args).items():
+    for name in arms(args, 0.0):
         if args.only and name not in args.only:
             continue
         results[name] = {}
         for seed in args.seeds:
             logging.info("=== %s, seed %d ===", name, seed)
+            explore, rule = arms(args, thresholds[seed])[name]
             results[name][seed] = run_arm(study_config(args, explore, rule, seed), runs / name / f"seed{seed}")
     no_new_data = None if args.only or args.method != "sgmcmc" else control(args, runs)
-    hot = divergence(args, runs) if args.divergence else None
+    hot = divergence(args, runs, rule_threshold(args, runs, seed=0)) if args.divergence else None
     minutes = (sum(s["timings_s"]["total"] for per_seed in results.values() for s in per_seed.values())
                + (no_new_data["seconds"] if no_new_data else 0.0)) / 60
     png = plot(results, no_new_data, args.calls,
@@ -353,7 +390,7 @@ def main() -> None:
         "",
         f"![test MAE vs reference calls]({png.name})",
         "",
-        table(results, args, checkpoints),
+        table(results, args, checkpoints, thresholds),
     ]
     if ratios:
         body += ["", "**Call ratio** (calls an uncertainty rule needs to reach the test force MAE its random "
@@ -372,8 +409,9 @@ def main() -> None:
             rows = [r for r in hot["runs"] if r["rule"] == with_rule]
             bad = sum(r["unphysical_frame"] is not None for r in rows)
             stopped = sum(r["stopped"] for r in rows)
+            rule = f"with the stop rule (force std > {hot['threshold']:.3f} eV/Å)" if with_rule else "without a stop rule"
             body += ["", f"High-temperature MD ({hot['temperature_K']:.0f} K, {hot['steps']} steps of 0.5 fs, initial "
-                     f"model), {'with the stop rule (force std > ' + str(hot['threshold']) + ' eV/Å)' if with_rule else 'without a stop rule'}: "
+                     f"model), {rule}: "
                      f"{bad} of {len(rows)} trajectories reached an unphysical structure"
                      + (f", {stopped} stopped by the rule" if with_rule else "") + "."]
     update_section(args.doc, HEADING.format(system=args.system, method=args.method), "\n".join(body))
