@@ -351,19 +351,22 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study_active")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "active_learning.md")
     args = parser.parse_args()
+    if not 0.0 < args.threshold_quantile < 1.0:
+        parser.error(f"--threshold-quantile must be between 0 and 1, got {args.threshold_quantile}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
     runs = args.runs / args.system / args.method
     thresholds = {seed: rule_threshold(args, runs, seed) for seed in args.seeds}
     logging.info("force-std rule thresholds per seed: %s eV/Å", thresholds)
+    per_seed = {seed: arms(args, thresholds[seed]) for seed in args.seeds}
     results = {}
-    for name in arms(args, 0.0):
+    for name in per_seed[args.seeds[0]]:
         if args.only and name not in args.only:
             continue
         results[name] = {}
         for seed in args.seeds:
             logging.info("=== %s, seed %d ===", name, seed)
-            explore, rule = arms(args, thresholds[seed])[name]
+            explore, rule = per_seed[seed][name]
             results[name][seed] = run_arm(study_config(args, explore, rule, seed), runs / name / f"seed{seed}")
     no_new_data = None if args.only or args.method != "sgmcmc" else control(args, runs)
     hot = divergence(args, runs, rule_threshold(args, runs, seed=0)) if args.divergence else None
