@@ -21,7 +21,7 @@ from ..config import ConfigError, settings_from
 from ..model import ModelConfig, build_model
 from ..model.build import draw_keep, dropout_sites
 from ..posterior import Posterior
-from .map import MAPSettings, fit_map
+from .map import MAPSettings, fit_map, fit_posterior_noise_on_validation
 
 
 @dataclass
@@ -102,5 +102,8 @@ def fit(context) -> Posterior:
     hyper = {"n_samples": settings.n_samples, "seed": settings.seed, "rate": config.dropout,
              "training": context.config.get("training", {})}
     posterior = dropout_posterior(config, state, settings, hyperparameters=hyper, **context.metadata)
+    if settings.training.noise_from_validation and context.val:  # fitted to the MAP model: the masks' factor
+        posterior = fit_posterior_noise_on_validation(posterior, context.val, settings.training.batch_size,
+                                                      per_sample=False)
     posterior.save(context.posterior_path)
     return posterior

@@ -34,7 +34,7 @@ from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
 from ..files import load_checkpoint
 from .common import fit_map_once, resolve_device
-from .map import MAPSettings
+from .map import MAPSettings, fit_posterior_noise_on_validation
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,10 @@ def fit_ensemble(
         metadata: passed to :class:`Posterior` (energy_references, data_fingerprint).
 
     Returns:
-        The ensemble (``method="ensemble"``), every trainable parameter stochastic, equal weights.
+        The ensemble (``method="ensemble"``), every trainable parameter stochastic, equal weights. With the
+        members' ``training.noise_from_validation`` the noise stds of all members are then scaled by one common
+        factor per quantity fitted on ``val`` with the members' spread included
+        (:func:`~mlip_uq.inference.map.fit_posterior_noise_on_validation`, ``per_sample=False``).
     """
     out_dir = Path(out_dir)
     if init is not None and init.n_samples < settings.n_members:
@@ -209,7 +212,11 @@ def fit_ensemble(
     log.info("ensemble of %d members done (%.0f s)", settings.n_members, time.perf_counter() - start)
     hyper = {**asdict(settings), "member_seeds": [config.seed + k for k in range(settings.n_members)],
              "warm_start": init is not None}
-    return Posterior.from_state_dicts(config, states, method="ensemble", hyperparameters=hyper, **(metadata or {}))
+    posterior = Posterior.from_state_dicts(config, states, method="ensemble", hyperparameters=hyper,
+                                           **(metadata or {}))
+    if settings.training.noise_from_validation and val:  # the members' own fits are done: the common factor
+        posterior = fit_posterior_noise_on_validation(posterior, val, settings.training.batch_size, per_sample=False)
+    return posterior
 
 
 def fit(context) -> Posterior:

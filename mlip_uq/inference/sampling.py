@@ -98,8 +98,9 @@ class SGMCMCSettings:
             it was trained on (e.g. energy 20 on TiO2, where one energy label per frame meets ~64 force
             components).
         noise_from_validation: after sampling, set every sample's learned noise stds to their maximum-likelihood
-            values on the validation split (:func:`~mlip_uq.inference.map.fit_posterior_noise_on_validation`),
-            as MAP training and every ensemble member do; the chains' own samples stay in
+            values on the validation split, as MAP training and every ensemble member do, then scale all of them
+            by one factor per quantity fitted with the samples' spread included
+            (:func:`~mlip_uq.inference.map.fit_posterior_noise_on_validation`); the chains' own samples stay in
             ``sgmcmc/samples_chain<c>.h5``. Only in ``method: sgmcmc`` (an active-learning update has no
             validation split).
         checkpoint_every: steps between checkpoints (besides the one taken with every sample).

@@ -71,8 +71,9 @@ class VISettings:
         prior: ``{scale: s, layer_scales: {layer: s}, center: null | path}`` as for SG-MCMC.
         likelihood_weights: ``{energy, forces, stress}``, the power likelihood of SG-MCMC's option; all 1: the
             ELBO of the likelihood itself.
-        noise_from_validation: set every stored draw's learned noise stds to their maximum-likelihood values on
-            the validation split, as SG-MCMC's option (the fitted Gaussian in ``/vi`` is kept as fitted).
+        noise_from_validation: fit every stored draw's learned noise stds on the validation split, each draw's
+            alone and then one factor for all with their spread included, as SG-MCMC's option (the fitted
+            Gaussian in ``/vi`` is kept as fitted).
         checkpoint_every: steps between checkpoints.
         trace_every: steps between trace rows.
         accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.

@@ -118,9 +118,10 @@ def test_noise_fitted_on_held_out_frames_is_their_maximum_likelihood_std(tio2_pa
     assert "stress" not in factors  # the frames have no stress labels: its std stays
 
 
-def test_posterior_noise_fitted_on_held_out_frames_is_each_samples_own_fit(tio2_path):
-    """Every sample of a posterior gets the held-out noise fit of its own energy model, the other parameters
-    untouched; with the noise shared by all samples (not stochastic), one fit (the first sample's) for all."""
+def test_posterior_noise_fitted_on_held_out_frames_is_each_samples_own_fit_times_one_factor(tio2_path):
+    """Every sample of a posterior gets the held-out noise fit of its own energy model, then one factor common to
+    all samples (and elements) per quantity; the other parameters untouched. With the noise shared by all samples
+    (not stochastic), one fit (the first sample's) for all, then the common factor."""
     from mlip_uq.inference.map import fit_posterior_noise_on_validation
     from mlip_uq.inference.priors import select_stochastic
     from mlip_uq.model import ModelConfig
@@ -143,16 +144,78 @@ def test_posterior_noise_fitted_on_held_out_frames_is_each_samples_own_fit(tio2_
         posterior = Posterior.from_state_dicts(config, [dict(states[0], **{n: st[n] for n in names}) for st in states],
                                                stochastic=names)
         fitted = fit_posterior_noise_on_validation(posterior, val, batch_size=5)
+        common = {}
         for k in range(2):
-            # sampled noise: this sample's own fit; shared noise: the first sample's fit
+            # sampled noise: this sample's own fit; shared noise: the first sample's fit; then the common factor
             expected = fitted_alone(posterior.state_dict(k if stochastic == "all" else 0))
             for name, value in fitted.state_dict(k).items():
-                if "observation_noise" in name:
+                if name.endswith(("force_log_factor", "energy_log_factor")):  # fitted (no stress labels here)
+                    shift = value - expected[name]
+                    factor = common.setdefault(name.rsplit(".", 1)[-1], float(shift.flatten()[0]))
+                    torch.testing.assert_close(shift, torch.full_like(shift, factor))
+                elif "observation_noise" in name:
                     torch.testing.assert_close(value, expected[name], rtol=1e-12, atol=1e-12)
-                    if name.endswith(("force_log_factor", "energy_log_factor")):  # fitted (no stress labels here)
-                        assert not torch.equal(value, posterior.state_dict(k)[name]), name
                 else:
                     assert torch.equal(value, posterior.state_dict(k)[name]), name
+        assert set(common) == {"force_log_factor", "energy_log_factor"}
+
+
+def test_posterior_noise_factor_recovers_the_scale_of_noise_drawn_around_the_spread(tio2_path):
+    """Held-out labels drawn around a 3-sample posterior's mean with variance spread + c² noise² per force
+    component and per energy (c = 0.6: every sample's noise std too wide by 1/0.6, as a noise fitted to each model
+    alone is once the spread is added); posterior_noise_factors recovers c within 4 standard errors, and
+    fit_posterior_noise_on_validation(per_sample=False) shifts every sample's force and energy log-factors by
+    log c, all else unchanged, and lowers the held-out NLL."""
+    from conftest import seeded_posterior
+
+    from mlip_uq.evaluate import predict_graphs
+    from mlip_uq.inference.map import fit_posterior_noise_on_validation, posterior_noise_factors
+    from mlip_uq.posterior.predict import predict_samples, predictive_moments
+
+    c_true = 0.6
+    config = tiny_model_config(["O", "Ti"], r_max=4.0, avg_num_neighbors=10.0, dtype="float64", force_noise=0.1,
+                               energy_noise=0.02)  # noise stds of the order of the untrained samples' spread
+    posterior = seeded_posterior(config)
+    val = [atoms_to_graph(a, config.type_names, config.r_max, dtype=DTYPE) for a in read_frames(tio2_path)[:300]]
+    gen = torch.Generator().manual_seed(2)
+    noise_share = {"energy": [], "forces": []}  # c² noise² / (spread + c² noise²) of each label, at the true c
+    for start in range(0, len(val), 50):
+        part = val[start:start + 50]
+        m = predictive_moments(predict_samples(posterior, collate(part)))
+        labels = {}
+        for quantity, mean, std, spread in (("energy", m.energy, m.energy_std, m.energy_std_epistemic),
+                                            ("forces", m.forces, m.forces_std, m.forces_std_epistemic)):
+            noise_var = c_true**2 * (std**2 - spread**2)
+            noise_share[quantity].append((noise_var / (spread**2 + noise_var)).ravel())
+            drawn = torch.randn(mean.shape, generator=gen, dtype=DTYPE)
+            labels[quantity] = torch.from_numpy(mean + np.sqrt(spread**2 + noise_var) * drawn.numpy())
+        ends = np.cumsum(m.n_atoms)
+        for i, graph in enumerate(part):
+            graph["total_energy"] = labels["energy"][i].view(1, 1)
+            graph["forces"] = labels["forces"][ends[i] - m.n_atoms[i]:ends[i]]
+
+    factors = posterior_noise_factors(posterior, val, batch_size=50)
+    for quantity, shares in noise_share.items():
+        w = np.concatenate(shares)
+        assert 0.1 < w.mean() < 0.9, (quantity, w.mean())  # both parts of the variance shape the fit
+        standard_error = 1 / math.sqrt(2 * np.sum(w**2))  # of log c, from the Fisher information
+        assert abs(math.log(factors[quantity] / c_true)) < 4 * standard_error, (quantity, factors)
+
+    fitted = fit_posterior_noise_on_validation(posterior, val, batch_size=50, per_sample=False)
+    for k in range(posterior.n_samples):
+        for name, value in fitted.state_dict(k).items():
+            before = posterior.state_dict(k)[name]
+            if name.endswith("force_log_factor") or name.endswith("energy_log_factor"):
+                quantity = "forces" if "force" in name else "energy"
+                torch.testing.assert_close(value - before, torch.full_like(value, math.log(factors[quantity])))
+            else:
+                assert torch.equal(value, before), name
+
+    def nll(p):
+        z = (p.forces_pred - p.forces_true) / p.forces_std_uncalibrated
+        return float(np.mean(np.log(p.forces_std_uncalibrated) + 0.5 * z**2))
+
+    assert nll(predict_graphs(fitted, val, 50)) < nll(predict_graphs(posterior, val, 50))
 
 
 def test_sampled_noise_and_weights_match_the_exact_posterior_of_linear_regression():
