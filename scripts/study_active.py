@@ -5,6 +5,9 @@ Active-learning runs of one system's configuration, each stopped after the same 
 - ``--system acac`` (``configs/active_acac_xtb.yaml``): 20 acetylacetone configurations from 300 K MD, MD
   exploration at 600 K, a test set of 600 K MD configurations, a pool of 600 K MD configurations; exploration
   has to leave the training data's distribution, as it does in practice;
+- ``--system acac_mixed``: the same, but the pool holds 300 K and 600 K MD configurations in equal numbers (the
+  300 K ones from another trajectory than the initial set's), as a pool of candidates gathered from several
+  sources does: only part of it is the target distribution;
 - ``--system ethanol`` (``configs/active_ethanol_xtb.yaml``): 20 rMD17 ethanol configurations, exploration at
   the data's own 500 K, rMD17 test configurations, a pool of rMD17 training configurations.
 
@@ -42,6 +45,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import ase.io
 import numpy as np
 from nequip.utils.global_state import set_global_state
 
@@ -49,7 +53,8 @@ from _harness import update_section
 from mlip_uq.active import ActiveLoop, load_active_config, run_active
 from mlip_uq.active.explore import pool_uncertainty
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
-from mlip_uq.files import write_json
+from mlip_uq.data import read_frames
+from mlip_uq.files import atomic_write, write_json
 from mlip_uq.posterior import load_posterior
 from mlip_uq.uq.plots import new_figure, save_figure
 
@@ -60,6 +65,12 @@ SYSTEMS = {
     "acac": {"config": ROOT / "configs" / "active_acac_xtb.yaml", "pool": DATA / "botnet_acac" / "train_600K.xyz",
              "words": "acetylacetone: 20 initial configurations from 300 K MD, MD exploration at 600 K, test and "
                       "pool configurations from 600 K MD"},
+    # the acac protocol with a pool that is not all target distribution: 300 K and 600 K MD frames, as many of each
+    # (the 300 K ones from another trajectory than the initial set's)
+    "acac_mixed": {"config": ROOT / "configs" / "active_acac_xtb.yaml",
+                   "pool": [DATA / "botnet_acac" / "test_MD_300K.xyz", DATA / "botnet_acac" / "train_600K.xyz"],
+                   "words": "acetylacetone: 20 initial configurations from 300 K MD, MD exploration at 600 K, test "
+                            "configurations from 600 K MD, a pool of 300 K and 600 K MD configurations (half each)"},
     "ethanol": {"config": ROOT / "configs" / "active_ethanol_xtb.yaml",
                 "pool": DATA / "rmd17" / "rmd17_ethanol_train_01.extxyz",
                 "words": "rMD17 ethanol: 20 initial configurations, MD exploration at 500 K, rMD17 test and "
@@ -69,7 +80,22 @@ RANDOM_OF = {"md_force_std": "md_random", "md_calibrated": "md_random", "pool_to
 
 
 def pool_explore(args) -> dict:
-    return {"kind": "pool", "batch": args.batch, "pool": {"path": str(SYSTEMS[args.system]["pool"]), "n": args.pool}}
+    return {"kind": "pool", "batch": args.batch, "pool": {"path": str(pool_path(args)), "n": args.pool}}
+
+
+def pool_path(args) -> Path:
+    """The system's pool file; a pool of several files is written once to ``<runs>/<system>/pool.extxyz``: the
+    first frames of each, as many from each as the shortest has."""
+    sources = SYSTEMS[args.system]["pool"]
+    if isinstance(sources, Path):
+        return sources
+    path = args.runs / args.system / "pool.extxyz"
+    if not path.is_file():
+        parts = [read_frames(source) for source in sources]
+        size = min(map(len, parts))
+        with atomic_write(path) as tmp:
+            ase.io.write(tmp, [atoms for part in parts for atoms in part[:size]], format="extxyz")
+    return path
 
 
 def arms(args, threshold: float):
