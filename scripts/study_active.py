@@ -344,12 +344,13 @@ def table(results, args, checkpoints, thresholds):
         maes = " | ".join(spread([value_at(s["history"], c) for s in summaries]) for c in checkpoints)
         energy = spread([value_at(s["history"], checkpoints[-1], "energy_mae") for s in summaries])
         steps = [s["md_steps"] for s in summaries if s["md_steps"]]
-        per_call = statistics.mean(s["timings_s"]["total"] / max(1, s["history"][-1]["calls_explore"]) for s in summaries)
+        per_call = spread([s["timings_s"]["total"] / s["history"][-1]["calls_explore"] for s in summaries
+                           if s["history"][-1]["calls_explore"]])  # an arm whose rule never fired: "–"
         oracle = statistics.mean(s["timings_s"]["oracle"] / max(1, s["history"][-1]["calls_initial"]
                                                                  + s["history"][-1]["calls_explore"]) for s in summaries)
         book = statistics.mean(1000 * s["bookkeeping_per_decision_s"] for s in summaries)
         md_steps = f"{statistics.mean(steps):.0f}" if steps else "—"
-        lines.append(f"| {name} | {rules[name]} | {len(summaries)} | {maes} | {energy} | {md_steps} | {per_call:.1f} "
+        lines.append(f"| {name} | {rules[name]} | {len(summaries)} | {maes} | {energy} | {md_steps} | {per_call} "
                      f"| {oracle:.3f} | {book:.0f} |")
     return "\n".join(lines)
 
