@@ -414,7 +414,7 @@ def main() -> None:
         + ("SG-MCMC (one chain, 800 burn-in steps, 4 samples; each update 40 re-equilibration steps and 4 new "
            "samples)" if args.method == "sgmcmc" else
            "A deep ensemble of 4 members (150 epochs at most on the initial set; each update fine-tunes every "
-           "member for 20 epochs)")
+           "member for 20 epochs, starting at a learning rate of 0.001)")
         + f"; {args.calls} reference calls during exploration per run. Force "
         "MAE in meV/Å, energy MAE in meV/atom: seed mean ± standard deviation after +N exploration calls.",
         "",

@@ -181,3 +181,14 @@ def test_bad_warm_starts_are_reported(data, tmp_path):
         fit_ensemble(config, train, val, EnsembleSettings(2, training=member_settings()), tmp_path, init=wrong)
     with pytest.raises(ValueError, match="n_members must be at least 1"):
         EnsembleSettings(0)
+
+
+def test_update_fine_tunes_at_a_tenth_of_the_training_learning_rate_by_default():
+    from mlip_uq.config import ConfigError
+    from mlip_uq.inference.ensemble import UpdateSettings
+
+    settings = EnsembleSettings(2, training=member_settings(lr=0.01, max_epochs=150))
+    assert UpdateSettings.from_dict({}, settings) == UpdateSettings(max_epochs=150, lr=pytest.approx(0.001))
+    assert UpdateSettings.from_dict({"max_epochs": 20, "lr": 0.002}, settings) == UpdateSettings(20, 0.002)
+    with pytest.raises(ConfigError, match="update.lr must be positive"):
+        UpdateSettings.from_dict({"lr": 0.0}, settings)
