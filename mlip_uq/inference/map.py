@@ -330,7 +330,7 @@ def fit_posterior_noise_on_validation(posterior: Posterior, val: List[AtomicData
        sample at once (:func:`posterior_noise_factors`), fitted with the samples' spread in the predictive
        variance. A noise fitted to one model's held-out errors already holds that model's own error, and the
        predictive adds the spread of the samples on top: counted twice, the stds come out too wide (ethanol-50,
-       5-member ensemble: raw force miscalibration area 0.125; with this step 0.029 and the force NLL -1.69 ->
+       5-member ensemble: raw force miscalibration area 0.125; with this step 0.028 and the force NLL -1.69 ->
        -1.78).
 
     Fixed noise (buffers, ``model.noise: fixed``) is not changed; stress noise keeps its per-sample fit.
