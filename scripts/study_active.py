@@ -260,8 +260,6 @@ def divergence(args, runs, threshold: float):
     """The stop rule at high temperature: ``args.divergence`` MD trajectories of the initial model (seed 0's first
     fit) at ``args.hot_k`` K, with and without the force-std stop rule at ``threshold`` eV/Å, and how many
     reached an unphysical structure (before the rule stopped them)."""
-    import ase.io
-
     from mlip_uq import UQCalculator
     from mlip_uq.md import ForceStdRule, run_md
 
