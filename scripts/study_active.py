@@ -129,7 +129,7 @@ def study_config(args, explore, rule, seed: int):
         cfg["train"].update(method="ensemble", ensemble={"n_members": 4},
                             training={"max_epochs": 150, "batch_size": 5, "lr": 0.01, "lr_patience": 10,
                                       "patience": 30})
-        cfg["update"] = {"max_epochs": 20}
+        cfg["update"] = {"max_epochs": args.update_epochs, "lr": args.update_lr, "retrain": args.retrain}
     return cfg
 
 
@@ -295,9 +295,11 @@ def divergence(args, runs, threshold: float):
 
 
 def plot(results, no_new_data, calls, path):
-    fig = new_figure(10.0, 7.0)
-    axes = fig.subplots(2, 2, sharex=True)
-    for col, (prefix, title) in enumerate((("md_", "MD exploration"), ("pool_", "candidate pool"))):
+    kinds = [(prefix, title) for prefix, title in (("md_", "MD exploration"), ("pool_", "candidate pool"))
+             if any(name.startswith(prefix) for name in results)]  # a panel per exploration kind that was run
+    fig = new_figure(5.0 * len(kinds), 7.0)
+    axes = fig.subplots(2, len(kinds), sharex=True, squeeze=False)
+    for col, (prefix, title) in enumerate(kinds):
         for row, (key, unit) in enumerate((("forces_mae", "test force MAE (meV/Å)"),
                                            ("energy_mae", "test energy MAE (meV/atom)"))):
             ax = axes[row, col]
@@ -369,6 +371,10 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=300, help="pool size")
     parser.add_argument("--batch", type=int, default=4, help="pool candidates per update")
     parser.add_argument("--test", type=int, default=100, help="test structures")
+    parser.add_argument("--update-epochs", type=int, default=20, help="ensemble: fine-tuning epochs per update")
+    parser.add_argument("--update-lr", type=float, help="ensemble: the fine-tuning's initial learning rate "
+                        "(default: update.lr's, a tenth of the training's)")
+    parser.add_argument("--retrain", action="store_true", help="ensemble: retrain the members at every update")
     parser.add_argument("--only", nargs="+", help="run only these arms")
     parser.add_argument("--divergence", type=int, default=0, help="high-temperature MD trajectories per variant")
     parser.add_argument("--hot-k", type=float, default=1200.0, help="temperature of the divergence test (K)")
@@ -406,13 +412,17 @@ def main() -> None:
     body = [
         f"Measured {date.today().isoformat()} with `OMP_NUM_THREADS={threads} python scripts/study_active.py "
         f"--system {args.system} --method {args.method} --calls {args.calls} --seeds {' '.join(map(str, args.seeds))}"
-        f"{f' --divergence {args.divergence}' if args.divergence else ''}` on the 2-core CPU machine "
+        f"{f' --divergence {args.divergence}' if args.divergence else ''}"
+        f"{f' --batch {args.batch}' if args.batch != 4 else ''}{' --retrain' if args.retrain else ''}` on the 2-core "
+        "CPU machine "
         f"({minutes:.0f} min of runs). {SYSTEMS[args.system]['words']}; every label GFN2-xTB. Test set: "
         f"{args.test} structures. "
         + ("SG-MCMC (one chain, 800 burn-in steps, 4 samples; each update 40 re-equilibration steps and 4 new "
            "samples)" if args.method == "sgmcmc" else
-           "A deep ensemble of 4 members (150 epochs at most on the initial set; each update fine-tunes every "
-           "member for 20 epochs, starting at a learning rate of 0.001)")
+           "A deep ensemble of 4 members (150 epochs at most on the initial set; "
+           + ("each update retrains every member afresh on the grown set, as the first fit)" if args.retrain else
+              f"each update fine-tunes every member for {args.update_epochs} epochs, starting at a learning rate of "
+              f"{args.update_lr or 0.001})"))
         + f"; {args.calls} reference calls during exploration per run. Force "
         "MAE in meV/Å, energy MAE in meV/atom: seed mean ± standard deviation after +N exploration calls.",
         "",

@@ -59,6 +59,7 @@ from nequip.data import AtomicDataDict
 from ..calculator import UQCalculator
 from ..config import ConfigError, check_resumed_config, dump_config, settings_from
 from ..data import FrameStore, frames_fingerprint
+from ..data.splits import validation_picks
 from ..evaluate import metrics_and_plots, predict_graphs
 from ..files import atomic_write
 from ..model import ModelConfig
@@ -221,10 +222,15 @@ class ActiveLoop:
         return self._prepared
 
     def _training_sets(self):
+        """(train, val): the initial split, and the structures labelled since then divided at the initial split's
+        validation fraction (:func:`~mlip_uq.data.splits.validation_picks`), so that early stopping and the noise
+        fit of an update see the explored distribution, not only the initial one."""
         prepared, _ = self._data()
         new = list(range(self.state.n_initial_labelled, self.state.n_labelled))
         graphs = FrameStore.open(self.journal.store_path).graphs(new, dtype=self.dtype) if new else []
-        return prepared.train + graphs, prepared.val
+        to_val = validation_picks(len(graphs), len(prepared.val) / (len(prepared.train) + len(prepared.val)))
+        return (prepared.train + [g for g, v in zip(graphs, to_val) if not v],
+                prepared.val + [g for g, v in zip(graphs, to_val) if v])
 
     def posterior(self):
         """The current posterior (loaded once per update)."""
@@ -282,7 +288,7 @@ class ActiveLoop:
                 pred = predict_graphs(self.posterior(), self._test(), self.train_cfg["evaluate"]["batch_size"])
                 metrics = {k: v for k, v in metrics_and_plots(pred).items() if k in HISTORY_METRICS}
         entry = {"update": index, "n_labelled": state.n_labelled, "n_train": len(train) + len(val),
-                 "calls_initial": state.calls["initial"], "calls_explore": state.calls["explore"],
+                 "n_val": len(val), "calls_initial": state.calls["initial"], "calls_explore": state.calls["explore"],
                  "md_steps": state.md_steps, "update_s": seconds, **metrics}
         if isinstance(self.rule, CalibratedRule):
             entry["calibration_scale"] = self.rule.scale

@@ -8,7 +8,8 @@ updated exports ``UpdateSettings`` (the ``update`` section) and ``update(context
   preconditioner, then ``n_samples`` new samples per chain). The training set is the whole labelled set (the
   validation part of the initial set included: sampling has no early stopping).
 - Deep ensemble (:func:`mlip_uq.inference.ensemble.update`): the first fit is ``fit_ensemble``; each update
-  fine-tunes every member from the previous posterior for at most ``max_epochs`` epochs, in ``round<u>/``.
+  fine-tunes every member from the previous posterior for at most ``max_epochs`` epochs, or with ``retrain``
+  trains every member afresh on the grown set, in ``round<u>/``.
 
 Both are checkpointed by the methods themselves: a killed update is finished by calling :meth:`Updater.fit`
 again with the same arguments (``resume=True``).

@@ -35,6 +35,18 @@ def _with_val(n: int, test: np.ndarray, val_fraction: float, rng: np.random.Gene
     }
 
 
+def validation_picks(n_new: int, val_fraction: float) -> np.ndarray:
+    """Which of ``n_new`` structures added one by one go to validation: structure j (0-based) when
+    floor((j + 1) * val_fraction) > floor(j * val_fraction), so that ``floor(n * val_fraction)`` of the first n
+    are validation structures for every n and adding structures never moves an earlier one.
+
+    Returns a boolean mask of length ``n_new``.
+    """
+    _check_fraction("val_fraction", val_fraction)
+    j = np.arange(n_new)
+    return np.floor((j + 1) * val_fraction + 1e-9) > np.floor(j * val_fraction + 1e-9)
+
+
 def random_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
     """Uniformly random split of ``n`` frames.
 

@@ -262,7 +262,7 @@ def test_pool_with_a_deep_ensemble_fine_tunes_the_members(shared_data, tmp_path)
                                "pool": {"path": str(rmd17 / "rmd17_ethanol_train_01.extxyz"), "n": 30}},
                       update={"max_epochs": 2})
     cfg["train"] = {"method": "ensemble", "model": cfg["train"]["model"], "ensemble": {"n_members": 2},
-                    "training": {"max_epochs": 3, "batch_size": 3}}
+                    "training": {"max_epochs": 3, "batch_size": 3}, "data": {"split": {"val_fraction": 0.5}}}
     run_active(cfg, tmp_path)
     decisions, store = _assert_no_loss_no_duplicate(tmp_path)
     explore = [d for d in decisions if d["phase"] == "explore"]
@@ -271,6 +271,9 @@ def test_pool_with_a_deep_ensemble_fine_tunes_the_members(shared_data, tmp_path)
     first, second = (load_posterior(tmp_path / "model" / f"round{u:03d}" / "posterior.h5") for u in (0, 1))
     assert first.method == second.method == "ensemble" and second.hyperparameters["warm_start"]
     assert not first.hyperparameters["warm_start"]
+    # the new labels are divided at the initial split's validation fraction: 3 of 6, then 1 of the 2 new ones
+    history = json.loads((tmp_path / "summary.json").read_text())["history"]
+    assert [(h["n_train"], h["n_val"]) for h in history] == [(N_INITIAL, 3), (N_INITIAL + 2, 4)]
 
 
 def test_command_line_runs_and_resumes_with_a_larger_budget(shared_data, tmp_path, capsys):

@@ -13,7 +13,7 @@ from mlip_uq.data import (
     random_split,
     referenced_energy_per_atom,
 )
-from mlip_uq.data.splits import _descriptor
+from mlip_uq.data.splits import _descriptor, validation_picks
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,13 @@ def test_kmeans_split_holds_out_whole_clusters(frames):
     assert all(np.array_equal(split[k], again[k]) for k in split)
     with pytest.raises(DataError, match="unknown cluster_split by='volume'"):
         cluster_split(frames, by="volume")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 1 / 3, 0.5])
+def test_validation_picks_keep_the_fraction_and_never_move_a_structure(fraction):
+    picks = validation_picks(40, fraction)
+    for n in range(41):
+        assert picks[:n].sum() == int(np.floor(n * fraction + 1e-9))  # the fraction, rounded down, at every size
+        np.testing.assert_array_equal(validation_picks(n, fraction), picks[:n])  # growing never reassigns
+    with pytest.raises(DataError, match="val_fraction"):
+        validation_picks(3, 1.0)

@@ -1,5 +1,7 @@
 """Deep ensembles: members as posterior samples, zero spread of identical members, bootstrap, kill and resume."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,29 @@ def test_update_fine_tunes_at_a_tenth_of_the_training_learning_rate_by_default()
     assert UpdateSettings.from_dict({"max_epochs": 20, "lr": 0.002}, settings) == UpdateSettings(20, 0.002)
     with pytest.raises(ConfigError, match="update.lr must be positive"):
         UpdateSettings.from_dict({"lr": 0.0}, settings)
+
+
+def test_update_with_retrain_trains_every_member_afresh_with_the_training_settings(tmp_path, monkeypatch):
+    import mlip_uq.inference.ensemble as ensemble
+    from mlip_uq.posterior.io import PosteriorFileError
+
+    fits = []
+
+    class Fitted:
+        def save(self, path):
+            fits[-1]["saved"] = path
+
+    def fake_fit_ensemble(config, train, val, settings, out_dir, resume=False, init=None, metadata=None):
+        fits.append({"settings": settings, "init": init, "out": out_dir})
+        return Fitted()
+
+    monkeypatch.setattr(ensemble, "fit_ensemble", fake_fit_ensemble)
+    settings = EnsembleSettings(2, training=member_settings(lr=0.01, max_epochs=150))
+    context = SimpleNamespace(out_dir=tmp_path, settings=settings, model_config=None, train=[], val=[], resume=False,
+                              metadata={})
+    options = ensemble.UpdateSettings.from_dict({"retrain": True, "max_epochs": 20}, settings)
+    path = ensemble.update(context, options, 3)  # round002 is not on disk: nothing is loaded
+    assert fits == [{"settings": settings, "init": None, "out": tmp_path / "round003", "saved": path}]
+    assert path == tmp_path / "round003" / "posterior.h5"
+    with pytest.raises(PosteriorFileError, match="round002"):  # a fine-tuning update starts from round 2
+        ensemble.update(context, ensemble.UpdateSettings.from_dict({}, settings), 3)
