@@ -79,6 +79,10 @@ SYSTEMS = {
 RANDOM_OF = {"md_force_std": "md_random", "md_calibrated": "md_random", "pool_top_k": "pool_random"}
 
 
+#: the members' training (first fit, and every update with --retrain); a fine-tuning starts at a tenth of its lr
+ENSEMBLE_TRAINING = {"max_epochs": 150, "batch_size": 5, "lr": 0.01, "lr_patience": 10, "patience": 30}
+
+
 def pool_explore(args) -> dict:
     return {"kind": "pool", "batch": args.batch, "pool": {"path": str(pool_path(args)), "n": args.pool}}
 
@@ -126,9 +130,7 @@ def study_config(args, explore, rule, seed: int):
         cfg["train"]["sgmcmc"].update(burnin_steps=800, n_samples=4)
     else:  # 4 members trained on the initial set, each update fine-tunes them on the grown one
         cfg["train"].pop("sgmcmc", None)
-        cfg["train"].update(method="ensemble", ensemble={"n_members": 4},
-                            training={"max_epochs": 150, "batch_size": 5, "lr": 0.01, "lr_patience": 10,
-                                      "patience": 30})
+        cfg["train"].update(method="ensemble", ensemble={"n_members": 4}, training=dict(ENSEMBLE_TRAINING))
         cfg["update"] = {"max_epochs": args.update_epochs, "lr": args.update_lr, "retrain": args.retrain}
     return cfg
 
@@ -409,11 +411,13 @@ def main() -> None:
     ratios = call_ratios(results, args.calls)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     write_json({"ratios": ratios, "divergence": hot}, runs / "study.json")
+    only = f" --only {' '.join(args.only)}" if args.only else ""
     body = [
         f"Measured {date.today().isoformat()} with `OMP_NUM_THREADS={threads} python scripts/study_active.py "
         f"--system {args.system} --method {args.method} --calls {args.calls} --seeds {' '.join(map(str, args.seeds))}"
         f"{f' --divergence {args.divergence}' if args.divergence else ''}"
-        f"{f' --batch {args.batch}' if args.batch != 4 else ''}{' --retrain' if args.retrain else ''}` on the 2-core "
+        f"{f' --batch {args.batch}' if args.batch != parser.get_default('batch') else ''}"
+        f"{' --retrain' if args.retrain else ''}{only}` on the 2-core "
         "CPU machine "
         f"({minutes:.0f} min of runs). {SYSTEMS[args.system]['words']}; every label GFN2-xTB. Test set: "
         f"{args.test} structures. "
@@ -422,7 +426,7 @@ def main() -> None:
            "A deep ensemble of 4 members (150 epochs at most on the initial set; "
            + ("each update retrains every member afresh on the grown set, as the first fit)" if args.retrain else
               f"each update fine-tunes every member for {args.update_epochs} epochs, starting at a learning rate of "
-              f"{args.update_lr or 0.001})"))
+              f"{args.update_lr or ENSEMBLE_TRAINING['lr'] / 10})"))
         + f"; {args.calls} reference calls during exploration per run. Force "
         "MAE in meV/Å, energy MAE in meV/atom: seed mean ± standard deviation after +N exploration calls.",
         "",
