@@ -135,7 +135,8 @@ def _compare(args) -> int:
     from .compare import compare
 
     out = args.out or f"runs/{Path(args.config).stem}" + (f"_{args.budget}" if args.budget else "")
-    compare(args.config, out, budget=args.budget)
+    compare(args.config, out, budget=args.budget, regimes=args.regimes, splits=args.splits,
+            methods=args.methods)
     print(f"results: {Path(out) / 'results.md'} (tables), {Path(out) / 'results.json'}; plots: {out}/*.png")
     return 0
 
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="comparison configuration (e.g. configs/tio2_compare.yaml)")
     p.add_argument("--budget", help="a budget of the configuration's compare.budgets, e.g. cpu")
     p.add_argument("--out", help="output folder (default runs/<config name>[_<budget>]); finished runs are reused")
+    p.add_argument("--regimes", nargs="+", metavar="REGIME", help="run only these data regimes (the study in parts)")
+    p.add_argument("--splits", nargs="+", metavar="SPLIT", help="run only these splits")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods (and the map run they start from)")
     p.set_defaults(func=_compare)
     return parser
 

@@ -11,19 +11,25 @@ method shares) plus a ``compare`` section::
       budgets: {cpu: {overrides: [...], regimes: {...}, splits: [...], methods: [...]}}
 
 A budget applies its ``overrides`` to every run and may select (a list of names) or replace (a mapping) the
-regimes, splits and methods.
+regimes, splits and methods; ``--regimes`` / ``--splits`` / ``--methods`` run a part of the study.
+
+Methods that would train a MAP phase of their own (SG-MCMC with ``init`` or ``prior.center`` ``map``, VI without
+``init``) start from the study's ``map`` run of the same regime and split instead, which is trained first: one MAP
+fit per split, and the cost column counts it in (``map_seconds``).
 
 Every (regime, split, method) run goes to ``OUT/<regime>/<split>/<method>/`` through
 :func:`mlip_uq.train.train`; a finished run (its ``compare.json`` exists) is reused, so a killed study resumes,
 and a trained one (``train_seconds.json``) is only evaluated again (delete ``compare.json`` to re-evaluate).
 Each run is evaluated on its test set before and after recalibration on its validation set; the training
-wall-clock and the inference time per test structure are recorded. The study writes ``results.json``,
+wall-clock, the inference time per test structure and the plateau of every validation-loss curve of the run
+(:func:`plateau`: MAP, ensemble members, MAP phases) are recorded. The study writes ``results.json``,
 ``results.md`` (tables) and PNG plots: calibration curves and error-vs-std per split, and per-method bars.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import time
@@ -32,14 +38,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import yaml
 
-from .config import ConfigError, apply_override, merge_sections, read_config_file
+from .config import FROM_MAP, ConfigError, apply_override, merge_sections, read_config_file
 from .data import FrameStore
 from .evaluate import Predictions, metrics_and_plots, predict_graphs
-from .files import write_json
-from .files import atomic_write
+from .files import atomic_write, write_json
+from .inference.map import MAPSettings
 from .posterior import load_posterior
 from .train import train
+from .uq.metrics import auroc
 from .uq.plots import new_figure, save_figure
 
 log = logging.getLogger(__name__)
@@ -47,13 +55,20 @@ log = logging.getLogger(__name__)
 #: Columns of the result tables: (metric key, header, scale, format).
 TABLE = [
     ("energy_mae", "E MAE (meV/atom)", 1000, ".1f"),
+    ("energy_rmse", "E RMSE (meV/atom)", 1000, ".1f"),
     ("forces_mae", "F MAE (meV/Å)", 1000, ".0f"),
+    ("forces_rmse", "F RMSE (meV/Å)", 1000, ".0f"),
     ("forces_nll", "F NLL", 1, ".2f"),
     ("forces_miscal_area", "F miscal.", 1, ".3f"),
     ("forces_spearman", "F Spearman", 1, ".2f"),
     ("energy_nll", "E NLL", 1, ".2f"),
     ("energy_miscal_area", "E miscal.", 1, ".3f"),
+    ("energy_rms_cal", "E RMSCE", 1, ".3f"),
+    ("energy_spearman", "E Spearman", 1, ".2f"),
 ]
+
+#: Columns that recalibration does not change (accuracy and rank metrics): shown once.
+RAW_ONLY = ("energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "forces_spearman", "energy_spearman")
 
 
 def load_compare_config(path, budget: Optional[str] = None) -> Dict:
@@ -97,43 +112,89 @@ def load_compare_config(path, budget: Optional[str] = None) -> Dict:
 
 def run_config(study: Dict, regime: str, split: str, method: str) -> Dict:
     """The training configuration of one run of ``study`` (a dict for :func:`mlip_uq.train.train`)."""
-    base = copy.deepcopy(study["base"])
-    base_dir = Path(study["base_dir"])
-    for key in ("path", "test_path", "store"):
-        value = base.get("data", {}).get(key)
-        if value and not Path(value).expanduser().is_absolute():
-            base["data"][key] = str((base_dir / value).resolve())
-    config = merge_sections(base, study["methods"][method])
+    config = copy.deepcopy(merge_sections(study["base"], study["methods"][method]))
     config.setdefault("data", {})["split"] = dict(study["splits"][split])
     config["name"] = f"{regime}/{split}/{method}"
     regime_overrides = [f"{k}={v}" for k, v in study["regimes"][regime].items() if k != "only_splits"]
     for override in study["overrides"] + regime_overrides:
         apply_override(config, override)
+    # relative data paths (of the base or of an override) are relative to the configuration's folder
+    for key in ("path", "test_path", "store"):
+        value = config["data"].get(key)
+        if value and not Path(value).expanduser().is_absolute():
+            config["data"][key] = str((Path(study["base_dir"]) / value).resolve())
     return config
 
 
-def compare(config_path, out_dir, budget: Optional[str] = None) -> Dict:
-    """Run the study of ``config_path`` into ``out_dir`` and return its results (also ``results.json``)."""
+def compare(config_path, out_dir, budget: Optional[str] = None, regimes: Optional[List[str]] = None,
+            splits: Optional[List[str]] = None, methods: Optional[List[str]] = None) -> Dict:
+    """Run the study of ``config_path`` into ``out_dir`` (only the ``regimes`` / ``splits`` / ``methods`` of it,
+    when given) and return the results of every finished run of the study in ``out_dir`` (also
+    ``results.json``)."""
     study = load_compare_config(config_path, budget)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [(r, s, m) for r, regime in study["regimes"].items() for s in study["splits"]
-            if s in regime.get("only_splits", study["splits"]) for m in study["methods"]]
-    rows: List[Dict] = []
+    every = [(r, s, m) for r, regime in study["regimes"].items() for s in study["splits"]
+             if s in regime.get("only_splits", study["splits"]) for m in study["methods"]]
+    selection = (regimes, splits, methods)
+    for key, names in zip(("regimes", "splits", "methods"), selection):
+        unknown = set(names or ()) - set(study[key])
+        if unknown:
+            raise ConfigError(f"--{key} {sorted(unknown)} not in the study; it has {sorted(study[key])}")
+    runs = [run for run in every if all(names is None or name in names for name, names in zip(run, selection))]
+    # split by split, the study's MAP run first where another method starts from it
+    pairs = list(dict.fromkeys(run[:2] for run in every))
+    runs = set(runs) | {(r, s, MAP) for r, s, m in runs if _starts_from_map(study, m)}
+    runs = sorted(runs, key=lambda run: (pairs.index(run[:2]), run[2] != MAP, every.index(run)))
     started = time.perf_counter()
     for i, (regime, split, method) in enumerate(runs, start=1):
         log.info("[%d/%d] %s / %s / %s (%.0f min so far)", i, len(runs), regime, split, method,
                  (time.perf_counter() - started) / 60)
-        rows.append(_run(study, regime, split, method, out / regime / split / method))
+        _run(study, regime, split, method, out / regime / split / method)
+    rows = [json.loads(p.read_text()) for r, s, m in every if (p := out / r / s / m / "compare.json").is_file()]
     results = {"budget": study["budget"], "calibration": study["calibration"], "runs": rows}
     write_json(results, out / "results.json")
     with atomic_write(out / "results.md") as tmp:
         tmp.write_text(results_markdown(rows))
-    for regime, split in dict.fromkeys((r, s) for r, s, _ in runs):
+    for regime, split in dict.fromkeys((r["regime"], r["split"]) for r in rows):
         _plot_split(out, regime, split, list(study["methods"]))
-    for regime in study["regimes"]:
+    for regime in dict.fromkeys(r["regime"] for r in rows):
         _plot_bars([r for r in rows if r["regime"] == regime], out / f"bars_{regime}.png")
     return results
+
+
+#: The method name whose run the other methods of a split start from (:func:`_starts_from_map`).
+MAP = "map"
+
+
+def _starts_from_map(study: Dict, method: str) -> bool:
+    """Whether ``method`` would train a MAP phase of its own (SG-MCMC with ``init`` or ``prior.center``
+    ``map``; VI with either ``map`` or without ``init``), and so starts from the study's ``map`` run."""
+    if method == MAP or MAP not in study["methods"]:
+        return False
+    spec = study["methods"][method]
+    return spec.get("method") in ("sgmcmc", "vi") and bool(_map_starts(spec.get("method"), spec.get(spec["method"])))
+
+
+def _map_starts(method: str, section: Optional[Dict]) -> List[str]:
+    """The options of a method section (``init``, ``prior.center``) that ask for a MAP fit of the run's own."""
+    section = section or {}
+    starts = [key for key, value in (("init", section.get("init")),
+                                     ("center", (section.get("prior") or {}).get("center"))) if value == FROM_MAP]
+    if method == "vi" and not section.get("init"):  # VI without init fits its means' MAP phase
+        starts.append("init")
+    return starts
+
+
+def _start_from_map_run(config: Dict, map_dir: Path) -> None:
+    """Point the MAP start of an SG-MCMC or VI run ``config`` at the study's finished MAP run in ``map_dir``."""
+    start = str(map_dir / "posterior.h5")
+    section = config.setdefault(config["method"], {})
+    for key in _map_starts(config["method"], section):
+        if key == "init":
+            section["init"] = start
+        else:
+            section.setdefault("prior", {})["center"] = start
 
 
 def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Dict:
@@ -143,6 +204,11 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
         return json.loads(summary_path.read_text())
     config = run_config(study, regime, split, method)
     config["data"]["store"] = str(run_dir.parents[2] / "data.h5")  # neighbour lists built once for the study
+    map_seconds = 0.0
+    if _starts_from_map(study, method):
+        map_dir = run_dir.parent / MAP
+        _start_from_map_run(config, map_dir)
+        map_seconds = json.loads((map_dir / "train_seconds.json").read_text())["train_seconds"]
     timing = run_dir / "train_seconds.json"  # written once training finished: evaluation may be redone alone
     if not timing.is_file():
         start = time.perf_counter()
@@ -161,14 +227,62 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
     infer_seconds = (time.perf_counter() - start) / max(1, len(test_graphs))
     row = {"regime": regime, "split": split, "method": method, "n_train": len(splits["train"]),
            "n_test": len(splits["test"]), "n_samples": posterior.n_samples, "train_seconds": train_seconds,
-           "inference_seconds_per_structure": infer_seconds, "before": metrics_and_plots(test)}
+           "map_seconds": map_seconds, "inference_seconds_per_structure": infer_seconds, "plateau": plateaus(run_dir),
+           "before": metrics_and_plots(test)}
     calibration = val.fitted_calibration(isotonic=study["calibration"] == "isotonic")
     recalibrated = test.with_calibration(calibration)
     row["after"] = metrics_and_plots(recalibrated)
+    # out-of-distribution detection: the test structures against the validation ones (drawn with the training
+    # data), scored by the raw per-structure max atom force std; ~0.5 on a random split
+    scores = np.concatenate([val.max_atom_force_std(), test.max_atom_force_std()])
+    labels = np.concatenate([np.zeros(len(val.n_atoms)), np.ones(len(test.n_atoms))])
+    row["ood_auroc"] = auroc(scores, labels, 0.5)
     row["calibration"] = _jsonable(calibration)
     _save_errors(run_dir / "test_errors.npz", recalibrated, test)
     write_json(row, summary_path)
     return row
+
+
+def plateaus(run_dir: Path) -> Dict[str, Dict]:
+    """:func:`plateau` of every validation-loss curve of a run (``logs/metrics.csv`` of the MAP model, of each
+    ensemble member, of a MAP phase), by the curve's folder relative to ``run_dir``; the stopping rules are
+    the run's ``training`` settings (``config.yaml``)."""
+    training = yaml.safe_load((run_dir / "config.yaml").read_text()).get("training") or {}
+    settings = MAPSettings.from_dict(training)
+    return {str(path.parent.parent.relative_to(run_dir)): plateau(path, settings.min_lr, settings.patience)
+            for path in sorted(run_dir.rglob("logs/metrics.csv"))}
+
+
+def plateau(metrics_csv: Path, min_lr: float, patience: int) -> Dict:
+    """How a training run's validation curve ended (``metrics.csv`` of :func:`mlip_uq.inference.map.fit_map`).
+
+    Returns:
+        ``epochs``, ``best_epoch`` (0-based), ``final_lr``, ``stopped_by`` (``lr_floor``: the plateau schedule
+        reached ``min_lr``; ``patience``: no better validation loss for ``patience`` epochs; ``budget``: the
+        time or epoch limit, i.e. possibly before a plateau), the validation energy and force MAE at the best
+        epoch and ``energy_mae_gain_last_quarter``: how much lower the best validation energy MAE of the last
+        quarter of the epochs is than the best before it, relative to the latter (0: no gain at the end).
+    """
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{metrics_csv} has no epoch rows")
+    loss = np.array([float(r["val_loss"]) for r in rows])
+    energy = np.array([float(r["val_energy_mae"]) for r in rows])
+    best = int(np.argmin(loss))
+    final_lr = float(rows[-1]["lr"])
+    if final_lr <= min_lr * (1 + 1e-6):
+        stopped_by = "lr_floor"
+    elif len(rows) - 1 - best >= patience:
+        stopped_by = "patience"
+    else:
+        stopped_by = "budget"
+    head = max(1, (3 * len(rows)) // 4)
+    before = energy[:head].min()
+    gain = float((before - energy.min()) / before) if head < len(rows) else float("nan")
+    return {"epochs": len(rows), "best_epoch": best, "final_lr": final_lr, "stopped_by": stopped_by,
+            "val_energy_mae": float(energy[best]), "val_forces_mae": float(rows[best]["val_forces_mae"]),
+            "energy_mae_gain_last_quarter": gain}
 
 
 def _jsonable(value):
@@ -190,22 +304,27 @@ def results_markdown(rows: List[Dict]) -> str:
     for regime, split in dict.fromkeys((r["regime"], r["split"]) for r in rows):
         group = [r for r in rows if r["regime"] == regime and r["split"] == split]
         lines += [f"### {regime} data, {split} split (n_train = {group[0]['n_train']}, n_test = {group[0]['n_test']})",
-                  "", "| method | K | " + " | ".join(h for _, h, _, _ in TABLE) + " | train (min) | infer (ms/struct) |",
-                  "|---" * (len(TABLE) + 4) + "|"]
+                  "", "| method | K | " + " | ".join(h for _, h, _, _ in TABLE)
+                  + " | OOD AUROC | train (min) | infer (ms/struct) |",
+                  "|---" * (len(TABLE) + 5) + "|"]
         for r in group:
             cells = []
             for key, _, scale, fmt in TABLE:
                 before = r["before"].get(key)
                 after = r["after"].get(key)
                 text = "–" if before is None or not np.isfinite(before) else format(scale * before, fmt)
-                if after is not None and key not in ("energy_mae", "forces_mae", "forces_spearman") and np.isfinite(after):
+                if after is not None and key not in RAW_ONLY and np.isfinite(after):
                     text += f" → {format(scale * after, fmt)}"
                 cells.append(text)
-            lines.append(f"| {r['method']} | {r['n_samples']} | " + " | ".join(cells)
-                         + f" | {r['train_seconds'] / 60:.1f} | {1000 * r['inference_seconds_per_structure']:.1f} |")
+            cost = (r["train_seconds"] + r["map_seconds"]) / 60
+            lines.append(f"| {r['method']} | {r['n_samples']} | " + " | ".join(cells) + f" | {r['ood_auroc']:.2f} | "
+                         f"{cost:.1f} | {1000 * r['inference_seconds_per_structure']:.1f} |")
         lines.append("")
     lines.append("Uncertainty metrics: before → after recalibration on the validation set (one factor per quantity "
-                 "or isotonic, as the study states). A MAP model's stds are its learned observation noise.")
+                 "or isotonic, as the study states). A MAP model's stds are its learned observation noise. "
+                 "Training time includes the MAP run a method starts from. OOD AUROC: the raw per-structure max "
+                 "atom force std telling the test structures from the validation ones (drawn with the training "
+                 "data; ~0.5 on a random split).")
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,13 @@ class Predictions:
         return fit_calibration(self.energy_pred - self.energy_true, self.energy_std_uncalibrated,
                                self.forces_pred - self.forces_true, self.forces_std_uncalibrated, isotonic=isotonic)
 
+    def max_atom_force_std(self) -> np.ndarray:
+        """Per structure, the largest per-atom force std (the square root of the sum of an atom's component
+        variances: ``atom_force_std``), shape (S,): the per-structure uncertainty that flags unfamiliar
+        structures."""
+        atom = np.sqrt(np.square(self.forces_std).reshape(-1, 3).sum(-1))
+        return np.maximum.reduceat(atom, np.concatenate([[0], np.cumsum(self.n_atoms)[:-1]]))
+
     def with_calibration(self, calibration: Dict) -> "Predictions":
         """The same predictions with ``calibration`` applied to the raw stds instead (``{}``: none)."""
         check_calibration(calibration)

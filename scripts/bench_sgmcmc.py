@@ -86,12 +86,6 @@ def timed_train(config: dict, out: Path, overrides=()) -> float:
     return (out / "metrics.json").stat().st_mtime - (out / "config.yaml").stat().st_mtime
 
 
-def structure_max_atom_std(pred) -> np.ndarray:
-    """Per structure, the largest per-atom force std (sqrt of the sum of an atom's component variances)."""
-    atom = np.sqrt(np.square(pred.forces_std).reshape(-1, 3).sum(-1))
-    return np.maximum.reduceat(atom, np.concatenate([[0], np.cumsum(pred.n_atoms)[:-1]]))
-
-
 def unused_high_energy(config: dict, data, n: int) -> list:
     """The ``n`` structures of the run's data file with the highest energy per atom among those it neither trained
     nor validated on: a property-range shift from the training data."""
@@ -123,7 +117,7 @@ def evaluate(out: Path, ood_path: Path | None, ood_top_energy: int | None = None
         dtype = getattr(torch, posterior.config.dtype)
         ood = predict_graphs(posterior, [atoms_to_graph(a, posterior.config.type_names, posterior.config.r_max,
                                                         dtype=dtype) for a in frames], batch).with_calibration({})
-        scores = np.concatenate([structure_max_atom_std(test), structure_max_atom_std(ood)])
+        scores = np.concatenate([test.max_atom_force_std(), ood.max_atom_force_std()])
         labels = np.concatenate([np.zeros(len(test.n_atoms)), np.ones(len(ood.n_atoms))])
         result["ood_auroc"] = auroc(scores, labels, 0.5)
     write_json(result, cached)

@@ -28,7 +28,8 @@ def study_file(tio2_path, tmp_path):
         "methods": {
             "map": {"method": "map"},
             "sgmcmc": {"method": "sgmcmc", "sgmcmc": {"lr": 2e-4, "batch_size": 6, "burnin_steps": 12,
-                                                       "preheat_steps": 2, "n_samples": 3, "thinning": 2}},
+                                                       "preheat_steps": 2, "n_samples": 3, "thinning": 2,
+                                                       "init": "map", "prior": {"center": "map"}}},
         },
         "budgets": {"tiny": {"overrides": ["data.n_train=16"], "splits": ["cell_size"]}},
     }
@@ -41,6 +42,8 @@ def study_file(tio2_path, tmp_path):
 def study(tio2_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     path = study_file(tio2_path, tmp)
+    # the study in two parts: the SG-MCMC runs first (they bring their split's MAP run with them), then the rest
+    assert main(["compare", str(path), "--out", str(tmp / "out"), "--regimes", "full", "--methods", "sgmcmc"]) == 0
     assert main(["compare", str(path), "--out", str(tmp / "out")]) == 0
     return path, tmp / "out"
 
@@ -55,6 +58,10 @@ def test_every_run_is_evaluated_before_and_after_recalibration(study):
         assert np.isfinite(r["before"]["forces_mae"])
         # every model has a predictive std (one model: its learned noise), so every run is recalibrated
         assert r["n_samples"] == (1 if method == "map" else 3) and r["calibration"]["forces"] > 0
+        # the MAP model's validation curve ends by a stopping rule or by the 2-epoch budget, as recorded
+        if method == "map":
+            curve = r["plateau"]["."]
+            assert curve["epochs"] == 2 and curve["stopped_by"] == "budget" and curve["val_energy_mae"] > 0
         # recalibration by the validation factor: NLL is computed with the rescaled std, sharpness scales
         assert r["after"]["forces_sharpness"] == pytest.approx(
             r["calibration"]["forces"] * r["before"]["forces_sharpness"], rel=1e-9)
@@ -62,6 +69,21 @@ def test_every_run_is_evaluated_before_and_after_recalibration(study):
     assert "### full data, composition split" in table and "| sgmcmc | 3 |" in table and " → " in table
     for png in ("calibration_full_composition.png", "calibration_full_cell_size.png", "bars_full.png"):
         assert (out / png).stat().st_size > 5000
+
+
+def test_sgmcmc_starts_from_the_study_map_run(study):
+    _, out = study
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["split"], r["method"]): r for r in results["runs"]}
+    for split in ("composition", "cell_size"):
+        run = out / "full" / split / "sgmcmc"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        start = str(out / "full" / split / "map" / "posterior.h5")
+        assert config["sgmcmc"]["init"] == start and config["sgmcmc"]["prior"]["center"] == start
+        assert not (run / "map").exists()  # no MAP phase of its own
+        assert runs[split, "sgmcmc"]["map_seconds"] == runs[split, "map"]["train_seconds"]
+        assert runs[split, "sgmcmc"]["plateau"] == {}  # a sampler has no validation curve
+        assert 0.0 <= runs[split, "sgmcmc"]["ood_auroc"] <= 1.0
 
 
 def test_splits_hold_out_what_they_claim(study, tio2_path):
@@ -88,3 +110,5 @@ def test_finished_runs_are_reused_and_budgets_select(study, tmp_path, monkeypatc
     assert config["data"]["split"]["kind"] == "cell_size"
     with pytest.raises(ValueError, match="budget 'gpu' is not in compare.budgets"):
         load_compare_config(path, budget="gpu")
+    with pytest.raises(ValueError, match=r"--methods \['vi'\] not in the study"):
+        compare_module.compare(path, out, methods=["vi"])
