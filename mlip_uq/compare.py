@@ -15,7 +15,9 @@ regimes, splits and methods; ``--regimes`` / ``--splits`` / ``--methods`` run a 
 
 Methods that would train a MAP phase of their own (SG-MCMC with ``init`` or ``prior.center`` ``map``, VI without
 ``init``) start from the study's ``map`` run of the same regime and split instead, which is trained first: one MAP
-fit per split, and the cost column counts it in (``map_seconds``).
+fit per split, and the cost column counts it in (``map_seconds``). A deep ensemble whose members train as the
+``map`` run does (same sections, no bootstrap) takes that run's model as its member 0, which it would be
+trained into again (same seed, data and settings); its cost column counts the MAP run's time in for it.
 
 Every (regime, split, method) run goes to ``OUT/<regime>/<split>/<method>/`` through
 :func:`mlip_uq.train.train`; a finished run (its ``compare.json`` exists) is reused, so a killed study resumes,
@@ -32,6 +34,7 @@ import copy
 import csv
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -40,10 +43,11 @@ import numpy as np
 import torch
 import yaml
 
-from .config import FROM_MAP, ConfigError, apply_override, merge_sections, read_config_file
+from .config import FROM_MAP, ConfigError, apply_override, dump_config, load_config, merge_sections, read_config_file
 from .data import FrameStore
 from .evaluate import Predictions, metrics_and_plots, predict_graphs
 from .files import atomic_write, write_json
+from .inference.common import save_checkpoint
 from .inference.map import MAPSettings
 from .posterior import load_posterior
 from .train import train
@@ -169,11 +173,37 @@ MAP = "map"
 
 def _starts_from_map(study: Dict, method: str) -> bool:
     """Whether ``method`` would train a MAP phase of its own (SG-MCMC with ``init`` or ``prior.center``
-    ``map``; VI with either ``map`` or without ``init``), and so starts from the study's ``map`` run."""
+    ``map``; VI with either ``map`` or without ``init``) or a member that is the MAP model
+    (:func:`_member_zero_is_map`), and so starts from the study's ``map`` run."""
     if method == MAP or MAP not in study["methods"]:
         return False
     spec = study["methods"][method]
+    if spec.get("method") == "ensemble":
+        return _member_zero_is_map(study, method)
     return spec.get("method") in ("sgmcmc", "vi") and bool(_map_starts(spec.get("method"), spec.get(spec["method"])))
+
+
+def _member_zero_is_map(study: Dict, method: str) -> bool:
+    """Whether member 0 of the ensemble ``method`` is trained exactly as the study's ``map`` run: member k has
+    the seed ``seed + k`` and the ``training`` settings, so it is when the two methods' sections differ only by
+    ``method`` and ``ensemble`` and the members are not bootstrapped."""
+    def shared(spec: Dict) -> Dict:
+        return {k: v for k, v in spec.items() if k not in ("method", "ensemble")}
+
+    spec = study["methods"][method]
+    return (not (spec.get("ensemble") or {}).get("bootstrap", False)
+            and shared(spec) == shared(study["methods"][MAP]))
+
+
+def _member_zero_from_map_run(map_dir: Path, run_dir: Path) -> None:
+    """Make the study's finished MAP run in ``map_dir`` member 0 of the ensemble run in ``run_dir``: its best
+    state as the member's ``final.pt`` (a finished member, kept when the ensemble is resumed) and its
+    validation curve as the member's ``logs/metrics.csv`` (the run's :func:`plateaus`)."""
+    member = run_dir / "members" / "0"
+    (member / "logs").mkdir(parents=True, exist_ok=True)
+    save_checkpoint(load_posterior(map_dir / "posterior.h5").state_dict(0), member / "final.pt")
+    with atomic_write(member / "logs" / "metrics.csv") as tmp:
+        tmp.write_text((map_dir / "logs" / "metrics.csv").read_text())
 
 
 def _map_starts(method: str, section: Optional[Dict]) -> List[str]:
@@ -205,14 +235,23 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
     config = run_config(study, regime, split, method)
     config["data"]["store"] = str(run_dir.parents[2] / "data.h5")  # neighbour lists built once for the study
     map_seconds = 0.0
-    if _starts_from_map(study, method):
+    from_map = _starts_from_map(study, method)
+    member_zero = from_map and config["method"] == "ensemble"
+    if from_map:
         map_dir = run_dir.parent / MAP
-        _start_from_map_run(config, map_dir)
+        if not member_zero:
+            _start_from_map_run(config, map_dir)
         map_seconds = json.loads((map_dir / "train_seconds.json").read_text())["train_seconds"]
     timing = run_dir / "train_seconds.json"  # written once training finished: evaluation may be redone alone
     if not timing.is_file():
         start = time.perf_counter()
-        train(config, out_dir=run_dir, overwrite=True)  # a run killed before it finished is redone
+        if member_zero:  # the MAP model as member 0, the other members trained
+            shutil.rmtree(run_dir, ignore_errors=True)  # a run killed before it finished is redone
+            _member_zero_from_map_run(map_dir, run_dir)
+            dump_config(load_config(config), run_dir / "config.yaml")
+            train(config, out_dir=run_dir, resume=True)
+        else:
+            train(config, out_dir=run_dir, overwrite=True)  # a run killed before it finished is redone
         write_json({"train_seconds": time.perf_counter() - start}, timing)
     train_seconds = json.loads(timing.read_text())["train_seconds"]
     posterior = load_posterior(run_dir / "posterior.h5")

@@ -1,9 +1,10 @@
-"""``mlip-uq compare``: the study pipeline end to end on a tiny TiO2 subset (two methods, two splits)."""
+"""``mlip-uq compare``: the study pipeline end to end on a tiny TiO2 subset (three methods, two splits)."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from ase.io import read
 
@@ -12,6 +13,7 @@ from conftest import tiny_tio2_config
 import mlip_uq.compare as compare_module
 from mlip_uq.cli import main
 from mlip_uq.compare import load_compare_config
+from mlip_uq.posterior import load_posterior
 
 DEFICIENT = ["O7Ti4", "O15Ti8", "O31Ti16", "O63Ti32"]
 
@@ -30,6 +32,7 @@ def study_file(tio2_path, tmp_path):
             "sgmcmc": {"method": "sgmcmc", "sgmcmc": {"lr": 2e-4, "batch_size": 6, "burnin_steps": 12,
                                                        "preheat_steps": 2, "n_samples": 3, "thinning": 2,
                                                        "init": "map", "prior": {"center": "map"}}},
+            "ensemble": {"method": "ensemble", "ensemble": {"n_members": 2}},
         },
         "budgets": {"tiny": {"overrides": ["data.n_train=16"], "splits": ["cell_size"]}},
     }
@@ -52,12 +55,12 @@ def test_every_run_is_evaluated_before_and_after_recalibration(study):
     _, out = study
     results = json.loads((out / "results.json").read_text())
     runs = {(r["split"], r["method"]): r for r in results["runs"]}
-    assert set(runs) == {(s, m) for s in ("composition", "cell_size") for m in ("map", "sgmcmc")}
+    assert set(runs) == {(s, m) for s in ("composition", "cell_size") for m in ("map", "sgmcmc", "ensemble")}
     for (split, method), r in runs.items():
         assert r["n_train"] == 24 and r["train_seconds"] > 0 and r["inference_seconds_per_structure"] > 0
         assert np.isfinite(r["before"]["forces_mae"])
         # every model has a predictive std (one model: its learned noise), so every run is recalibrated
-        assert r["n_samples"] == (1 if method == "map" else 3) and r["calibration"]["forces"] > 0
+        assert r["n_samples"] == {"map": 1, "sgmcmc": 3, "ensemble": 2}[method] and r["calibration"]["forces"] > 0
         # the MAP model's validation curve ends by a stopping rule or by the 2-epoch budget, as recorded
         if method == "map":
             curve = r["plateau"]["."]
@@ -86,6 +89,25 @@ def test_sgmcmc_starts_from_the_study_map_run(study):
         assert 0.0 <= runs[split, "sgmcmc"]["ood_auroc"] <= 1.0
 
 
+def test_ensemble_takes_the_study_map_model_as_member_zero(study):
+    _, out = study
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["split"], r["method"]): r for r in results["runs"]}
+    for split in ("composition", "cell_size"):
+        run = out / "full" / split / "ensemble"
+        members = [torch.load(run / "members" / str(k) / "final.pt", weights_only=True) for k in (0, 1)]
+        map_state = load_posterior(out / "full" / split / "map" / "posterior.h5").state_dict(0)
+        assert members[0].keys() == map_state.keys()
+        assert all(torch.equal(members[0][name], map_state[name]) for name in map_state)
+        assert not all(torch.equal(members[1][name], map_state[name]) for name in map_state)
+        assert not (run / "members" / "0" / "checkpoints").exists()  # not trained again
+        assert (run / "members" / "1" / "checkpoints").is_dir()
+        # its cost and its validation curve are the MAP run's
+        assert runs[split, "ensemble"]["map_seconds"] == runs[split, "map"]["train_seconds"]
+        assert runs[split, "ensemble"]["plateau"]["members/0"] == runs[split, "map"]["plateau"]["."]
+        assert set(runs[split, "ensemble"]["plateau"]) == {"members/0", "members/1"}
+
+
 def test_splits_hold_out_what_they_claim(study, tio2_path):
     _, out = study
     frames = read(tio2_path, ":")
@@ -102,7 +124,7 @@ def test_finished_runs_are_reused_and_budgets_select(study, tmp_path, monkeypatc
     path, out = study
     monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     results = compare_module.compare(path, out)
-    assert len(results["runs"]) == 4
+    assert len(results["runs"]) == 6
     tiny = load_compare_config(path, budget="tiny")
     assert list(tiny["splits"]) == ["cell_size"] and tiny["overrides"] == ["data.n_train=16"]
     config = compare_module.run_config(tiny, "full", "cell_size", "sgmcmc")
