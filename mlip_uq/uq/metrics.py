@@ -270,14 +270,21 @@ def fit_std_scale(error, std) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ ranking
+#: Relative spread below which a set of stds is one number (:func:`spearman`): float32 round-off is ~1e-7.
+CONSTANT_STD_RTOL = 1e-5
+
+
 def spearman(std, abs_error) -> float:
     """Spearman rank correlation of predicted std with absolute error (``scipy.stats.spearmanr``).
 
     Returns ``nan`` (no warning) when either input is constant or has fewer than 2 items, where the rank
-    correlation is undefined; a ``nan`` in metrics.json therefore means "std carries no ranking".
+    correlation is undefined; a ``nan`` in metrics.json therefore means "std carries no ranking". Stds that
+    agree to a relative :data:`CONSTANT_STD_RTOL` count as constant: a single model's per-atom energy std is
+    one learned number for every structure, and the round-off of dividing a total by the atom count would
+    otherwise rank the structures at random.
     """
     s, a = _pair(std, abs_error, "std", "abs_error")
-    if s.size < 2 or np.all(s == s[0]) or np.all(a == a[0]):
+    if s.size < 2 or np.ptp(s) <= CONSTANT_STD_RTOL * np.abs(s).max() or np.all(a == a[0]):
         return float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -158,6 +158,12 @@ def test_spearman_hand_cases():
     # constant input -> nan, documented
     assert math.isnan(spearman(np.ones(5), x))
     assert math.isnan(spearman(x, np.zeros(5)))
+    # one std per atom for every structure, as a single model's learned energy noise: total / n_atoms in
+    # float32 differs by round-off between structure sizes, which must not rank them
+    n_atoms = np.array([6, 24, 47, 95, 6, 24], dtype=np.float32)
+    per_atom = (np.float32(0.0071) * n_atoms) / n_atoms
+    assert np.ptp(per_atom) > 0 and math.isnan(spearman(per_atom, np.arange(6.0)))
+    assert spearman(1.0 + 1e-4 * x, x) == pytest.approx(1.0)  # a real spread of 0.04 % is still ranked
     assert "nan" in spearman.__doc__
 
 
