@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,12 +53,24 @@ class Predictions:
         return fit_calibration(self.energy_pred - self.energy_true, self.energy_std_uncalibrated,
                                self.forces_pred - self.forces_true, self.forces_std_uncalibrated, isotonic=isotonic)
 
-    def max_atom_force_std(self) -> np.ndarray:
-        """Per structure, the largest per-atom force std (the square root of the sum of an atom's component
-        variances: ``atom_force_std``), shape (S,): the per-structure uncertainty that flags unfamiliar
-        structures."""
+    def _atom_force_std(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-atom force std (the square root of the sum of an atom's component variances: ``atom_force_std``)
+        and the index of each structure's first atom."""
         atom = np.sqrt(np.square(self.forces_std).reshape(-1, 3).sum(-1))
-        return np.maximum.reduceat(atom, np.concatenate([[0], np.cumsum(self.n_atoms)[:-1]]))
+        return atom, np.concatenate([[0], np.cumsum(self.n_atoms)[:-1]])
+
+    def max_atom_force_std(self) -> np.ndarray:
+        """Per structure, the largest per-atom force std, shape (S,): the per-structure uncertainty that flags
+        unfamiliar structures."""
+        atom, first = self._atom_force_std()
+        return np.maximum.reduceat(atom, first)
+
+    def mean_atom_force_std(self) -> np.ndarray:
+        """Per structure, the mean per-atom force std, shape (S,): unlike the largest, it does not grow with the
+        number of atoms when every atom is as uncertain (the larger of two cells has more draws to take a
+        maximum over)."""
+        atom, first = self._atom_force_std()
+        return np.add.reduceat(atom, first) / self.n_atoms
 
     def with_calibration(self, calibration: Dict) -> "Predictions":
         """The same predictions with ``calibration`` applied to the raw stds instead (``{}``: none)."""

@@ -1,5 +1,6 @@
 """The per-study records of ``mlip-uq compare``: how a validation curve ended (:func:`plateau`) and the
-per-structure uncertainty its out-of-distribution AUROC scores (``Predictions.max_atom_force_std``)."""
+per-structure uncertainties its out-of-distribution AUROCs score (``Predictions.max_atom_force_std`` and
+``mean_atom_force_std``)."""
 
 import csv
 
@@ -50,3 +51,20 @@ def test_max_atom_force_std_is_the_largest_atom_norm_per_structure():
                        forces_true=std * 0, forces_pred=std * 0, forces_std=std, n_samples=1,
                        energy_std_uncalibrated=zeros + 1, forces_std_uncalibrated=std)
     np.testing.assert_allclose(pred.max_atom_force_std(), [5.0, 3.0])
+    np.testing.assert_allclose(pred.mean_atom_force_std(), [3.0, (3.0 + 0.5 + np.sqrt(0.03)) / 3])
+
+
+def test_mean_atom_force_std_does_not_grow_with_the_cell():
+    """Every atom equally uncertain: the mean per-atom std is the same for a small and a 4x larger cell, while
+    the largest of the larger cell's draws is above the small one's (what the cell-size split's max score sees)."""
+    rng = np.random.default_rng(0)
+    n_atoms = np.array([24] * 200 + [96] * 200)
+    std = np.abs(rng.normal(1.0, 0.1, (n_atoms.sum(), 3)))
+    zeros = np.zeros(len(n_atoms))
+    pred = Predictions(n_atoms=n_atoms, energy_true=zeros, energy_pred=zeros, energy_std=zeros + 1,
+                       forces_true=std * 0, forces_pred=std * 0, forces_std=std, n_samples=1,
+                       energy_std_uncalibrated=zeros + 1, forces_std_uncalibrated=std)
+    small, large = slice(0, 200), slice(200, 400)
+    mean, largest = pred.mean_atom_force_std(), pred.max_atom_force_std()
+    assert abs(mean[large].mean() - mean[small].mean()) < 0.01
+    assert largest[large].mean() > largest[small].mean() + 0.03
