@@ -275,7 +275,8 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
     row["after"] = metrics_and_plots(recalibrated)
     # out-of-distribution detection: the test structures against the validation ones (drawn with the training
     # data), scored by the raw per-structure max atom force std (~0.5 on a random split), and by the mean one,
-    # which does not favour the larger cells (the cell-size split tests on cells 2-4x the training ones)
+    # which does not favour the larger cells (the cell-size split tests on cells 2-4x the training ones) but
+    # follows the composition where the noise is per element
     labels = np.concatenate([np.zeros(len(val.n_atoms)), np.ones(len(test.n_atoms))])
     for key, score in (("ood_auroc", Predictions.max_atom_force_std),
                        ("ood_auroc_mean", Predictions.mean_atom_force_std)):
