@@ -44,12 +44,17 @@ def test_plateau_refuses_an_empty_curve(tmp_path):
         plateau(curve(tmp_path, [], []), min_lr=1e-4, patience=5)
 
 
-def test_max_atom_force_std_is_the_largest_atom_norm_per_structure():
-    std = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0], [1.0, 2.0, 2.0], [0.0, 0.0, 0.5], [0.1, 0.1, 0.1]])
-    zeros = np.zeros(2)
-    pred = Predictions(n_atoms=np.array([2, 3]), energy_true=zeros, energy_pred=zeros, energy_std=zeros + 1,
+def predictions_with_force_std(n_atoms, std):
+    """Predictions of zero error whose only content is the per-component force stds ``std`` (N, 3)."""
+    zeros = np.zeros(len(n_atoms))
+    return Predictions(n_atoms=np.asarray(n_atoms), energy_true=zeros, energy_pred=zeros, energy_std=zeros + 1,
                        forces_true=std * 0, forces_pred=std * 0, forces_std=std, n_samples=1,
                        energy_std_uncalibrated=zeros + 1, forces_std_uncalibrated=std)
+
+
+def test_max_atom_force_std_is_the_largest_atom_norm_per_structure():
+    std = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0], [1.0, 2.0, 2.0], [0.0, 0.0, 0.5], [0.1, 0.1, 0.1]])
+    pred = predictions_with_force_std([2, 3], std)
     np.testing.assert_allclose(pred.max_atom_force_std(), [5.0, 3.0])
     np.testing.assert_allclose(pred.mean_atom_force_std(), [3.0, (3.0 + 0.5 + np.sqrt(0.03)) / 3])
 
@@ -60,10 +65,7 @@ def test_mean_atom_force_std_does_not_grow_with_the_cell():
     rng = np.random.default_rng(0)
     n_atoms = np.array([24] * 200 + [96] * 200)
     std = np.abs(rng.normal(1.0, 0.1, (n_atoms.sum(), 3)))
-    zeros = np.zeros(len(n_atoms))
-    pred = Predictions(n_atoms=n_atoms, energy_true=zeros, energy_pred=zeros, energy_std=zeros + 1,
-                       forces_true=std * 0, forces_pred=std * 0, forces_std=std, n_samples=1,
-                       energy_std_uncalibrated=zeros + 1, forces_std_uncalibrated=std)
+    pred = predictions_with_force_std(n_atoms, std)
     small, large = slice(0, 200), slice(200, 400)
     mean, largest = pred.mean_atom_force_std(), pred.max_atom_force_std()
     assert abs(mean[large].mean() - mean[small].mean()) < 0.01
