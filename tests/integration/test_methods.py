@@ -85,10 +85,12 @@ def test_each_method_keeps_its_own_files(runs):
     assert len(post.samples) == 3  # two radial networks and the readout's hidden layer
 
 
-def test_killed_vi_run_resumes_to_the_same_result(runs, tio2_path, store, tmp_path, monkeypatch):
-    # both runs start from the means of the module's VI run (its MAP phase), so only the VI phase is compared
+@pytest.mark.parametrize("init_scale", [1e-3, "fisher"])
+def test_killed_vi_run_resumes_to_the_same_result(runs, tio2_path, store, tmp_path, monkeypatch, init_scale):
+    # both runs start from the means of the module's VI run (its MAP phase), so only the VI phase is compared;
+    # with init_scale fisher the resumed run takes its scales from the checkpoint, not from a new Fisher estimate
     start = str(runs["vi"] / "map" / "final.pt")
-    cfg = config(tio2_path, store, "vi", vi={**VI, "init": start})
+    cfg = config(tio2_path, store, "vi", vi={**VI, "init": start, "init_scale": init_scale})
     # float64: bit-for-bit equality is the claim. In float32 the resumed run differed in 12 of 512 elements by one
     # ulp (1.5e-8), although the state round trip is exact: float32 CPU kernels may take other code paths for
     # other memory alignments, so float32 runs are reproducible to rounding only
@@ -142,7 +144,9 @@ def test_mean_variance_ensemble_reports_aleatoric_forces_uncertainty(tio2_path, 
     ("ensemble", {"ensemble.training": {"lr": 0.1}}, "the members' training settings go in the training section"),
     ("ensemble", {"ensemble.members": 3}, r"unknown ensemble option\(s\) \['members'\]"),
     ("vi", {"vi.mc_sample": 2}, r"unknown vi option\(s\) \['mc_sample'\]"),
-    ("vi", {"vi.init_scale": 0.0}, "init_scale must be > 0"),
+    ("vi", {"vi.init_scale": 0.0}, "vi.init_scale must be a number > 0 or 'fisher', got 0.0"),
+    ("vi", {"vi.init_scale": "laplace"}, "vi.init_scale must be a number > 0 or 'fisher', got 'laplace'"),
+    ("vi", {"vi.scale_lr": 0.0}, r"vi.scale_lr must be > 0 or null \(the means' lr\), got 0.0"),
 ])
 def test_bad_method_settings_are_reported_before_the_data_are_read(tio2_path, tmp_path, method, change, message):
     cfg = config(tio2_path, tmp_path / "data.h5", method)
