@@ -38,7 +38,6 @@ import torch
 from nequip.data import AtomicDataDict
 
 from ..config import ConfigError, settings_from
-from ..data import collate
 from ..files import appending_csv, load_checkpoint, write_json
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, PosteriorFileError, load_posterior
@@ -420,10 +419,10 @@ def report_convergence(work: Path) -> Dict:
 
 def _fisher_init(model, means, train, settings: VISettings, prior: GaussianPrior, seed: int,
                  device: torch.device) -> Dict[str, torch.Tensor]:
-    """:func:`fisher_scales` from ``settings.fisher_structures`` training structures (a seeded draw)."""
+    """:func:`fisher_scales` from ``settings.fisher_structures`` training structures: the first one-structure
+    minibatches of the seeded epoch order, each structure once."""
     count = min(settings.fisher_structures, len(train))
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    batches = (AtomicDataDict.to_(collate([train[i]]), device) for i in chosen)
+    batches = (AtomicDataDict.to_(minibatch(train, 1, seed, step), device) for step in range(count))
     weights = settings.likelihood_weights
     labels = ["energy", "forces"] + (["stress"] if AtomicDataDict.STRESS_KEY in train[0] else [])
 
