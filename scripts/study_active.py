@@ -8,6 +8,10 @@ Active-learning runs of one system's configuration, each stopped after the same 
 - ``--system acac_mixed``: the same, but the pool holds 300 K and 600 K MD configurations in equal numbers (the
   300 K ones from another trajectory than the initial set's), as a pool of candidates gathered from several
   sources does: only part of it is the target distribution;
+- ``--system acac_torsion``: a rare event as the target: 20 configurations from 300 K MD, a pool of 300 K MD
+  configurations with 8 % of frames from a scan of a C–C–C–O dihedral angle over 1–177°, tested on the scan's
+  other frames; the data set's 300 K and 600 K MD frames stay within 30° and 55° of it (measured), so the pool
+  arms are the ones to run;
 - ``--system ethanol`` (``configs/active_ethanol_xtb.yaml``): 20 rMD17 ethanol configurations, exploration at
   the data's own 500 K, rMD17 test configurations, a pool of rMD17 training configurations.
 
@@ -32,7 +36,7 @@ selection reaches at its final budget (the call ratio: rule calls / random's cal
 per seed), wall-clock per call and the loop's own overhead; written to ``docs/active_learning.md``. Finished runs
 are reused and unfinished ones resumed, so an interrupted study continues where it stopped.
 
-    OMP_NUM_THREADS=1 python scripts/study_active.py [--system acac|ethanol] [--method sgmcmc|ensemble]
+    OMP_NUM_THREADS=1 python scripts/study_active.py [--system acac|acac_mixed|acac_torsion|ethanol] [--method sgmcmc|ensemble]
         [--calls 40] [--seeds 0 1 2] [--divergence 10] [--runs runs/study_active]
 """
 
@@ -68,9 +72,20 @@ SYSTEMS = {
     # the acac protocol with a pool that is not all target distribution: 300 K and 600 K MD frames, as many of each
     # (the 300 K ones from another trajectory than the initial set's)
     "acac_mixed": {"config": ROOT / "configs" / "active_acac_xtb.yaml",
-                   "pool": [DATA / "botnet_acac" / "test_MD_300K.xyz", DATA / "botnet_acac" / "train_600K.xyz"],
+                   "pool": [(DATA / "botnet_acac" / "test_MD_300K.xyz", "0:500"),
+                            (DATA / "botnet_acac" / "train_600K.xyz", ":")],
                    "words": "acetylacetone: 20 initial configurations from 300 K MD, MD exploration at 600 K, test "
                             "configurations from 600 K MD, a pool of 300 K and 600 K MD configurations (half each)"},
+    # a rare event: rotation about a C-C bond, beyond what 300 K MD reaches; the pool is 300 K MD frames (another
+    # trajectory than the initial set's) and every other frame of the dihedral scan (0-180 degrees in 4-degree
+    # steps), 8 % of it; the test set is the scan's other frames
+    "acac_torsion": {"config": ROOT / "configs" / "active_acac_xtb.yaml",
+                     "pool": [(DATA / "botnet_acac" / "test_MD_300K.xyz", "0:276"),
+                              (DATA / "botnet_acac" / "test_dihedral.xyz", "0::2")],
+                     "test": {"path": str(DATA / "botnet_acac" / "test_dihedral.xyz"), "index": "1::2"},
+                     "words": "acetylacetone: 20 initial configurations from 300 K MD; a pool of 276 300 K MD "
+                              "configurations and 23 frames of a scan of the dihedral angle about a C-C bond (every "
+                              "other one of the 45, 1-177 degrees); the test set is the scan's other 22 frames"},
     "ethanol": {"config": ROOT / "configs" / "active_ethanol_xtb.yaml",
                 "pool": DATA / "rmd17" / "rmd17_ethanol_train_01.extxyz",
                 "words": "rMD17 ethanol: 20 initial configurations, MD exploration at 500 K, rMD17 test and "
@@ -88,18 +103,23 @@ def pool_explore(args) -> dict:
 
 
 def pool_path(args) -> Path:
-    """The system's pool file; a pool of several files is written once to ``<runs>/<system>/pool.extxyz``: the
-    first frames of each, as many from each as the shortest has."""
+    """The system's pool file; a pool of several parts, each (file, frames index), is written once to
+    ``<runs>/<system>/pool.extxyz``."""
     sources = SYSTEMS[args.system]["pool"]
     if isinstance(sources, Path):
         return sources
     path = args.runs / args.system / "pool.extxyz"
     if not path.is_file():
-        parts = [read_frames(source) for source in sources]
-        size = min(map(len, parts))
+        frames = [atoms for source, index in sources for atoms in read_frames(source, index=index, require=())]
         with atomic_write(path) as tmp:
-            ase.io.write(tmp, [atoms for part in parts for atoms in part[:size]], format="extxyz")
+            ase.io.write(tmp, frames, format="extxyz")
     return path
+
+
+def test_size(args) -> int:
+    """How many test structures the study's runs have: ``--test``, or fewer where the test source has fewer."""
+    section = study_config(args, {}, {}, seed=0)["test"]
+    return min(args.test, len(read_frames(section["path"], index=section.get("index", ":"), require=())))
 
 
 def arms(args, threshold: float):
@@ -119,7 +139,7 @@ def study_config(args, explore, rule, seed: int):
     cfg = load_active_config(SYSTEMS[args.system]["config"])
     cfg["seed"] = seed
     cfg["train"]["seed"] = seed
-    cfg["test"]["n"] = args.test
+    cfg["test"] = dict(SYSTEMS[args.system].get("test", cfg["test"]), n=args.test)
     cfg["budget"] = {"max_calls": args.calls, "target_forces_mae": None}
     cfg["explore"]["steps"] = args.md_steps
     if explore:
@@ -420,7 +440,7 @@ def main() -> None:
         f"{' --retrain' if args.retrain else ''}{only}` on the 2-core "
         "CPU machine "
         f"({minutes:.0f} min of runs). {SYSTEMS[args.system]['words']}; every label GFN2-xTB. Test set: "
-        f"{args.test} structures. "
+        f"{test_size(args)} structures. "
         + ("SG-MCMC (one chain, 800 burn-in steps, 4 samples; each update 40 re-equilibration steps and 4 new "
            "samples)" if args.method == "sgmcmc" else
            "A deep ensemble of 4 members (150 epochs at most on the initial set; "
