@@ -77,7 +77,7 @@ SYSTEMS = {
                    "words": "acetylacetone: 20 initial configurations from 300 K MD, MD exploration at 600 K, test "
                             "configurations from 600 K MD, a pool of 300 K and 600 K MD configurations (half each)"},
     # a rare event: rotation about a C-C bond, beyond what 300 K MD reaches; the pool is 300 K MD frames (another
-    # trajectory than the initial set's) and every other frame of the dihedral scan (0-180 degrees in 4-degree
+    # trajectory than the initial set's) and every other frame of the dihedral scan (1-177 degrees in 4-degree
     # steps), 8 % of it; the test set is the scan's other frames
     "acac_torsion": {"config": ROOT / "configs" / "active_acac_xtb.yaml",
                      "pool": [(DATA / "botnet_acac" / "test_MD_300K.xyz", "0:276"),
