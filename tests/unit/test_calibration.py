@@ -92,15 +92,57 @@ def test_isotonic_map_is_linear_between_knots_proportional_outside_and_keeps_zer
     np.testing.assert_allclose(std_ratio(cal, "energy", std), [1.0, 3.0, 3.0, 4.0 / 1.5, 2.5, 2.5])
     # ties in σ get one value (the mean of e² over the tie); a decrease is pooled into one block, whose knot is
     # at its count-weighted mean σ
-    iso = fit_isotonic([1.0, -3.0, 3.0], [0.5, 0.5, 1.0])
+    iso = fit_isotonic([1.0, -3.0, 3.0], [0.5, 0.5, 1.0], min_count=1)
     np.testing.assert_allclose(iso["std"], [0.5, 1.0])
     np.testing.assert_allclose(iso["calibrated_std"], [np.sqrt(5.0), 3.0])
-    iso = fit_isotonic([1.0, -3.0, 2.0], [0.5, 0.5, 1.0])
+    iso = fit_isotonic([1.0, -3.0, 2.0], [0.5, 0.5, 1.0], min_count=1)
     np.testing.assert_allclose(iso["std"], [2.0 / 3.0])
     np.testing.assert_allclose(iso["calibrated_std"], [np.sqrt(14.0 / 3.0)])
     # one block is one factor
     one = {"isotonic": {"forces": iso}}
     np.testing.assert_allclose(std_ratio(one, "forces", [0.1, 1.0, 5.0]), [np.sqrt(14.0 / 3.0) * 1.5] * 3)
+
+
+def test_isotonic_blocks_hold_enough_errors_to_estimate_their_variance():
+    """Calibrated stds (errors drawn with the predicted std): every knot of the map stays near a factor 1, and no
+    block of a few small errors by chance sends its stds towards zero."""
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.1, 0.2, 4000)
+    err = rng.normal(0.0, std)
+
+    def ratio(iso):
+        return iso["calibrated_std"] / iso["std"]
+
+    assert ratio(fit_isotonic(err, std, min_count=1)).min() < 0.6  # the unmerged fit: the failure
+    iso = fit_isotonic(err, std)
+    assert np.all(np.abs(ratio(iso) - 1.0) < 0.2)
+    assert np.all(np.diff(iso["std"]) > 0) and np.all(np.diff(iso["calibrated_std"]) > 0)
+    # fewer errors than one block needs: one block, one factor
+    assert len(fit_isotonic(err[:49], std[:49])["std"]) == 1
+    with pytest.raises(ValueError, match="min_count"):
+        fit_isotonic(err, std, min_count=0)
+
+
+@pytest.mark.parametrize("isotonic", [False, True])
+def test_force_components_zero_by_symmetry_are_left_out_of_the_fit(isotonic):
+    """Components with a zero error (round-off of a force zero by symmetry) at the smallest stds, as in a
+    symmetric crystal cell: the fit is the one without them, and no calibrated std collapses towards zero."""
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.1, 0.2, 3000)
+    err = rng.normal(0.0, std)
+    zeros = np.argsort(std)[:300]
+    with_zeros = err.copy()
+    with_zeros[zeros] = rng.normal(0.0, 1e-6, zeros.size)
+    keep = np.ones(std.size, dtype=bool)
+    keep[zeros] = False
+    fitted = fit_calibration(None, None, with_zeros, std, isotonic=isotonic)
+    expected = fit_calibration(None, None, err[keep], std[keep], isotonic=isotonic)
+    if isotonic:
+        for k in ("std", "calibrated_std"):
+            np.testing.assert_array_equal(fitted["isotonic"]["forces"][k], expected["isotonic"]["forces"][k])
+        assert calibrated_std(fitted, "forces", std).min() > 0.8 * std.min()
+    else:
+        assert fitted["forces"] == expected["forces"]
 
 
 def test_bad_calibrations_are_rejected():
