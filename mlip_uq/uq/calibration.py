@@ -192,6 +192,9 @@ def fit_calibration(
         if q == "forces":
             keep &= np.abs(err) >= SYMMETRY_ZERO_FORCE_ERROR
         err, std = err[keep], std[keep]
+        if not err.size:
+            raise ValueError(f"{q}: no validation item has an informative std (and, for forces, an error of at "
+                             f"least {SYMMETRY_ZERO_FORCE_ERROR} eV/Å) to fit a recalibration on")
         if isotonic:
             out.setdefault("isotonic", {})[q] = fit_isotonic(err, std)
         else:

@@ -156,6 +156,8 @@ def test_bad_calibrations_are_rejected():
         check_calibration({"isotonic": {"forces": {"std": [2.0, 1.0], "calibrated_std": [1.0, 1.0]}}})
     with pytest.raises(ValueError, match="finite errors"):
         fit_isotonic([1.0], [np.nan])
+    with pytest.raises(ValueError, match="forces: no validation item"):
+        fit_calibration(None, None, np.zeros((5, 3)), np.ones((5, 3)))  # every force zero by symmetry
 
 
 @pytest.mark.parametrize("isotonic", [False, True])
