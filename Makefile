@@ -5,16 +5,33 @@
 #   make test  - the whole test suite, on TEST_WORKERS cores (pytest-xdist): each test file on one worker, so that
 #                the runs a file's tests share are trained once, handed out in collection order (the long
 #                integration files first, so that the many short unit files even out the end)
+#   make install - torch (see TORCH below), then `pip install -e '.[test]'`
 PYTHON ?= python3
 TEST_WORKERS ?= 2
 DEMO_OUT ?= demo_out
+# The torch that `make install` installs when none is installed yet (an installed torch, CPU or CUDA, is kept;
+# `pip uninstall torch` first to switch):
+#   TORCH=cpu  (default) the CPU build: first a wheel the machine holds (`pip install --no-index`: pip's
+#              find-links, e.g. a local wheel folder), else PyTorch's CPU index, TORCH_CPU_INDEX. A plain
+#              `pip install torch` (or `pip install nequip`) would take PyPI's build, which on Linux x86-64 is the
+#              multi-GB CUDA one.
+#   TORCH=cuda PyPI's default build (CUDA on Linux x86-64), for a machine with an NVIDIA GPU.
+TORCH ?= cpu
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+ifeq ($(TORCH),cpu)
+TORCH_INSTALL = $(PYTHON) -m pip install --quiet --no-index torch==$(TORCH_VERSION) 2>/dev/null || $(PYTHON) -m pip install --quiet --index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION)
+else ifeq ($(TORCH),cuda)
+TORCH_INSTALL = $(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)
+else
+$(error TORCH=$(TORCH): use TORCH=cpu (the CPU build, the default) or TORCH=cuda (PyPI's CUDA build))
+endif
 
 .PHONY: install demo test
 
-# torch first: with no torch installed, take the CPU wheel torch==2.13.0 (a plain `pip install nequip` would pull
-# a multi-GB CUDA build); an existing torch (e.g. a CUDA build on a GPU machine) is kept.
 install:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -c "import torch" 2>/dev/null || { $(TORCH_INSTALL); }
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 
 DEMO_DATA = data/tio2_aenet_subset_1000.extxyz

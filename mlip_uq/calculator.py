@@ -1,6 +1,7 @@
 """ASE calculator of a posterior: predictive means as ASE's standard results, standard deviations beside them.
 
-Results (DESIGN.md "Calculator contract"; eV, Å, eV/Å, eV/Å³; stress in ASE's Voigt order xx, yy, zz, yz, xz, xy):
+Results (docs/design.md "Calculator contract"; eV, Å, eV/Å, eV/Å³; stress in ASE's Voigt order xx, yy, zz, yz,
+xz, xy):
 
 ========================== ======== ====================================================================
 key                        shape    meaning

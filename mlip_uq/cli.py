@@ -104,7 +104,8 @@ def _md(args) -> int:
         raise ValueError(f"--index {args.index} names {len(atoms)} frames of {args.structure}; MD needs one")
     rule = None
     if args.max_force_std is not None:
-        rule = ForceStdRule(args.max_force_std, relative=args.relative, consecutive=args.consecutive)
+        rule = ForceStdRule(args.max_force_std, relative=args.relative, consecutive=args.consecutive,
+                            signal=args.signal)
     calc = UQCalculator(args.posterior, device=args.device, dtype=args.dtype)
     result = run_md(atoms, calc, steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
                     ensemble=args.ensemble, out_dir=args.out, stop_rule=rule, log_every=args.log_every,
@@ -138,6 +139,100 @@ def _compare(args) -> int:
     compare(args.config, out, budget=args.budget, regimes=args.regimes, splits=args.splits,
             methods=args.methods)
     print(f"results: {Path(out) / 'results.md'} (tables), {Path(out) / 'results.json'}; plots: {out}/*.png")
+    return 0
+
+
+def _data(args) -> int:
+    """``mlip-uq data list`` / ``mlip-uq data fetch NAME [--cache DIR] [--force] [--from DIR]``."""
+    from . import datasets
+
+    cache = Path(args.cache) if args.cache else None
+    if args.data_command == "list":
+        print(datasets.list_lines(cache))
+        return 0
+    for name in args.names:
+        folder = datasets.fetch(name, cache=cache, force=args.force, source=args.source, log=print)
+        spec = datasets.get(name)
+        print(f"{name}: {folder}")
+        for file in spec.files:
+            print(f"  {folder / file}   (configurations: dataset:{name}/{file})")
+    return 0
+
+
+def _add_data_parser(sub) -> None:
+    """The ``data`` command: public data sets by name (:mod:`mlip_uq.datasets`)."""
+    p = sub.add_parser("data", help="public data sets by name: download, verify, convert to extended XYZ, cache")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data.add_parser("list", help="the registered data sets and whether the cache holds them")
+    q.add_argument("--cache", help="cache folder (default $MLIP_UQ_DATA, else ~/.cache/mlip_uq)")
+    q = data.add_parser("fetch", help="download NAME from its original source, verify it, convert it into the cache")
+    q.add_argument("names", nargs="+", metavar="NAME", help="data set(s) of `mlip-uq data list`")
+    q.add_argument("--cache", help="cache folder (default $MLIP_UQ_DATA, else ~/.cache/mlip_uq)")
+    q.add_argument("--force", action="store_true", help="fetch again though the cache holds it")
+    q.add_argument("--from", dest="source", type=Path, help="copy the converted files from this folder (a copy "
+                   "made elsewhere) instead of downloading; verified the same way")
+    p.set_defaults(func=_data)
+
+
+def _lammps(args) -> int:
+    # mlip-uq lammps (issue 37): a LAMMPS input with the posterior as its potential (mlip_uq.lammps)
+    from .lammps import run_lammps
+    from .md import ForceStdRule
+
+    rule = None
+    if args.max_force_std is not None:
+        rule = ForceStdRule(args.max_force_std, relative=args.relative, consecutive=args.consecutive)
+    try:
+        result = run_lammps(args.input, args.posterior, uq_every=args.uq_every, stop_rule=rule,
+                            epistemic=args.epistemic, types=args.types, device=args.device, dtype=args.dtype,
+                            log_file=args.log, screen=args.screen, variables=dict(args.var or []))
+    except (ImportError, RuntimeError) as e:
+        print(f"mlip-uq lammps: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{result.steps_done} steps, {len(result.checks)} uncertainty checks, {result.evaluations} model "
+          f"evaluations in {result.wall_seconds:.1f} s" + (f"; stopped: {result.stop_reason}" if result.stopped else ""))
+    if result.checks:
+        step, total, epistemic = result.checks[-1]
+        print(f"last check (step {step}): max atom_force_std {total:.4g} eV/Å, epistemic {epistemic:.4g} eV/Å")
+    return 0
+
+
+def _export(args) -> int:
+    # mlip-uq export (issue 37): every sample (and the exact mean model) as nequip packages (mlip_uq.export)
+    from .export import export_posterior
+
+    structure = None
+    if args.structure:
+        import ase.io
+
+        structure = ase.io.read(args.structure, 0)
+    manifest = export_posterior(args.posterior, args.out, mean=args.mean, dtype=args.dtype, structure=structure,
+                                verify=not args.no_verify)
+    out = Path(args.out)
+    checked = " (each loaded back by nequip and checked)" if not args.no_verify else ""
+    print(f"{manifest['n_samples']} sample(s) as nequip packages in {out}{checked}: "
+          f"{manifest['samples'][0]['file']} ... {manifest['samples'][-1]['file']}")
+    mean = manifest["mean_model"]
+    print(f"mean model: {out / mean['file']} (exact: {mean['why']})" if mean["file"] else
+          f"mean model: not written ({'exact, but --mean none' if mean['exact'] else mean['why']})")
+    print(f"manifest:   {out / 'manifest.json'}")
+    return 0
+
+
+def _screen(args) -> int:
+    # mlip-uq screen (issue 37): per-frame max per-atom force std of a trajectory (mlip_uq.screen)
+    from .screen import screen_trajectory
+
+    rows = screen_trajectory(args.posterior, args.trajectory, out=args.out, format=args.format, index=args.index,
+                             types=args.types, device=args.device, dtype=args.dtype)
+    worst = max(rows, key=lambda r: r["max_atom_force_std"])
+    print(f"{len(rows)} frames; largest max atom_force_std {worst['max_atom_force_std']:.4g} eV/Å at frame "
+          f"{worst['frame']} (step {worst['step']})")
+    if args.threshold is not None:
+        above = [r["frame"] for r in rows if r["max_atom_force_std"] > args.threshold]
+        print(f"{len(above)} frame(s) above {args.threshold:g} eV/Å" + (f": {above[:20]}" if above else ""))
+    if args.out:
+        print(f"per-frame table: {args.out}")
     return 0
 
 
@@ -203,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relative", action="store_true", help="threshold relative to each atom's force magnitude")
     p.add_argument("--consecutive", type=int, default=1, help="uncertainty checks in a row above the threshold "
                    "before stopping")
+    p.add_argument("--signal", choices=["total", "epistemic", "bald"], default="total",
+                   help="the per-atom uncertainty --max-force-std reads: total (predictive std, default), "
+                   "epistemic (the samples' spread alone) or bald (½ log(1 + σ²_epi/σ²_ale), nats)")
     p.add_argument("--log-every", type=int, default=1, help="record/log/write a frame every this many steps")
     p.add_argument("--uq-every", type=int, default=1, help="compute the per-atom force std and test "
                    "--max-force-std every this many steps (the per-atom energy std is logged at every step)")
@@ -228,6 +326,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", metavar="SPLIT", help="run only these splits")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods (and the map run they start from)")
     p.set_defaults(func=_compare)
+
+    # mlip-uq lammps (issue 37)
+    p = sub.add_parser("lammps", help="run a LAMMPS input with the posterior as its potential and per-atom "
+                       "uncertainty (fix external; the input has a line 'mlip_uq' where the model goes)")
+    p.add_argument("input", help="LAMMPS input (units metal) with one line 'mlip_uq' after the box and atoms exist")
+    p.add_argument("posterior", help="posterior.h5")
+    p.add_argument("--uq-every", type=int, default=1, help="compute the per-atom force std (d_fstd, d_fstd_epi) and "
+                   "test --max-force-std every this many timesteps")
+    p.add_argument("--max-force-std", type=float, help="halt the run when the largest per-atom force std exceeds this "
+                   "(eV/Å; with --relative a fraction of |F_i| + 0.1 eV/Å)")
+    p.add_argument("--relative", action="store_true", help="threshold relative to each atom's force magnitude")
+    p.add_argument("--consecutive", type=int, default=1, help="checks in a row above the threshold before halting")
+    p.add_argument("--epistemic", action="store_true", help="test the threshold on the epistemic part of the std")
+    p.add_argument("--types", nargs="+", metavar="ELEMENT", help="element of each LAMMPS atom type, type 1 first "
+                   "(default: the posterior's type names in order)")
+    p.add_argument("--log", default="log.lammps", help="LAMMPS log file (default log.lammps)")
+    p.add_argument("--screen", action="store_true", help="show LAMMPS's screen output")
+    p.add_argument("--var", nargs=2, action="append", metavar=("NAME", "VALUE"), help="an input variable (-var)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="model precision (default: the posterior's)")
+    p.set_defaults(func=_lammps)
+
+    # mlip-uq export and screen (issue 37)
+    p = sub.add_parser("export", help="every posterior sample (and the exact mean model) as nequip packages "
+                       "(.nequip.zip, for nequip's calculator and nequip-compile) plus manifest.json")
+    p.add_argument("posterior", help="posterior.h5")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mean", choices=["auto", "require", "none"], default="auto", help="the posterior-mean model: "
+                   "where exact (auto, the default), required (an error where not exact), or none")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="precision of the exported models (default: the "
+                   "posterior's)")
+    p.add_argument("--structure", help="example structure kept in each package for nequip-compile (ASE-readable; "
+                   "default: a small generated cell)")
+    p.add_argument("--no-verify", action="store_true", help="do not load each package back through nequip to check it")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("screen", help="per-frame max per-atom force std of a trajectory (LAMMPS dump, extxyz, ...)")
+    p.add_argument("posterior", help="posterior.h5")
+    p.add_argument("trajectory", help="any ASE-readable trajectory; *.lammpstrj / *.dump are read as LAMMPS dumps")
+    p.add_argument("--out", help="write the per-frame table to this CSV file")
+    p.add_argument("--format", help="ASE format of the trajectory (default: from its name)")
+    p.add_argument("--index", default=":", help="ASE index of the frames (default: all)")
+    p.add_argument("--types", nargs="+", metavar="ELEMENT", help="element of each LAMMPS atom type of a dump, type 1 "
+                   "first (default: the posterior's type names)")
+    p.add_argument("--threshold", type=float, help="also list the frames whose max atom_force_std exceeds this (eV/Å)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="model precision (default: the posterior's)")
+    p.set_defaults(func=_screen)
+
+    _add_data_parser(sub)
     return parser
 
 

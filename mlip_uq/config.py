@@ -4,7 +4,8 @@ A configuration has the top-level sections ``name``, ``method``, ``seed``, ``dat
 and one or more sections per training method (``training``, ``sgmcmc``, ``vi``, ``ensemble``, ``dropout``: the
 sections of :data:`mlip_uq.inference.METHODS`); see ``configs/*.yaml`` for documented examples. Relative paths
 (data files, store, and the options a method's ``Settings.PATHS`` names, such as pre-trained weights) are
-resolved against the folder of the configuration file.
+resolved against the folder of the configuration file; ``dataset:NAME/FILE`` names a file of a public data set
+fetched into the cache by ``mlip-uq data fetch NAME`` (:mod:`mlip_uq.datasets`).
 
 Which sections a method reads:
 
@@ -31,6 +32,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import yaml
 
+from .datasets import dataset_path, is_dataset_path
 from .files import atomic_write
 from .inference import METHODS, method_sections
 
@@ -287,7 +289,16 @@ def _describe(hint: Any) -> str:
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:
-    """``path`` (``~`` expanded) relative to ``base_dir`` unless it is absolute."""
+    """``path`` (``~`` expanded) relative to ``base_dir`` unless it is absolute; ``dataset:NAME/FILE`` names a
+    file of a registered public data set in the cache (:func:`mlip_uq.datasets.dataset_path`).
+
+    Raises:
+        mlip_uq.datasets.DatasetNotFetchedError: a ``dataset:`` path whose data set is not in the cache (the
+            message names ``mlip-uq data fetch NAME``).
+        mlip_uq.datasets.DatasetError: a ``dataset:`` path of an unknown data set or file.
+    """
+    if is_dataset_path(path):
+        return dataset_path(path)
     p = Path(path).expanduser()
     return p if p.is_absolute() else (base_dir / p).resolve()
 

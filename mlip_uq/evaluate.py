@@ -1,4 +1,4 @@
-"""Evaluate a posterior on labelled structures: predictions, DESIGN.md metrics and plots."""
+"""Evaluate a posterior on labelled structures: predictions, docs/design.md metrics and plots."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .posterior.predict import predict_samples, predictive_moments
 from .uq import evaluation_metrics
 from .uq.calibration import calibrated_std, check_calibration, describe, fit_calibration
 from .uq.plots import calibration_plot, error_vs_std_plot, parity_plot
+from .uq.signals import atom_signal
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ class Predictions:
     unchanged); forces per component (eV/Å) for all atoms. Stds are predictive: epistemic (spread of the samples)
     plus aleatoric (the model's observation noise), so a single model has them too. ``energy_std`` and
     ``forces_std`` carry ``calibration`` (the posterior's recalibration, ``{}``: none); the ``_uncalibrated``
-    fields are the raw stds.
+    fields are the raw stds. ``forces_std_epistemic`` is the epistemic part of ``forces_std`` (scaled by the
+    same recalibration as the component's total std, as the calculator's ``forces_std_epistemic``).
     """
 
     n_atoms: np.ndarray
@@ -46,6 +48,8 @@ class Predictions:
     energy_std_uncalibrated: np.ndarray
     forces_std_uncalibrated: np.ndarray
     calibration: Dict = field(default_factory=dict)
+    forces_std_epistemic_uncalibrated: Optional[np.ndarray] = None
+    forces_std_epistemic: Optional[np.ndarray] = None
 
     def fitted_calibration(self, isotonic: bool = False) -> Dict:
         """The recalibration of the raw stds that these labelled predictions call for (minimum Gaussian NLL:
@@ -53,32 +57,46 @@ class Predictions:
         return fit_calibration(self.energy_pred - self.energy_true, self.energy_std_uncalibrated,
                                self.forces_pred - self.forces_true, self.forces_std_uncalibrated, isotonic=isotonic)
 
-    def _atom_force_std(self) -> Tuple[np.ndarray, np.ndarray]:
-        """Per-atom force std (the square root of the sum of an atom's component variances: ``atom_force_std``)
-        and the index of each structure's first atom."""
-        atom = np.sqrt(np.square(self.forces_std).reshape(-1, 3).sum(-1))
-        return atom, np.concatenate([[0], np.cumsum(self.n_atoms)[:-1]])
+    def _atom_signal(self, signal: str) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-atom uncertainty signal (:mod:`mlip_uq.uq.signals`: ``total`` is ``atom_force_std``, the square
+        root of the sum of an atom's component variances) and the index of each structure's first atom."""
+        def atom(std: np.ndarray) -> np.ndarray:
+            return np.sqrt(np.square(std).reshape(-1, 3).sum(-1))
 
-    def max_atom_force_std(self) -> np.ndarray:
-        """Per structure, the largest per-atom force std, shape (S,): the per-structure uncertainty that flags
-        unfamiliar structures."""
-        atom, first = self._atom_force_std()
+        total = atom(self.forces_std)
+        if signal != "total" and self.forces_std_epistemic is None:
+            raise ValueError(f"signal {signal!r} needs the epistemic force stds; these predictions have none")
+        values = atom_signal(signal, total, total if signal == "total" else atom(self.forces_std_epistemic))
+        return values, np.concatenate([[0], np.cumsum(self.n_atoms)[:-1]])
+
+    def max_atom_force_std(self, signal: str = "total") -> np.ndarray:
+        """Per structure, the largest per-atom signal (default the predictive ``atom_force_std``), shape (S,):
+        the per-structure uncertainty that flags unfamiliar structures."""
+        atom, first = self._atom_signal(signal)
         return np.maximum.reduceat(atom, first)
 
-    def mean_atom_force_std(self) -> np.ndarray:
-        """Per structure, the mean per-atom force std, shape (S,): unlike the largest, it does not grow with the
+    def mean_atom_force_std(self, signal: str = "total") -> np.ndarray:
+        """Per structure, the mean per-atom signal, shape (S,): unlike the largest, it does not grow with the
         number of atoms when every atom is as uncertain (the larger of two cells has more draws to take a
         maximum over)."""
-        atom, first = self._atom_force_std()
+        atom, first = self._atom_signal(signal)
         return np.add.reduceat(atom, first) / self.n_atoms
 
     def with_calibration(self, calibration: Dict) -> "Predictions":
         """The same predictions with ``calibration`` applied to the raw stds instead (``{}``: none)."""
         check_calibration(calibration)
+        forces_std = calibrated_std(calibration, "forces", self.forces_std_uncalibrated)
+        epistemic = None
+        if self.forces_std_epistemic_uncalibrated is not None:
+            raw = self.forces_std_uncalibrated
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(raw > 0, forces_std / raw, 1.0)
+            epistemic = self.forces_std_epistemic_uncalibrated * ratio
         return replace(
             self,
             energy_std=calibrated_std(calibration, "energy", self.energy_std_uncalibrated),
-            forces_std=calibrated_std(calibration, "forces", self.forces_std_uncalibrated),
+            forces_std=forces_std,
+            forces_std_epistemic=epistemic,
             calibration=dict(calibration),
         )
 
@@ -86,7 +104,7 @@ class Predictions:
 def predict_graphs(posterior: Posterior, graphs: List[AtomicDataDict.Type], batch_size: int = 16) -> Predictions:
     """Predict every labelled graph with every posterior sample, in batches of ``batch_size`` frames; the stds
     carry the posterior's calibration."""
-    cols: Dict[str, list] = {k: [] for k in ("n", "et", "ep", "es", "ft", "fp", "fs")}
+    cols: Dict[str, list] = {k: [] for k in ("n", "et", "ep", "es", "ft", "fp", "fs", "fe")}
     refs = np.array([posterior.energy_references.get(t, 0.0) for t in posterior.config.type_names])
     for start in range(0, len(graphs), batch_size):
         batch = AtomicDataDict.to_(collate(graphs[start : start + batch_size]), posterior.device)
@@ -100,6 +118,7 @@ def predict_graphs(posterior: Posterior, graphs: List[AtomicDataDict.Type], batc
         cols["ft"].append(batch[AtomicDataDict.FORCE_KEY].cpu().double().numpy())
         cols["fp"].append(m.forces)
         cols["fs"].append(m.forces_std)
+        cols["fe"].append(m.forces_std_epistemic)
     cat = {k: np.concatenate(v) for k, v in cols.items()}
     raw = Predictions(
         n_atoms=cat["n"].astype(int),
@@ -112,12 +131,13 @@ def predict_graphs(posterior: Posterior, graphs: List[AtomicDataDict.Type], batc
         n_samples=posterior.n_samples,
         energy_std_uncalibrated=cat["es"],
         forces_std_uncalibrated=cat["fs"],
+        forces_std_epistemic_uncalibrated=cat["fe"],
     )
     return raw.with_calibration(posterior.calibration)
 
 
 def metrics_and_plots(pred: Predictions, plots_dir: Optional[Path] = None, title: Optional[str] = None) -> Dict:
-    """DESIGN.md metrics of ``pred``; with ``plots_dir`` also parity (and, with stds, calibration) PNGs."""
+    """docs/design.md metrics of ``pred``; with ``plots_dir`` also parity (and, with stds, calibration) PNGs."""
     metrics = evaluation_metrics(
         pred.energy_pred, pred.energy_true, pred.energy_std,
         pred.forces_pred, pred.forces_true, pred.forces_std, n_samples=pred.n_samples,

@@ -54,6 +54,7 @@ from ase.md.verlet import VelocityVerlet
 
 from .calculator import uq_to_atoms
 from .uq.plots import new_figure as _new_figure, save_figure as _save
+from .uq.signals import SIGNALS, check_signal, signal_from_results
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,17 @@ class ForceStdRule:
             (MD steps with ``uq_every = 1``).
         eps: force floor of the relative test (eV/Å), so that an atom near equilibrium (|F_i| ≈ 0) is judged by
             std_i / eps instead of a ratio that diverges; default 0.1 eV/Å.
+        signal: which per-atom uncertainty std_i is (:mod:`mlip_uq.uq.signals`): ``total`` (the default: a
+            stop asks how large the force error is likely to be, so it reads the full predictive std),
+            ``epistemic`` (the spread of the samples alone) or ``bald`` (dimensionless; not with ``relative``).
+            The caller passes that signal to :meth:`check`; :func:`run_md` does.
     """
 
     threshold: float
     relative: bool = False
     consecutive: int = 1
     eps: float = 0.1
+    signal: str = "total"
 
     def __post_init__(self):
         if not (np.isfinite(self.threshold) and self.threshold > 0):
@@ -90,10 +96,14 @@ class ForceStdRule:
             raise ValueError(f"consecutive must be a positive integer, got {self.consecutive}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0 eV/Å, got {self.eps}")
+        check_signal(self.signal)
+        if self.relative and self.signal == "bald":
+            raise ValueError("a relative threshold divides a std by the force; signal bald is no std")
         self.consecutive = int(self.consecutive)
 
     def measure(self, atom_force_std: np.ndarray, forces: np.ndarray) -> float:
-        """The number compared with the threshold: max_i std_i (eV/Å), or max_i std_i / (|F_i| + eps)."""
+        """The number compared with the threshold: max_i std_i (eV/Å), or max_i std_i / (|F_i| + eps); std_i
+        the rule's :attr:`signal` of atom i."""
         std = np.asarray(atom_force_std, dtype=np.float64)
         if self.relative:
             std = std / (np.linalg.norm(np.asarray(forces, dtype=np.float64), axis=-1) + self.eps)
@@ -103,14 +113,15 @@ class ForceStdRule:
         """True when this structure is above the threshold.
 
         Args:
-            atom_force_std: (N,) per-atom force std (eV/Å).
+            atom_force_std: (N,) the rule's per-atom signal (:attr:`signal`: eV/Å, nats for ``bald``).
             forces: (N, 3) predicted mean forces (eV/Å).
         """
         return self.measure(atom_force_std, forces) > self.threshold
 
     def describe(self) -> str:
-        quantity = f"max_i atom_force_std_i / (|F_i| + {self.eps:g} eV/Å)" if self.relative else "max atom_force_std"
-        unit = "" if self.relative else " eV/Å"
+        name = {"total": "atom_force_std", "epistemic": "atom_force_std_epistemic", "bald": "bald"}[self.signal]
+        quantity = f"max_i {name}_i / (|F_i| + {self.eps:g} eV/Å)" if self.relative else f"max {name}"
+        unit = "" if self.relative else f" {SIGNALS[self.signal]}"
         return f"{quantity} > {self.threshold:g}{unit} for {self.consecutive} consecutive check(s)"
 
 
@@ -203,8 +214,9 @@ def run_md(
         temperature_K: target temperature (K) of ``langevin`` and ``npt``, and of the initial velocities.
         ensemble: ``"nve"``, ``"langevin"`` or ``"npt"``.
         out_dir: folder for trajectory, log and plot; None writes nothing.
-        stop_rule: a :class:`ForceStdRule`, or any object with ``check(atom_force_std, forces) -> bool`` (and
-            optionally ``consecutive``), tested at every uncertainty check.
+        stop_rule: a :class:`ForceStdRule`, or any object with ``check(signal, forces) -> bool`` (and
+            optionally ``consecutive`` and ``signal``, the name of the per-atom signal it reads,
+            :mod:`mlip_uq.uq.signals`; default ``total``: ``atom_force_std``), tested at every uncertainty check.
         on_uncertain: ``f(step, atoms, record) -> bool`` called whenever the rule fires (at a check, so
             ``atoms.calc.results`` holds ``atom_force_std``); True stops the run.
         log_every: record, log and write a trajectory frame every this many steps (and at the last step and
@@ -270,7 +282,8 @@ def run_md(
             fires = False
             if stop_rule is not None and check:
                 results = atoms.calc.results
-                streak = streak + 1 if stop_rule.check(results["atom_force_std"], results["forces"]) else 0
+                signal = signal_from_results(results, getattr(stop_rule, "signal", "total"))
+                streak = streak + 1 if stop_rule.check(signal, results["forces"]) else 0
                 fires = streak >= needed
             if step % int(log_every) == 0 or step == steps or fires:
                 result.records.append(record)

@@ -223,7 +223,7 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
     """Run a training configuration (path or dict) with its method (``map``, ``sgmcmc``, ``vi``, ``ensemble``,
     ``dropout``: an entry of :data:`mlip_uq.inference.METHODS`) and return the output folder.
 
-    Writes ``posterior.h5``, ``metrics.json`` (test-set metrics, DESIGN.md names), ``parity.png`` and the
+    Writes ``posterior.h5``, ``metrics.json`` (test-set metrics, docs/design.md names), ``parity.png`` and the
     resolved ``config.yaml``; checkpoints go to ``checkpoints/``.
 
     Folder rule: a folder that holds a run (its ``config.yaml``) is continued with ``resume`` (the

@@ -56,6 +56,7 @@ from nequip.utils.global_state import set_global_state
 from _harness import update_section
 from mlip_uq.active import ActiveLoop, load_active_config, run_active
 from mlip_uq.active.explore import pool_uncertainty
+from mlip_uq.uq.signals import atom_signal
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.data import read_frames
 from mlip_uq.files import atomic_write, write_json
@@ -126,10 +127,10 @@ def arms(args, threshold: float):
     """name -> (explore section changes, rule); ``threshold``: the force-std rule's, eV/Å."""
     pool = pool_explore(args)
     return {
-        "md_force_std": ({}, {"kind": "force_std", "threshold": threshold}),
+        "md_force_std": ({}, {"kind": "force_std", "threshold": threshold, "signal": args.signal}),
         "md_calibrated": ({}, {"kind": "calibrated", "tolerance": args.tolerance, "probability": 0.5}),
         "md_random": ({}, {"kind": "random", "probability": args.probability}),
-        "pool_top_k": (pool, {"kind": "top_k"}),
+        "pool_top_k": (pool, {"kind": "top_k", "signal": args.signal}),
         "pool_random": (pool, {"kind": "random"}),
     }
 
@@ -168,18 +169,19 @@ def initial_model(args, runs, seed: int) -> ActiveLoop:
 
 def rule_threshold(args, runs, seed: int) -> float:
     """The force-std rule's threshold (eV/Å): ``--threshold``, or the ``--threshold-quantile`` quantile of the
-    seed's initial model's per-structure max ``atom_force_std`` over the pool's unlabelled candidates, so that
+    seed's initial model's per-structure max ``--signal`` over the pool's unlabelled candidates, so that
     the rule fires on structures the first model is less sure of than of most of the target distribution
     (a fixed number fires at every step or never, depending on how much data the first model had)."""
     if args.threshold is not None:
         return args.threshold
-    path = runs / "initial" / f"seed{seed}" / "threshold.json"
+    path = runs / "initial" / f"seed{seed}" / f"threshold_{args.signal}.json"
     if not path.is_file():
         loop = initial_model(args, runs, seed)
-        _, stds = pool_uncertainty(loop.posterior(), loop.explorer.graphs())
-        per_structure = np.array([float(s.max()) for s in stds])
-        write_json({"quantile": args.threshold_quantile, "threshold": float(np.quantile(per_structure,
-                    args.threshold_quantile)), "pool_max_atom_force_std": per_structure.tolist()}, path)
+        _, stds, epistemic = pool_uncertainty(loop.posterior(), loop.explorer.graphs())
+        per_structure = np.array([float(atom_signal(args.signal, s, e).max()) for s, e in zip(stds, epistemic)])
+        write_json({"quantile": args.threshold_quantile, "signal": args.signal,
+                    "threshold": float(np.quantile(per_structure, args.threshold_quantile)),
+                    "pool_max_signal": per_structure.tolist()}, path)
     saved = json.loads(path.read_text())
     if saved["quantile"] != args.threshold_quantile:
         raise SystemExit(f"{path} was written for --threshold-quantile {saved['quantile']}; delete it to change it")
@@ -387,6 +389,8 @@ def main() -> None:
                         "the initial model, --threshold-quantile)")
     parser.add_argument("--threshold-quantile", type=float, default=0.9,
                         help="the force_std threshold's quantile of the initial model's pool stds")
+    parser.add_argument("--signal", choices=["epistemic", "total", "bald"], default="epistemic",
+                        help="the per-atom uncertainty the force_std and top_k rules read (mlip_uq.uq.signals)")
     parser.add_argument("--tolerance", type=float, default=0.5, help="calibrated rule tolerance (eV/Å)")
     parser.add_argument("--probability", type=float, default=0.02, help="random MD rule: calls per step")
     parser.add_argument("--md-steps", type=int, default=3000, help="MD steps per walker (at most)")

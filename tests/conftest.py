@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths to the public data sets in ../shared/data and small frame sets."""
+"""Shared test fixtures: paths to the data files the repository ships in data/ (every test runs from them
+alone), small model configurations and posteriors."""
 
 import json
 import os
@@ -16,8 +17,11 @@ from mlip_uq.model import ModelConfig, build_model
 from mlip_uq.posterior import Posterior
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MLIP_UQ_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 BUNDLED_TIO2 = REPO_ROOT / "data" / "tio2_aenet_subset_1000.extxyz"
+#: the first 200 frames of rMD17 ethanol's official train split 01 and the first 50 of its test split 01 (CC0,
+#: shipped in data/, provenance in data/README.md)
+BUNDLED_ETHANOL_TRAIN = REPO_ROOT / "data" / "rmd17_ethanol_train_01_200.extxyz"
+BUNDLED_ETHANOL_TEST = REPO_ROOT / "data" / "rmd17_ethanol_test_01_50.extxyz"
 
 # nequip models are built under its global state (default dtype float64)
 set_global_state()
@@ -29,10 +33,46 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data sets not found at {SHARED_DATA}; set MLIP_UQ_SHARED_DATA")
-    return SHARED_DATA
+def ethanol_train() -> Path:
+    """200 rMD17 ethanol structures of the official train split 01 (CC0, shipped in data/)."""
+    return BUNDLED_ETHANOL_TRAIN
+
+
+@pytest.fixture(scope="session")
+def ethanol_test() -> Path:
+    """50 rMD17 ethanol structures of the official test split 01 (CC0, shipped in data/)."""
+    return BUNDLED_ETHANOL_TEST
+
+
+def full_data_set(name: str, file: str, shared: str) -> Path:
+    """A file of a full public data set, for the few tests that check facts of the whole set: ``file`` of data
+    set ``name`` in the ``mlip-uq data fetch`` cache (:func:`mlip_uq.datasets.cache_dir`), else
+    ``$MLIP_UQ_SHARED_DATA/<shared>`` where that variable is set (``.ci/run`` sets it when a copy of the data sets
+    lies beside the checkout); the test is skipped, naming the fetch command, when neither holds it."""
+    from mlip_uq.datasets import cache_dir
+
+    cached = cache_dir() / name / file
+    if cached.is_file():
+        return cached
+    root = os.environ.get("MLIP_UQ_SHARED_DATA")
+    if root and (Path(root) / shared).is_file():
+        return Path(root) / shared
+    pytest.skip(f"the full data set {name} is not on this machine (fetch it with `mlip-uq data fetch {name}`)")
+
+
+@pytest.fixture
+def fake_data_cache(tmp_path, monkeypatch) -> Path:
+    """``$MLIP_UQ_DATA`` set to a fresh folder holding an empty placeholder of every file of every registered
+    data set, so that configurations naming ``dataset:NAME/FILE`` load (their data files are not read)."""
+    from mlip_uq.datasets import REGISTRY
+
+    cache = tmp_path / "data_cache"
+    for name, spec in REGISTRY.items():
+        for file in spec.files:
+            (cache / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (cache / name / file).touch()
+    monkeypatch.setenv("MLIP_UQ_DATA", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")

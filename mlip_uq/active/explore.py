@@ -4,7 +4,7 @@
   from a starting structure, run with the current posterior through :func:`mlip_uq.md.run_md` in chunks; its
   positions, momenta and steps done are saved with the loop state); the rule is checked along the trajectory.
 - :class:`PoolExplorer` (``explore.kind: pool``, :class:`PoolOptions`) — a fixed pool of candidates, ranked in
-  batches by :func:`pool_uncertainty` (the posterior's forces and per-atom force std).
+  batches by :func:`pool_uncertainty` (the posterior's forces, per-atom force std and its epistemic part).
 
 An explorer is given the loop (:class:`~mlip_uq.active.loop.ActiveLoop`) in :meth:`Explorer.step`: it asks the
 loop for the calculator or posterior, labels through ``loop.call`` and commits through ``loop.journal``. A new
@@ -30,7 +30,9 @@ from ..files import atomic_write
 from ..md import RECORD_KEYS, run_md
 from ..posterior import Posterior
 from ..posterior.predict import predict_samples, predictive_moments
+from ..uq.signals import signal_from_results
 from .oracle import FAILED, LABELLED
+from .rules import rule_input
 from .state import LoopState, atoms_from_dict, atoms_to_dict, bare_atoms
 
 if TYPE_CHECKING:
@@ -86,9 +88,10 @@ class Walker:
 
 
 def pool_uncertainty(posterior: Posterior, graphs: Sequence[AtomicDataDict.Type], batch_size: int = 16
-                     ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
-    """Predicted forces and per-atom force std of every graph, batched, with the calculator's definitions
-    (:func:`~mlip_uq.posterior.predict.predictive_moments`, recalibrated by the posterior's calibration).
+                     ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+    """Predicted forces and per-atom force std (and its epistemic part) of every graph, batched, with the
+    calculator's definitions (:func:`~mlip_uq.posterior.predict.predictive_moments`, recalibrated by the
+    posterior's calibration).
 
     Args:
         posterior: the posterior.
@@ -96,18 +99,20 @@ def pool_uncertainty(posterior: Posterior, graphs: Sequence[AtomicDataDict.Type]
         batch_size: graphs per batch.
 
     Returns:
-        Two lists with one entry per graph: mean forces (N, 3) eV/Å and ``atom_force_std`` (N,) eV/Å.
+        Three lists with one entry per graph: mean forces (N, 3) eV/Å, ``atom_force_std`` (N,) eV/Å and
+        ``atom_force_std_epistemic`` (N,) eV/Å.
     """
-    forces, stds = [], []
+    forces, stds, epistemic = [], [], []
     for start in range(0, len(graphs), batch_size):
         batch = AtomicDataDict.to_(collate(list(graphs[start : start + batch_size])), posterior.device)
         moments = predictive_moments(predict_samples(posterior, batch)).calibrated(posterior.calibration)
-        atom_std = moments.atom_force_std
+        atom_std, atom_epistemic = moments.atom_force_std, moments.atom_force_std_epistemic
         for f in range(len(moments.n_atoms)):
             atoms = moments.frame == f
             forces.append(moments.forces[atoms])
             stds.append(atom_std[atoms])
-    return forces, stds
+            epistemic.append(atom_epistemic[atoms])
+    return forces, stds, epistemic
 
 
 def next_walker(walkers: Sequence[Walker], after: int) -> Optional[Walker]:
@@ -258,7 +263,8 @@ class MDExplorer(Explorer):
                 return False
             results = current.calc.results
             fired.update(step=int(step), atoms=atoms_to_dict(current, momenta=True),
-                         forces=np.array(results["forces"]), std=np.array(results["atom_force_std"]))
+                         forces=np.array(results["forces"]), std=np.array(results["atom_force_std"]),
+                         signal=signal_from_results(results, rule.signal))
             return True
 
         with journal.timed("explore"):
@@ -279,7 +285,7 @@ class MDExplorer(Explorer):
             return
         current = atoms_from_dict(fired["atoms"])
         values = {"rule": rule.kind, "step": walker.steps_done, "md_steps": state.md_steps,
-                  **rule.values(fired["std"], fired["forces"])}
+                  **rule.values(fired["signal"], fired["forces"])}
         labelled = loop.call(current, "explore")
         walker.last_call = walker.steps_done
         if labelled.outcome == LABELLED:
@@ -373,9 +379,9 @@ class PoolExplorer(Explorer):
                 k = min(k, budget - state.calls["explore"])
             graphs = self.graphs()
             with journal.timed("explore"):
-                forces, stds = pool_uncertainty(loop.posterior(), [graphs[i] for i in remaining],
-                                                int(self.options.batch_size))
-            picks = rule.select(stds, forces, k)
+                forces, stds, epistemic = pool_uncertainty(loop.posterior(), [graphs[i] for i in remaining],
+                                                           int(self.options.batch_size))
+            picks = rule.select([rule_input(rule, *pair) for pair in zip(stds, epistemic)], forces, k)
             if not picks:
                 state.stop_reason = "no pool candidate fires the rule"
                 journal.save()
@@ -385,8 +391,9 @@ class PoolExplorer(Explorer):
             journal.save()
         i = pool["batch"][0]
         with journal.timed("explore"):
-            forces, stds = pool_uncertainty(loop.posterior(), [self.graphs()[i]])
-        values = {"rule": rule.kind, "step": pool["round"], **rule.values(stds[0], forces[0])}
+            forces, stds, epistemic = pool_uncertainty(loop.posterior(), [self.graphs()[i]])
+        values = {"rule": rule.kind, "step": pool["round"],
+                  **rule.values(rule_input(rule, stds[0], epistemic[0]), forces[0])}
         result = loop.call(self.frames[i], "explore")
         if result.outcome == LABELLED:
             rule.observe(forces[0], result.atoms.get_forces(), stds[0])

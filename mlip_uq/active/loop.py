@@ -7,7 +7,7 @@
   and labelled by the oracle (``labels: oracle``, so that training data and reference agree) or keep the labels
   of the file (``labels: file``);
 - ``test`` — optional ``{path, index, n}``: structures labelled once by the oracle; after every update the test
-  metrics (DESIGN.md names) are added to the history;
+  metrics (docs/design.md names) are added to the history;
 - ``explore`` — ``kind: md`` (walkers from ``starts: {path, index}``, ``steps`` MD steps each, run in chunks of
   ``chunk_steps``, at least ``min_gap`` steps between two calls of a walker, ``timestep_fs``, ``temperature_K``,
   ``ensemble``) or ``kind: pool`` (candidates from
@@ -304,7 +304,7 @@ class ActiveLoop:
         chain that diverged between two samples leaves a sample with huge parameters). With ``prior_scale:
         initial`` the calibrated rule takes its s₀ from these residuals."""
         with self.journal.timed("evaluate"):
-            forces, stds = pool_uncertainty(self.posterior(), graphs)
+            forces, stds, _ = pool_uncertainty(self.posterior(), graphs)
         forces, stds = np.concatenate(forces), np.concatenate(stds)
         if not (np.isfinite(forces).all() and np.isfinite(stds).all()):
             raise RuntimeError(

@@ -1,27 +1,34 @@
 """Selection rules: when to call the reference calculator.
 
-Every rule reads the model's per-atom force uncertainty ``atom_force_std`` (N,) eV/Å — the calculator's key:
-sqrt of the sum of the three force-component predictive variances of an atom — and the predicted forces (N, 3)
-eV/Å. A rule is used in two ways:
+Every rule reads one per-atom uncertainty signal (:mod:`mlip_uq.uq.signals`; the rule's ``signal`` option) and
+the predicted forces (N, 3) eV/Å. The signals: ``total`` = ``atom_force_std`` (eV/Å), the calculator's key:
+sqrt of the sum of the three force-component predictive variances of an atom; ``epistemic`` =
+``atom_force_std_epistemic`` (eV/Å), the spread of the posterior's samples alone; ``bald`` = ½ log(1 + σ²_epi /
+σ²_ale) (nats). The caller turns the posterior's stds into the rule's signal (:func:`rule_input`) and hands
+the rule that array. A rule is used in two ways:
 
-- during MD exploration, :meth:`check` is called at every step (the MD driver's ``stop_rule`` protocol,
-  ``check(atom_force_std, forces) -> bool``); True = label this structure;
+- during MD exploration, :meth:`check` is called at every uncertainty check (the MD driver's ``stop_rule``
+  protocol, ``check(signal, forces) -> bool``); True = label this structure;
 - on a candidate pool, :meth:`select` picks up to ``k`` candidates.
 
-Rules (``rule.kind`` in a configuration):
+Rules (``rule.kind`` in a configuration), and the signal each reads:
 
-``force_std`` — :class:`ThresholdRule`: fires when an atom's force std exceeds ``threshold`` eV/Å (or, with
+``force_std`` — :class:`ThresholdRule`: fires when an atom's signal exceeds ``threshold`` (or, with
 ``relative``, ``threshold`` × (that atom's predicted force magnitude + ``eps``)); the test is
-:class:`mlip_uq.md.ForceStdRule`'s, so MD and pool use one definition.
+:class:`mlip_uq.md.ForceStdRule`'s, so MD and pool use one definition. Default signal ``epistemic`` (is the
+structure unlike the training data?); ``signal: total`` for a threshold on the predictive std.
 
-``top_k`` — :class:`TopKRule`: the ``k`` pool candidates with the largest max-over-atoms force std (pool only).
+``top_k`` — :class:`TopKRule`: the ``k`` pool candidates with the largest max-over-atoms signal (pool only).
+Default signal ``epistemic``.
 
 ``random`` — :class:`RandomRule`: the baseline. Fires at an MD step with probability ``probability``; on a pool
-takes ``k`` candidates uniformly at random. Its random state is saved with the loop state.
+takes ``k`` candidates uniformly at random. Its random state is saved with the loop state. Its signal is only
+logged (default ``epistemic``).
 
 ``calibrated`` — :class:`CalibratedRule`: fires when the probability that an atom's force error exceeds
 ``tolerance`` is above ``probability``; the uncertainty scale behind that probability is learned on the fly
-from the residuals of the reference calls made so far (estimator in the class docstring).
+from the residuals of the reference calls made so far (estimator in the class docstring). An error probability
+needs the full predictive: its signal is always ``total``.
 """
 
 from __future__ import annotations
@@ -36,11 +43,18 @@ from scipy import stats
 
 from ..config import ConfigError
 from ..md import ForceStdRule
+from ..uq.signals import atom_signal, check_signal
 
 
-def max_std(atom_force_std: np.ndarray) -> float:
-    """The structure's uncertainty as logged and ranked: the largest per-atom force std (eV/Å)."""
-    return float(np.max(atom_force_std))
+def max_std(signal: np.ndarray) -> float:
+    """The structure's uncertainty as logged and ranked: the largest per-atom signal (eV/Å for a std)."""
+    return float(np.max(signal))
+
+
+def rule_input(rule: "Rule", atom_force_std: np.ndarray, atom_force_std_epistemic: np.ndarray) -> np.ndarray:
+    """The per-atom array ``rule`` reads: its :attr:`Rule.signal` of the predictive per-atom force std and its
+    epistemic part (both (N,), eV/Å)."""
+    return atom_signal(rule.signal, atom_force_std, atom_force_std_epistemic)
 
 
 class Rule:
@@ -48,6 +62,8 @@ class Rule:
 
     #: the ``rule.kind`` name
     kind = ""
+    #: the per-atom signal the rule reads (:mod:`mlip_uq.uq.signals`)
+    signal = "epistemic"
 
     def check(self, atom_force_std: np.ndarray, forces: np.ndarray) -> bool:
         """True when the structure should be labelled (MD exploration)."""
@@ -65,12 +81,12 @@ class Rule:
 
     def observe(self, forces_pred: np.ndarray, forces_true: np.ndarray, atom_force_std: np.ndarray) -> None:
         """Learn from a reference call: predicted and reference forces (N, 3) eV/Å and the prediction's
-        per-atom force std (N,) eV/Å. Default: nothing."""
+        predictive per-atom force std (N,) eV/Å (``total``, whatever the rule's signal). Default: nothing."""
 
     def values(self, atom_force_std: np.ndarray, forces: np.ndarray) -> Dict[str, float]:
-        """Numbers for the decision log: ``uncertainty`` = the largest per-atom force std (eV/Å), and what the
-        rule compares (e.g. ``probability``)."""
-        return {"uncertainty": max_std(atom_force_std)}
+        """Numbers for the decision log: ``uncertainty`` = the largest per-atom signal, ``signal`` its name, and
+        what the rule compares (e.g. ``probability``)."""
+        return {"uncertainty": max_std(atom_force_std), "signal": self.signal}
 
     def describe(self) -> str:
         """The rule in words (the MD driver quotes it when the rule fires)."""
@@ -88,18 +104,22 @@ class ThresholdRule(Rule):
     """Fires when a per-atom force std exceeds a threshold: :class:`mlip_uq.md.ForceStdRule`'s test.
 
     Args:
-        threshold: eV/Å, or dimensionless with ``relative``.
+        threshold: in the signal's unit (eV/Å; nats for ``bald``), or dimensionless with ``relative``.
         relative: compare max_i std_i / (|F_i| + eps) instead of max_i std_i.
         consecutive: during MD, fire only after this many consecutive steps above the threshold (counted by
             the MD driver; a pool candidate is judged on its own).
         eps: force floor of the relative test (eV/Å).
+        signal: ``epistemic`` (default), ``total`` or ``bald``.
     """
 
     kind = "force_std"
 
-    def __init__(self, threshold: float, relative: bool = False, consecutive: int = 1, eps: float = 0.1):
-        self.md_rule = ForceStdRule(float(threshold), relative=bool(relative), consecutive=consecutive, eps=eps)
+    def __init__(self, threshold: float, relative: bool = False, consecutive: int = 1, eps: float = 0.1,
+                 signal: str = "epistemic"):
+        self.md_rule = ForceStdRule(float(threshold), relative=bool(relative), consecutive=consecutive, eps=eps,
+                                    signal=signal)
         self.consecutive = self.md_rule.consecutive
+        self.signal = signal
 
     def check(self, atom_force_std: np.ndarray, forces: np.ndarray) -> bool:
         return self.md_rule.check(atom_force_std, forces)
@@ -112,9 +132,16 @@ class ThresholdRule(Rule):
 
 
 class TopKRule(Rule):
-    """The ``k`` candidates with the largest max-over-atoms force std (pool only)."""
+    """The ``k`` candidates with the largest max-over-atoms signal (pool only).
+
+    Args:
+        signal: ``epistemic`` (default), ``total`` or ``bald``.
+    """
 
     kind = "top_k"
+
+    def __init__(self, signal: str = "epistemic"):
+        self.signal = check_signal(signal)
 
     def select(self, atom_force_std, forces, k: int) -> List[int]:
         order = np.argsort([-max_std(a) for a in atom_force_std], kind="stable")
@@ -134,9 +161,10 @@ class RandomRule(Rule):
     def describe(self) -> str:
         return f"random, probability {self.probability:g} per step" if self.probability else "random"
 
-    def __init__(self, probability: Optional[float] = None, seed: int = 0):
+    def __init__(self, probability: Optional[float] = None, seed: int = 0, signal: str = "epistemic"):
         if probability is not None and not 0 < probability <= 1:
             raise ValueError(f"rule.probability must be in (0, 1], got {probability}")
+        self.signal = check_signal(signal)
         self.probability = probability
         self.rng = np.random.default_rng(seed)
 
@@ -191,9 +219,12 @@ class CalibratedRule(Rule):
         probability: firing level of max_i P_i, in (0, 1).
         prior_scale: s₀ (> 0), or ``"initial"`` (set by the loop after the first fit).
         prior_weight: n₀ in atoms (0 = no shrinkage).
+
+    Its signal is ``total``: σ_i is the predictive std (an error probability needs the noise too).
     """
 
     kind = "calibrated"
+    signal = "total"
 
     def __init__(self, tolerance: float, probability: float = 0.5, prior_scale="initial", prior_weight: float = 10.0):
         if tolerance <= 0:
@@ -253,8 +284,8 @@ class CalibratedRule(Rule):
         self.n_atoms += int(z2.size)
 
     def values(self, atom_force_std, forces) -> Dict[str, float]:
-        return {"uncertainty": max_std(atom_force_std), "probability": self.score(atom_force_std, forces),
-                "scale": self.scale}
+        return {"uncertainty": max_std(atom_force_std), "signal": self.signal,
+                "probability": self.score(atom_force_std, forces), "scale": self.scale}
 
     def describe(self) -> str:
         return (f"P(|force error| > {self.tolerance:g} eV/Å) > {self.probability:g} for some atom "

@@ -1,6 +1,7 @@
 """SG-MCMC chains and their files: a chain's model, optimiser and checkpoint (:class:`Chain`), what a process
 needs to run chains (:class:`Job`), the stepping loop of one chain (:func:`run_chain`), each chain's sample file
-``samples_chain<c>.h5`` and the posterior assembled from them (:func:`assemble_posterior`).
+``samples_chain<c>.h5`` and the posterior assembled from them (:func:`assemble_posterior`; the run's
+``posterior.h5`` is written by the method once it is final).
 
 A chain's checkpoint is written with every sample and every ``checkpoint_every`` steps; samples written after
 the last checkpoint are dropped on resume and drawn again, so that a killed run resumes without losing or
@@ -154,8 +155,9 @@ def write_chain_samples(chain: Chain, job: Job) -> None:
 
 
 def assemble_posterior(job: Job) -> Optional[Posterior]:
-    """The posterior of all chains' samples of the current round (chain order), written to ``posterior.h5``;
-    None while no chain has a sample."""
+    """The posterior of all chains' samples of the current round (chain order); None while no chain has a
+    sample. Not written here: a run's ``posterior.h5`` is written once its posterior is final (the method's
+    ``fit`` or ``update``), so a killed run leaves none that differs from the finished run's."""
     parts = [(c, chain_samples(job.work / f"samples_chain{c}.h5", job.rounds["round"]))
              for c in range(job.settings.n_chains)]
     parts = [(c, p) for c, p in parts if p is not None]
@@ -163,11 +165,9 @@ def assemble_posterior(job: Job) -> Optional[Posterior]:
         return None
     chains = [c for c, p in parts for _ in range(p.n_samples)]
     samples = {n: torch.cat([p.samples[n] for _, p in parts]) for n in job.stochastic}
-    posterior = Posterior(job.config, parts[0][1].shared, samples, method="sgmcmc",
-                          hyperparameters={**job.hyper, "sample_chains": chains, "round": job.rounds["round"]},
-                          **job.metadata)
-    posterior.save(job.out_dir / "posterior.h5")
-    return posterior
+    return Posterior(job.config, parts[0][1].shared, samples, method="sgmcmc",
+                     hyperparameters={**job.hyper, "sample_chains": chains, "round": job.rounds["round"]},
+                     **job.metadata)
 
 
 TRACE_FIELDS = ["step", "phase", "temperature", "neg_log_likelihood", "neg_log_prior", "grad_norm",
@@ -215,7 +215,6 @@ def run_chain(chain: Chain, job: Job, stop: int) -> None:
                 chain.n_drawn += 1
                 chain.samples.append({name: chain.params[name].detach().cpu().clone() for name in job.stochastic})
                 write_chain_samples(chain, job)
-                assemble_posterior(job)
                 chain.save()
                 log.info("chain %d: sample %d/%d at step %d (%.0f s)", chain.chain, chain.n_drawn,
                          schedule.n_samples, chain.step, time.perf_counter() - start)

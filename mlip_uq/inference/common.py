@@ -1,10 +1,13 @@
 """Run-time helpers the training methods share: minibatches, devices, one MAP fit with a final state file,
-checkpoints."""
+checkpoints, independent jobs in CPU processes."""
 
 from __future__ import annotations
 
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from nequip.data import AtomicDataDict
@@ -59,3 +62,46 @@ def save_checkpoint(state: Dict, path: Path) -> None:
     """``torch.save`` a checkpoint (plain tensors and numbers, loadable with ``weights_only=True``) atomically."""
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
+
+
+_WORKER: Dict[str, Any] = {}  # in a worker process: the keyword arguments every job it runs shares
+
+
+def _worker_start(threads: int, level: int, shared: Dict[str, Any]) -> None:
+    """A worker process: nequip's global state, its share of the cores, log lines at the parent's level, and
+    the shared arguments (sent once per process, not once per job)."""
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format=f"[process {os.getpid()}] %(message)s")
+    _WORKER.update(shared)
+
+
+def _run_job(fn: Callable, job: Any) -> Any:
+    return fn(job, **_WORKER)
+
+
+def run_in_processes(fn: Callable, jobs: Sequence[Any], n_processes: int, accelerator: str = "cpu",
+                     **shared) -> List[Any]:
+    """``[fn(job, **shared) for job in jobs]``, ``n_processes`` jobs at a time in spawned CPU processes that
+    share the cores (``cpu_count // n_processes`` threads each), or one after the other in this process when
+    ``n_processes`` is 1 or ``accelerator`` resolves to a GPU.
+
+    ``fn`` must be a module-level function (it is pickled to the workers); a job's error is raised after the
+    other jobs have finished. Used for ensemble members and SG-MCMC starts: small systems, whose tensors are too
+    small for several threads per model to pay.
+    """
+    n_processes = min(int(n_processes), len(jobs))
+    device = resolve_device(accelerator)
+    if n_processes <= 1 or device.type != "cpu":
+        if n_processes > 1:
+            logging.getLogger(__name__).info("%d jobs one after the other on %s", len(jobs), device)
+        return [fn(job, **shared) for job in jobs]
+    threads = max(1, (os.cpu_count() or 1) // n_processes)
+    logging.getLogger(__name__).info("%d jobs in %d processes of %d thread(s)", len(jobs), n_processes, threads)
+    context = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(n_processes, mp_context=context, initializer=_worker_start,
+                             initargs=(threads, logging.getLogger().getEffectiveLevel(), shared)) as pool:
+        futures = [pool.submit(_run_job, fn, job) for job in jobs]
+        return [future.result() for future in futures]

@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 from nequip.data import AtomicDataDict
 
 from ..config import ConfigError, settings_from
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
 from ..files import load_checkpoint
-from .common import fit_map_once, resolve_device
+from .common import fit_map_once, run_in_processes
 from .map import MAPSettings, fit_posterior_noise_on_validation
 
 log = logging.getLogger(__name__)
@@ -149,22 +146,9 @@ def _train_member(job: _MemberJob, train: List[AtomicDataDict.Type], val: List[A
     return state
 
 
-_WORKER: Dict = {}  # in a member process: the data and settings every member it trains shares
-
-
-def _worker_start(threads: int, level: int, shared: Dict) -> None:
-    """A member process: nequip's global state, its share of the cores, log lines at the parent's level, and
-    the shared arguments of :func:`_train_member` (sent once per process, not once per member)."""
-    from nequip.utils.global_state import set_global_state
-
-    set_global_state()
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format=f"[process {os.getpid()}] %(message)s")
-    _WORKER.update(shared)
-
-
-def _train_member_in_worker(job: _MemberJob) -> None:
-    _train_member(job, **_WORKER)
+def _train_member_to_file(job: _MemberJob, **kwargs) -> None:
+    """:func:`_train_member`, its state left in ``final.pt`` (not sent back from a worker process)."""
+    _train_member(job, **kwargs)
 
 
 def fit_ensemble(
@@ -206,23 +190,9 @@ def fit_ensemble(
                        None if init is None else init.state_dict(k), members / str(k))
             for k in range(settings.n_members)]
     start = time.perf_counter()
-    n_processes = min(settings.n_processes, settings.n_members)
-    if n_processes > 1 and resolve_device(settings.training.accelerator).type == "cpu":
-        threads = max(1, (os.cpu_count() or 1) // n_processes)
-        log.info("training %d members in %d processes of %d thread(s)", settings.n_members, n_processes, threads)
-        context = torch.multiprocessing.get_context("spawn")
-        shared = {"train": train, "val": val, "settings": settings, "resume": resume}
-        with ProcessPoolExecutor(n_processes, mp_context=context, initializer=_worker_start,
-                                 initargs=(threads, logging.getLogger().getEffectiveLevel(), shared)) as pool:
-            futures = [pool.submit(_train_member_in_worker, job) for job in jobs]
-            for future in futures:
-                future.result()  # a member's error is raised here, after the others have finished
-        states = [load_checkpoint(job.out_dir / "final.pt") for job in jobs]
-    else:
-        if n_processes > 1:
-            log.info("ensemble.n_processes ignored: members train one after the other on %s",
-                     resolve_device(settings.training.accelerator))
-        states = [_train_member(job, train, val, settings, resume) for job in jobs]
+    run_in_processes(_train_member_to_file, jobs, settings.n_processes, settings.training.accelerator,
+                     train=train, val=val, settings=settings, resume=resume)
+    states = [load_checkpoint(job.out_dir / "final.pt") for job in jobs]
     log.info("ensemble of %d members done (%.0f s)", settings.n_members, time.perf_counter() - start)
     hyper = {**asdict(settings), "member_seeds": [config.seed + k for k in range(settings.n_members)],
              "warm_start": init is not None}

@@ -19,9 +19,11 @@ after the other, or in ``n_processes`` processes (devices) launched by Lightning
 floating-point summation order of torch's threaded CPU kernels (a process gets ``cpu_count // n_processes``
 threads, a chain run in this process torch's default).
 
-Each chain's samples go to ``sgmcmc/samples_chain<c>.h5`` as they are drawn, the chain is checkpointed with
-each, and ``posterior.h5`` is re-assembled from the chain files (all writes atomic), so a killed run resumes
-from its last checkpoints without losing or repeating samples. A NaN/inf stops the chain with a message and
+Each chain's samples go to ``sgmcmc/samples_chain<c>.h5`` as they are drawn and the chain is checkpointed with
+each (all writes atomic), so a killed run resumes from its last checkpoints without losing or repeating
+samples; the posterior is assembled from the chain files when the chains are done, and ``posterior.h5`` is
+written by :func:`fit` / :func:`update` once it is final (a killed run leaves no ``posterior.h5`` that differs
+from the finished run's). A NaN/inf stops the chain with a message and
 keeps the samples drawn before it.
 
 :func:`continue_sgmcmc` warm-starts every chain of a finished run on a new (e.g. grown) training set: a
@@ -60,6 +62,7 @@ from .diagnostics import write_diagnostics
 from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import pretrained_weights, prior_from_spec, select_stochastic
 from .schedule import Schedule
+from .starts import run_starts, write_start_summary
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +80,24 @@ class SGMCMCSettings:
         preheat_steps: steps over which the temperature ramps from 0 to ``temperature``.
         n_samples: samples per chain.
         thinning: steps between samples (within the sampling part of a cycle, with ``cycle_steps``).
-        n_chains: number of chains.
+        n_chains: number of chains (per start).
+        n_starts: independent starts (:mod:`~mlip_uq.inference.starts`): with ``init: map`` each start is its
+            own MAP fit from seed ``seed + s`` (a deep ensemble's member ``s``), with ``init: null`` its own fresh
+            initialisation; each start's chains sample around it, and the draws of all starts are pooled into
+            one posterior, each start with the same weight. 1: one start (the chains of ``init``).
         cycle_steps: None = constant step size; else the sampling phase is made of cosine cycles of this many
             steps, η_t = lr · (1 + cos(π t / cycle_steps)) / 2 restarting at lr every cycle.
         exploration_fraction: with ``cycle_steps``, the first part of each cycle runs noise-free (exploration);
             samples are drawn in the rest.
         n_processes: chains run in this many processes (Lightning Fabric, ``ddp_spawn``; one device each with
-            a GPU accelerator); 1 = one after the other in this process.
+            a GPU accelerator); 1 = one after the other in this process. With ``n_starts`` > 1: the starts' MAP
+            fits and then their sampling, this many starts at a time in CPU processes sharing the cores (their
+            chains one after the other within a start).
         accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         stochastic: which parameters are sampled: ``all``, ``{last_layers: N}`` or ``{patterns: [...]}``.
         init: start every chain from pre-trained weights (a posterior file or checkpoint, matched as prior
             centres are) instead of a fresh initialisation; ``map``: from a MAP model trained first in the same
-            run (:data:`FROM_MAP`); None: fresh.
+            run (:data:`FROM_MAP`; one per start); None: a fresh initialisation (the burn-in is the fit).
         prior: ``{scale: s, layer_scales: {layer: s}, center: null | path | map}`` — Gaussian prior; ``center``
             a posterior file or checkpoint of a pre-trained model (transfer-learning prior), or ``map``: the
             run's own MAP model.
@@ -118,6 +127,7 @@ class SGMCMCSettings:
     n_samples: int = 20
     thinning: int = 100
     n_chains: int = 1
+    n_starts: int = 1
     cycle_steps: Optional[int] = None
     exploration_fraction: float = 0.5
     n_processes: int = 1
@@ -157,14 +167,18 @@ class SGMCMCSettings:
         return settings
 
     def __post_init__(self):
-        for name in ("batch_size", "n_samples", "thinning", "n_chains", "n_processes", "checkpoint_every",
-                     "trace_every"):
+        for name in ("batch_size", "n_samples", "thinning", "n_chains", "n_starts", "n_processes",
+                     "checkpoint_every", "trace_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"sgmcmc.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.burnin_steps < 1 or self.preheat_steps < 0:
             raise ValueError("sgmcmc.burnin_steps must be >= 1 and sgmcmc.preheat_steps >= 0")
         if self.accelerator not in ("auto", "cpu", "cuda"):
             raise ValueError(f"sgmcmc.accelerator must be auto, cpu or cuda, got {self.accelerator!r}")
+        if self.n_starts > 1 and self.init not in (None, FROM_MAP):
+            raise ConfigError(f"sgmcmc.n_starts={self.n_starts} with sgmcmc.init={self.init!r}: every start would "
+                              "begin at the same weights and sample one basin; use init: map (a MAP fit per start) "
+                              "or null (a fresh initialisation per start)")
         if self.cycle_steps is not None:
             if not 0 <= self.exploration_fraction < 1:
                 raise ValueError(f"sgmcmc.exploration_fraction must be in [0, 1), got {self.exploration_fraction}")
@@ -209,8 +223,8 @@ def run_sgmcmc(
     resume: bool = False,
     metadata: Optional[Dict] = None,
 ) -> Posterior:
-    """Sample the posterior of ``config``'s parameters given the ``train`` graphs; returns the Posterior and
-    keeps ``out_dir/posterior.h5`` up to date with every sample drawn.
+    """Sample the posterior of ``config``'s parameters given the ``train`` graphs; returns the Posterior (the
+    caller writes it: :func:`fit`, :func:`update`).
 
     Files in ``out_dir/sgmcmc``: ``chain<c>.ckpt`` (checkpoints), ``samples_chain<c>.h5`` (each chain's
     samples), ``trace_chain<c>.csv`` (potential terms, step sizes, gradient norms), ``diagnostics.json`` (ESS
@@ -241,7 +255,8 @@ def continue_sgmcmc(
     Each chain goes on from its last checkpoint with ``num_data = len(train)``, takes ``n_steps`` steps at the
     target temperature with its frozen preconditioner (re-equilibration to the new posterior), then draws
     ``n_samples`` samples (thinning and cycles as in ``settings``, which must be the run's). The new samples
-    replace the old ones in ``posterior.h5`` (they belong to another posterior). Diverged chains stay stopped.
+    replace the old ones in the returned posterior (they belong to another posterior). Diverged chains stay
+    stopped.
 
     Idempotent: a continuation is identified by its data and arguments, so calling it again after a kill
     resumes it, and calling it again after it finished returns its posterior without sampling.
@@ -341,27 +356,36 @@ Settings = SGMCMCSettings
 
 
 def fit(context) -> Posterior:
-    """Method ``sgmcmc``: :func:`run_sgmcmc` on ``context.train`` (the sampler has no early stopping);
-    ``posterior.h5`` is kept up to date with every sample, and when the chains are done its noise stds are
-    fitted to the validation graphs (``sgmcmc.noise_from_validation``).
+    """Method ``sgmcmc``: :func:`run_sgmcmc` on ``context.train`` (the sampler has no early stopping), then the
+    noise stds of the draws fitted to the validation graphs (``sgmcmc.noise_from_validation``); ``posterior.h5``
+    is written once, with the final posterior (the draws so far live in each chain's
+    ``sgmcmc/samples_chain<c>.h5``).
 
     With ``sgmcmc.init`` or ``sgmcmc.prior.center`` set to ``map`` the run first trains a MAP model with the
     ``training`` section (:func:`~mlip_uq.inference.common.fit_map_once` in ``out_dir/map``: resumable, early
-    stopping on the validation graphs) and the chains start from it and/or the prior is centred on it.
+    stopping on the validation graphs) and the chains start from it and/or the prior is centred on it. With
+    ``sgmcmc.n_starts`` > 1 there is one start per basin (:func:`~mlip_uq.inference.starts.run_starts`: a MAP
+    fit or a fresh initialisation each, sampled locally, pooled), and ``starts/starts.json`` reports each start's
+    draws, ESS and seconds and the between-start share of the epistemic force variance on the validation set.
     """
     settings = context.settings
-    if settings.uses_map():
-        model = build_model(context.model_config)
-        fit_map_once(model, context.train, context.val, settings.training, Path(context.out_dir) / "map",
-                     seed=context.model_config.seed, resume=context.resume)
-        start = str(Path(context.out_dir) / "map" / "final.pt")
-        init, center = (start if value == FROM_MAP else value for value in (settings.init, settings.prior.center))
-        settings = replace(settings, init=init, prior=replace(settings.prior, center=center))
-    posterior = run_sgmcmc(context.model_config, context.train, settings, context.out_dir, resume=context.resume,
-                           metadata=context.metadata)
+    if settings.n_starts > 1:
+        posterior = run_starts(context, settings)
+    else:
+        if settings.uses_map():
+            model = build_model(context.model_config)
+            fit_map_once(model, context.train, context.val, settings.training, Path(context.out_dir) / "map",
+                         seed=context.model_config.seed, resume=context.resume)
+            start = str(Path(context.out_dir) / "map" / "final.pt")
+            init, center = (start if value == FROM_MAP else value for value in (settings.init, settings.prior.center))
+            settings = replace(settings, init=init, prior=replace(settings.prior, center=center))
+        posterior = run_sgmcmc(context.model_config, context.train, settings, context.out_dir,
+                               resume=context.resume, metadata=context.metadata)
     if settings.noise_from_validation and context.val:
         posterior = fit_posterior_noise_on_validation(posterior, context.val, settings.batch_size)
-        posterior.save(context.posterior_path)
+    if settings.n_starts > 1:
+        write_start_summary(posterior, context.out_dir, context.val, settings.batch_size)
+    posterior.save(context.posterior_path)
     return posterior
 
 
@@ -392,11 +416,16 @@ def update(context, options: UpdateSettings, index: int) -> Path:
     if context.settings.uses_map():
         raise ConfigError("an active-learning update has no validation split for a MAP phase: set sgmcmc.init "
                           "and sgmcmc.prior.center to a trained model's file (or null), not map")
+    if context.settings.n_starts > 1:
+        raise ConfigError("active-learning updates continue the chains of one start; set sgmcmc.n_starts: 1 "
+                          "(several starts: retrain the run with mlip-uq train on the grown data)")
     graphs = list(context.train) + list(context.val)
     if index == 0:
-        run_sgmcmc(context.model_config, graphs, context.settings, context.out_dir, resume=context.resume,
-                   metadata=context.metadata)
+        posterior = run_sgmcmc(context.model_config, graphs, context.settings, context.out_dir,
+                               resume=context.resume, metadata=context.metadata)
     else:
-        continue_sgmcmc(context.model_config, graphs, context.settings, context.out_dir,
-                        n_steps=options.settle_steps, n_samples=options.n_samples, metadata=context.metadata)
+        posterior = continue_sgmcmc(context.model_config, graphs, context.settings, context.out_dir,
+                                    n_steps=options.settle_steps, n_samples=options.n_samples,
+                                    metadata=context.metadata)
+    posterior.save(context.posterior_path)
     return context.posterior_path

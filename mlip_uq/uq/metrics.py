@@ -7,7 +7,7 @@ as they are.
 Conventions. ``error = pred - target``; ``std`` is a predictive **standard deviation** in the unit of the
 quantity (never a variance). A predictive distribution is read as the centred Gaussian ``N(0, std**2)`` for
 the error. Definitions follow Uncertainty Toolbox (UT, Chung et al. 2021, v0.1.1) where it has one; the one
-deliberate difference is :func:`sharpness` (mean std here, root-mean-square std in UT), as DESIGN.md asks.
+deliberate difference is :func:`sharpness` (mean std here, root-mean-square std in UT), as docs/design.md asks.
 
 ==========================  =======================================================  ======================
 mlip_uq                     definition                                               Uncertainty Toolbox
@@ -77,7 +77,7 @@ def informative(std) -> np.ndarray:
     s = np.asarray(std, dtype=np.float64)
     return s > DEGENERATE_STD * np.median(s) if s.size else np.zeros(s.shape, dtype=bool)
 
-#: Every key :func:`evaluation_metrics` may write, with its definition and unit (DESIGN.md, "Metric names").
+#: Every key :func:`evaluation_metrics` may write, with its definition and unit (docs/design.md, "Metric names").
 METRIC_DEFINITIONS = {
     "energy_mae": "mean |E_pred - E_true| / n_atoms over structures (eV/atom)",
     "energy_rmse": "sqrt(mean ((E_pred - E_true) / n_atoms)^2) over structures (eV/atom)",
@@ -244,7 +244,7 @@ def mean_absolute_calibration_error(error, std, num_bins: int = 100) -> float:
 
 
 def sharpness(std) -> float:
-    """Mean predicted standard deviation (DESIGN.md: "mean predicted std"), in the unit of the quantity.
+    """Mean predicted standard deviation (docs/design.md: "mean predicted std"), in the unit of the quantity.
 
     This differs from Uncertainty Toolbox's ``sharpness``, which is the root-mean-square
     ``sqrt(mean(σ²))``; the RMS is >= the mean, with equality only for a constant σ.
@@ -396,7 +396,7 @@ def evaluation_metrics(
     n_samples: int,
     forces_auroc_threshold: Optional[float] = None,
 ) -> dict[str, float | int]:
-    """The metrics.json dictionary with DESIGN.md's key names (see :data:`METRIC_DEFINITIONS`).
+    """The metrics.json dictionary with docs/design.md's key names (see :data:`METRIC_DEFINITIONS`).
 
     Args:
         energy_pred_per_atom: predicted energy / n_atoms per structure, shape (S,) (eV/atom).

@@ -12,7 +12,7 @@ from ase.build import molecule
 from ase.calculators.calculator import Calculator, all_changes
 from tblite.ase import TBLite
 
-from conftest import TINY_MODEL
+from conftest import BUNDLED_ETHANOL_TEST, BUNDLED_ETHANOL_TRAIN, TINY_MODEL
 
 from mlip_uq.active import Oracle, oracle_from_config, run_active
 from mlip_uq.active import state as state_module
@@ -25,15 +25,15 @@ from mlip_uq.posterior import load_posterior
 N_INITIAL, BUDGET = 6, 3
 
 
-def tiny_config(shared_data, **sections):
-    """Ethanol from rMD17 relabelled by GFN2-xTB, MD exploration at 500 K, a very small SG-MCMC model."""
-    rmd17 = shared_data / "rmd17"
+def tiny_config(**sections):
+    """Ethanol from rMD17 (the structures shipped in data/) relabelled by GFN2-xTB, MD exploration at 500 K, a
+    very small SG-MCMC model."""
     cfg = {
         "name": "tiny_active",
         "seed": 0,
         "oracle": {"calculator": "tblite", "method": "GFN2-xTB"},
-        "initial": {"path": str(rmd17 / "rmd17_ethanol_train_01.extxyz"), "n": N_INITIAL},
-        "test": {"path": str(rmd17 / "rmd17_ethanol_test_01.extxyz"), "n": 4},
+        "initial": {"path": str(BUNDLED_ETHANOL_TRAIN), "n": N_INITIAL},
+        "test": {"path": str(BUNDLED_ETHANOL_TEST), "n": 4},
         "explore": {"kind": "md", "steps": 60, "chunk_steps": 20, "temperature_K": 500, "timestep_fs": 0.5},
         "rule": {"kind": "force_std", "threshold": 0.05},
         "budget": {"max_calls": BUDGET},
@@ -50,9 +50,9 @@ def tiny_config(shared_data, **sections):
 
 
 @pytest.fixture(scope="module")
-def reference(shared_data, tmp_path_factory):
+def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("active")
-    run_active(tiny_config(shared_data), out)
+    run_active(tiny_config(), out)
     return out
 
 
@@ -78,7 +78,7 @@ def _assert_no_loss_no_duplicate(out):
     return decisions, store
 
 
-def test_loop_labels_with_the_oracle_and_updates_the_posterior(reference, shared_data):
+def test_loop_labels_with_the_oracle_and_updates_the_posterior(reference):
     decisions, store = _assert_no_loss_no_duplicate(reference)
     assert len(store) == N_INITIAL + BUDGET
     assert [d["phase"] for d in decisions] == ["initial"] * N_INITIAL + ["explore"] * BUDGET
@@ -148,13 +148,13 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_killed_loop_resumes_without_loss_or_duplicate(point, reference, shared_data, tmp_path, monkeypatch):
+def test_killed_loop_resumes_without_loss_or_duplicate(point, reference, tmp_path, monkeypatch):
     owner, name, n, after = KILL_POINTS[point]
     _kill_on_call(monkeypatch, owner, name, n, after)
     with pytest.raises(Killed):
-        run_active(tiny_config(shared_data), tmp_path)
+        run_active(tiny_config(), tmp_path)
     monkeypatch.undo()
-    run_active(tiny_config(shared_data), tmp_path, resume=True)
+    run_active(tiny_config(), tmp_path, resume=True)
     decisions, store = _assert_no_loss_no_duplicate(tmp_path)
     ref_decisions, ref_store = _assert_no_loss_no_duplicate(reference)
     # the resumed run took the same decisions on the same structures as the uninterrupted one
@@ -189,11 +189,11 @@ class Scripted(Calculator):
             self.results["forces"][0, 0] = np.nan
 
 
-def test_failures_are_recorded_and_skipped_and_a_rejected_composition_is_never_retried(shared_data, tmp_path):
-    ethanol = ase.io.read(shared_data / "rmd17" / "rmd17_ethanol_train_01.extxyz", 0)
+def test_failures_are_recorded_and_skipped_and_a_rejected_composition_is_never_retried(tmp_path):
+    ethanol = ase.io.read(BUNDLED_ETHANOL_TRAIN, 0)
     ethylamine = molecule("CH3CH2NH2")  # N: not in the oracle's element list
     ase.io.write(tmp_path / "starts.extxyz", [ethanol, ethylamine])
-    cfg = tiny_config(shared_data, test=None, budget={"max_calls": 4}, rule={"kind": "force_std", "threshold": 0.01})
+    cfg = tiny_config(test=None, budget={"max_calls": 4}, rule={"kind": "force_std", "threshold": 0.01})
     cfg["explore"]["starts"] = {"path": str(tmp_path / "starts.extxyz"), "index": ":"}
     Scripted.plan = ["ok"] * N_INITIAL + ["raise", "nan"]  # the first two exploration calls fail
     oracle = Oracle(Scripted, name="scripted GFN2-xTB", elements=["H", "C", "O"])
@@ -215,14 +215,14 @@ def test_failures_are_recorded_and_skipped_and_a_rejected_composition_is_never_r
     assert state["walkers"][1]["done"] and state["walkers"][0]["restarts"] == 2
 
 
-def test_a_reached_target_stops_the_loop(shared_data, tmp_path):
-    run_active(tiny_config(shared_data, budget={"max_calls": 5, "target_forces_mae": 10.0}), tmp_path)
+def test_a_reached_target_stops_the_loop(tmp_path):
+    run_active(tiny_config(budget={"max_calls": 5, "target_forces_mae": 10.0}), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stop_reason"].startswith("target reached") and summary["calls"]["explore"] == 0
 
 
-def test_calibrated_rule_learns_its_scale_from_the_calls(shared_data, tmp_path):
-    cfg = tiny_config(shared_data, test=None, budget={"max_calls": 2},
+def test_calibrated_rule_learns_its_scale_from_the_calls(tmp_path):
+    cfg = tiny_config(test=None, budget={"max_calls": 2},
                       rule={"kind": "calibrated", "tolerance": 0.3, "probability": 0.5, "prior_weight": 9})
     run_active(cfg, tmp_path)
     decisions, _ = _assert_no_loss_no_duplicate(tmp_path)
@@ -238,7 +238,7 @@ def test_calibrated_rule_learns_its_scale_from_the_calls(shared_data, tmp_path):
         np.sqrt((9 * rule["prior_scale"] ** 2 + rule["sum_z2"]) / (9 + rule["n_atoms"])))
 
 
-def test_a_posterior_that_predicts_nan_stops_the_loop_with_a_clear_error(shared_data, tmp_path, monkeypatch):
+def test_a_posterior_that_predicts_nan_stops_the_loop_with_a_clear_error(tmp_path, monkeypatch):
     original = update_module.Updater.fit
 
     def diverged(self, train, val, index, resume, metadata):
@@ -252,14 +252,13 @@ def test_a_posterior_that_predicts_nan_stops_the_loop_with_a_clear_error(shared_
 
     monkeypatch.setattr(update_module.Updater, "fit", diverged)
     with pytest.raises(RuntimeError, match="update 1 .* predicts NaN/inf forces on its own training structures"):
-        run_active(tiny_config(shared_data, test=None), tmp_path)
+        run_active(tiny_config(test=None), tmp_path)
 
 
-def test_pool_with_a_deep_ensemble_fine_tunes_the_members(shared_data, tmp_path):
-    rmd17 = shared_data / "rmd17"
-    cfg = tiny_config(shared_data, test=None, budget={"max_calls": 2}, rule={"kind": "top_k"},
+def test_pool_with_a_deep_ensemble_fine_tunes_the_members(tmp_path):
+    cfg = tiny_config(test=None, budget={"max_calls": 2}, rule={"kind": "top_k"},
                       explore={"kind": "pool", "batch": 2,
-                               "pool": {"path": str(rmd17 / "rmd17_ethanol_train_01.extxyz"), "n": 30}},
+                               "pool": {"path": str(BUNDLED_ETHANOL_TRAIN), "n": 30}},
                       update={"max_epochs": 2})
     cfg["train"] = {"method": "ensemble", "model": cfg["train"]["model"], "ensemble": {"n_members": 2},
                     "training": {"max_epochs": 3, "batch_size": 3}, "data": {"split": {"val_fraction": 0.5}}}
@@ -276,11 +275,11 @@ def test_pool_with_a_deep_ensemble_fine_tunes_the_members(shared_data, tmp_path)
     assert [(h["n_train"], h["n_val"]) for h in history] == [(N_INITIAL, 3), (N_INITIAL + 2, 4)]
 
 
-def test_command_line_runs_and_resumes_with_a_larger_budget(shared_data, tmp_path, capsys):
+def test_command_line_runs_and_resumes_with_a_larger_budget(tmp_path, capsys):
     import yaml
 
     config = tmp_path / "active.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(shared_data, test=None)))
+    config.write_text(yaml.safe_dump(tiny_config(test=None)))
     out = tmp_path / "run"
     assert main(["active", str(config), "--out", str(out), "budget.max_calls=1"]) == 0
     assert "1 during exploration" in capsys.readouterr().out

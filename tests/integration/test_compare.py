@@ -86,7 +86,10 @@ def test_sgmcmc_starts_from_the_study_map_run(study):
         assert not (run / "map").exists()  # no MAP phase of its own
         assert runs[split, "sgmcmc"]["map_seconds"] == runs[split, "map"]["train_seconds"]
         assert runs[split, "sgmcmc"]["plateau"] == {}  # a sampler has no validation curve
-        assert 0.0 <= runs[split, "sgmcmc"]["ood_auroc"] <= 1.0 and 0.0 <= runs[split, "sgmcmc"]["ood_auroc_mean"] <= 1.0
+        for key in ("ood_auroc", "ood_auroc_mean", "ood_auroc_epistemic", "ood_auroc_epistemic_mean"):
+            assert 0.0 <= runs[split, "sgmcmc"][key] <= 1.0
+        # one model has no spread: its epistemic score cannot tell anything apart
+        assert runs[split, "map"]["ood_auroc_epistemic"] == 0.5
 
 
 def test_ensemble_takes_the_study_map_model_as_member_zero(study):
@@ -123,15 +126,16 @@ def test_splits_hold_out_what_they_claim(study, tio2_path):
 def test_finished_runs_are_reused_and_budgets_select(study, tmp_path, monkeypatch):
     path, out = study
     monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    # a row written before the mean-std OOD score is evaluated again, from the trained run
+    # a row written before the epistemic OOD score is evaluated again, from the trained run
     summary = out / "full" / "cell_size" / "ensemble" / "compare.json"
     old_row = json.loads(summary.read_text())
-    summary.write_text(json.dumps({k: v for k, v in old_row.items() if k != "ood_auroc_mean"}))
+    summary.write_text(json.dumps({k: v for k, v in old_row.items() if k != "ood_auroc_epistemic"}))
     results = compare_module.compare(path, out)
     assert len(results["runs"]) == 6
     new_row = json.loads(summary.read_text())
     assert new_row["ood_auroc_mean"] == pytest.approx(old_row["ood_auroc_mean"], abs=1e-12)
     assert new_row["ood_auroc"] == pytest.approx(old_row["ood_auroc"], abs=1e-12)
+    assert new_row["ood_auroc_epistemic"] == pytest.approx(old_row["ood_auroc_epistemic"], abs=1e-12)
     assert new_row["train_seconds"] == old_row["train_seconds"]
     tiny = load_compare_config(path, budget="tiny")
     assert list(tiny["splits"]) == ["cell_size"] and tiny["overrides"] == ["data.n_train=16"]

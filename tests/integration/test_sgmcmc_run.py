@@ -92,8 +92,10 @@ def test_killed_run_resumes_to_the_same_samples(tio2_path, tio2_store, full_run,
     with pytest.raises(KeyboardInterrupt):
         train(config(tio2_path, tio2_store), out_dir=tmp_path)
     monkeypatch.undo()
-    partial = load_posterior(tmp_path / "posterior.h5")
-    assert 0 < partial.n_samples < 8
+    # killed while sampling: the draws so far are in the chain files, and no posterior.h5 was written that
+    # differs from the finished run's
+    assert not (tmp_path / "posterior.h5").exists()
+    assert 0 < load_posterior(tmp_path / "sgmcmc" / "samples_chain0.h5").n_samples < 4
     train(config(tio2_path, tio2_store), out_dir=tmp_path, resume=True)
     resumed, reference = load_posterior(tmp_path / "posterior.h5"), load_posterior(full_run / "posterior.h5")
     assert resumed.hyperparameters["sample_chains"] == reference.hyperparameters["sample_chains"]
@@ -294,3 +296,41 @@ class TestSGMCMCPosterior(PosteriorContract):
     @pytest.fixture
     def contract_posterior(self, full_run):
         return load_posterior(full_run / "posterior.h5")
+
+
+def test_several_starts_pool_the_draws_of_independent_map_fits(tio2_path, tio2_store, tmp_path):
+    from mlip_uq.inference.starts import DRAWS, pool_starts
+
+    cfg = config(tio2_path, tio2_store, n_chains=1, n_samples=3, n_starts=2, init="map", prior={"center": "map"})
+    cfg["training"] = {"max_epochs": 2, "batch_size": 8, "lr": 0.01}
+    train(cfg, out_dir=tmp_path)
+    starts = tmp_path / "starts"
+    fits = [torch.load(starts / "members" / str(s) / "final.pt", weights_only=True) for s in (0, 1)]
+    assert not torch.equal(fits[0][READOUT], fits[1][READOUT])  # independent fits: seeds 0 and 1
+    parts = [load_posterior(starts / str(s) / DRAWS) for s in (0, 1)]
+    for part, fit in zip(parts, fits):
+        assert part.hyperparameters["init"] == part.hyperparameters["prior"]["center"]
+        assert torch.linalg.norm(part.samples[READOUT][0] - fit[READOUT]) < torch.linalg.norm(
+            part.samples[READOUT][0] - fits[1 - parts.index(part)][READOUT])  # each start samples near its fit
+    post = load_posterior(tmp_path / "posterior.h5")
+    assert post.hyperparameters["sample_starts"] == [0, 0, 0, 1, 1, 1]
+    assert post.hyperparameters["sample_chains"] == [0, 0, 0, 1, 1, 1]
+    assert post.n_samples == 6 and torch.allclose(post.weights, torch.full((6,), 1 / 6, dtype=torch.float64))
+    pooled = pool_starts(parts)
+    for name, t in pooled.samples.items():
+        if "observation_noise" not in name:  # the noise of the final posterior is fitted on the validation set
+            torch.testing.assert_close(post.samples[name], t, rtol=0, atol=0)
+    summary = json.loads((starts / "starts.json").read_text())
+    assert [s["n_draws"] for s in summary["starts"]] == [3, 3]
+    assert all(s["fit_seconds"] > 0 and s["sampling_seconds"] > 0 for s in summary["starts"])
+    assert 0 < summary["validation"]["between_share"] <= 1
+    assert 0 < summary["validation"]["epistemic_share"] < 1
+
+
+def test_several_starts_need_a_start_per_basin():
+    from mlip_uq.config import ConfigError
+    from mlip_uq.inference.sampling import SGMCMCSettings
+
+    with pytest.raises(ConfigError, match="one basin"):
+        SGMCMCSettings.from_dict({"sgmcmc": {"n_starts": 3, "init": "model.h5"}})
+    assert SGMCMCSettings.from_dict({"sgmcmc": {"n_starts": 3}}).n_starts == 3  # fresh starts

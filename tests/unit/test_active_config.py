@@ -6,9 +6,11 @@ from mlip_uq.active.explore import MDOptions
 from mlip_uq.active.loop import ActiveLoop, load_active_config
 from mlip_uq.config import ConfigError
 
+from conftest import BUNDLED_ETHANOL_TRAIN
 
-def minimal(shared_data, **sections):
-    ethanol = str(shared_data / "rmd17" / "rmd17_ethanol_train_01.extxyz")
+
+def minimal(**sections):
+    ethanol = str(BUNDLED_ETHANOL_TRAIN)
     cfg = {"oracle": {"calculator": "tblite"}, "initial": {"path": ethanol, "n": 3},
            "explore": {"kind": "md", "steps": 10}, "rule": {"kind": "force_std", "threshold": 0.1},
            "train": {"method": "sgmcmc", "sgmcmc": {"burnin_steps": 5}}}
@@ -16,7 +18,8 @@ def minimal(shared_data, **sections):
     return cfg
 
 
-def test_shipped_configs_load_with_paths_resolved(tmp_path):
+def test_shipped_configs_load_with_paths_resolved(tmp_path, fake_data_cache):
+    """Paths resolved against the configuration's folder, and ``dataset:`` names to the data-set cache."""
     from conftest import REPO_ROOT
 
     for name in ("active_ethanol_xtb", "active_tio2_xtb"):
@@ -26,13 +29,13 @@ def test_shipped_configs_load_with_paths_resolved(tmp_path):
             assert source["path"].startswith("/") and source["path"].endswith(".extxyz")
 
 
-def test_defaults_and_overrides(shared_data):
-    cfg = load_active_config(minimal(shared_data), overrides=["budget.max_calls=7", "rule.threshold=2e-2"])
+def test_defaults_and_overrides():
+    cfg = load_active_config(minimal(), overrides=["budget.max_calls=7", "rule.threshold=2e-2"])
     assert cfg["budget"] == {"max_calls": 7, "target_forces_mae": None}
     assert cfg["rule"]["threshold"] == 0.02  # YAML 1.2 float
     assert cfg["explore"]["chunk_steps"] == 200 and cfg["explore"]["temperature_K"] == 300.0
     assert cfg["explore"]["uq_every"] == 1
-    every = load_active_config(minimal(shared_data), overrides=["explore.uq_every=10"])
+    every = load_active_config(minimal(), overrides=["explore.uq_every=10"])
     options = MDOptions(**{k: v for k, v in every["explore"].items() if k != "kind"})
     assert options.md_kwargs()["uq_every"] == 10  # what run_md is given for every chunk
 
@@ -49,26 +52,26 @@ def test_defaults_and_overrides(shared_data):
     ({"explore": {"kind": "md", "uq_every": 0}}, r"explore.uq_every=0"),
     ({"train": {"data": {"path": "x.xyz"}}}, "train.data.path is filled in by the loop"),
 ])
-def test_bad_configuration_is_named(shared_data, change, message):
+def test_bad_configuration_is_named(change, message):
     with pytest.raises(ConfigError, match=message):
-        load_active_config(minimal(shared_data, **change))
+        load_active_config(minimal(**change))
 
 
-def test_bad_override_and_missing_file(shared_data, tmp_path):
+def test_bad_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not of the form key=value"):
-        load_active_config(minimal(shared_data), overrides=["budget.max_calls"])
+        load_active_config(minimal(), overrides=["budget.max_calls"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_active_config(tmp_path / "nope.yaml")
 
 
-def test_rules_that_do_not_fit_the_explorer_are_refused_before_any_call(shared_data, tmp_path):
+def test_rules_that_do_not_fit_the_explorer_are_refused_before_any_call(tmp_path):
     with pytest.raises(ConfigError, match="top_k ranks a candidate pool"):
-        ActiveLoop(load_active_config(minimal(shared_data, rule={"kind": "top_k"})), tmp_path / "a")
+        ActiveLoop(load_active_config(minimal(rule={"kind": "top_k"})), tmp_path / "a")
     with pytest.raises(ConfigError, match="needs rule.probability"):
-        ActiveLoop(load_active_config(minimal(shared_data, rule={"kind": "random"})), tmp_path / "b")
+        ActiveLoop(load_active_config(minimal(rule={"kind": "random"})), tmp_path / "b")
     with pytest.raises(ConfigError, match="no structure selected"):
-        ActiveLoop(load_active_config(minimal(shared_data, initial={
-            "path": minimal(shared_data)["initial"]["path"], "max_atoms": 3})), tmp_path / "c")
+        ActiveLoop(load_active_config(minimal(initial={
+            "path": minimal()["initial"]["path"], "max_atoms": 3})), tmp_path / "c")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -78,18 +81,18 @@ def test_rules_that_do_not_fit_the_explorer_are_refused_before_any_call(shared_d
     ({"rule": {"kind": "force_std", "threshold": "high"}}, r"threshold"),
     ({"rule": {"kind": "calibrated"}}, r"tolerance"),
 ])
-def test_bad_update_and_rule_settings_are_named_before_any_reference_call(shared_data, tmp_path, change, message):
+def test_bad_update_and_rule_settings_are_named_before_any_reference_call(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
-        ActiveLoop(load_active_config(minimal(shared_data, **change)), tmp_path / "run")
+        ActiveLoop(load_active_config(minimal(**change)), tmp_path / "run")
     assert not any((tmp_path / "run").glob("*.h5"))  # nothing labelled, no store written
 
 
-def test_resume_needs_a_run_and_the_same_configuration(shared_data, tmp_path):
-    cfg = load_active_config(minimal(shared_data))
+def test_resume_needs_a_run_and_the_same_configuration(tmp_path):
+    cfg = load_active_config(minimal())
     with pytest.raises(FileNotFoundError, match="holds no active-learning run"):
         ActiveLoop(cfg, tmp_path, resume=True)
     ActiveLoop(cfg, tmp_path)  # writes active_config.yaml (no state yet: nothing ran)
-    ActiveLoop(load_active_config(minimal(shared_data, budget={"max_calls": 50})), tmp_path, resume=True)
+    ActiveLoop(load_active_config(minimal(budget={"max_calls": 50})), tmp_path, resume=True)
     with pytest.raises(ConfigError, match="only the budget may change"):
-        ActiveLoop(load_active_config(minimal(shared_data, rule={"kind": "force_std", "threshold": 0.2})), tmp_path,
+        ActiveLoop(load_active_config(minimal(rule={"kind": "force_std", "threshold": 0.2})), tmp_path,
                    resume=True)

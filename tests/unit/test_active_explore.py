@@ -22,18 +22,20 @@ def test_pool_uncertainty_matches_the_calculator_in_batches(posterior):
     for i, atoms in enumerate(structures):
         atoms.rattle(0.05, seed=i)
     graphs = [atoms_to_graph(a, posterior.config.type_names, posterior.config.r_max) for a in structures]
-    forces, stds = pool_uncertainty(posterior, graphs, batch_size=2)
+    forces, stds, epistemic = pool_uncertainty(posterior, graphs, batch_size=2)
     assert [len(f) for f in forces] == [len(a) for a in structures]
     calc = UQCalculator(posterior)
-    for atoms, f, s in zip(structures, forces, stds):
+    for atoms, f, s, e in zip(structures, forces, stds, epistemic):
         atoms.calc = calc
         np.testing.assert_allclose(f, atoms.get_forces(), atol=1e-10)
         np.testing.assert_allclose(s, calc.get_property("atom_force_std", atoms), atol=1e-10)
-        assert (s > 0).all()
+        np.testing.assert_allclose(e, calc.get_property("atom_force_std_epistemic", atoms), atol=1e-10)
+        assert (s > 0).all() and (e < s).all()
     # a recalibrated posterior scales both alike
     scaled = posterior.with_calibration({"forces": 2.0})
-    _, stds2 = pool_uncertainty(scaled, graphs[:1])
+    _, stds2, epistemic2 = pool_uncertainty(scaled, graphs[:1])
     np.testing.assert_allclose(stds2[0], 2.0 * stds[0], rtol=1e-12)
+    np.testing.assert_allclose(epistemic2[0], 2.0 * epistemic[0], rtol=1e-12)
 
 
 def test_walker_restarts_are_reproducible_and_at_temperature():

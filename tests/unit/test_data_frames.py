@@ -17,8 +17,8 @@ def _water(positions=((0.0, 0.0, 0.0), (0.96, 0.0, 0.0), (0.0, 0.96, 0.0)), **la
 
 
 @pytest.mark.parametrize("which", ["tio2", "ethanol"])
-def test_read_frames_matches_ase(which, tio2_path, shared_data):
-    path = tio2_path if which == "tio2" else shared_data / "rmd17" / "rmd17_ethanol_train_01.extxyz"
+def test_read_frames_matches_ase(which, tio2_path, ethanol_train):
+    path = tio2_path if which == "tio2" else ethanol_train
     frames, reference = read_frames(path), ase.io.read(path, ":")
     assert len(frames) == len(reference) > 100
     energies = [[a.get_potential_energy() for a in frames_] for frames_ in (frames, reference)]

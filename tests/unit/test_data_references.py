@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from conftest import full_data_set
+
 from mlip_uq.data import DataError, filter_frames, fit_energy_references, referenced_energy_per_atom
 
 AENET_TIO2 = {"O": -432.503149303, "Ti": -1604.604515075}
@@ -71,9 +73,19 @@ def test_filter_frames_on_synthetic_thresholds():
     assert filter_frames(frames, {"H": -1.0})[1].all()
 
 
+def test_bundled_tio2_subset_referenced_energy_range_and_filter_count(tio2_path):
+    """The bundled subset lies inside the filter of the full-set configurations: it drops none of it."""
+    subset = ase.io.read(tio2_path, ":")
+    energy = referenced_energy_per_atom(subset, AENET_TIO2)
+    assert len(subset) == 1000 and -8.58 <= energy.min() < -8.5 and -7.01 < energy.max() <= -7.0
+    kept, mask = filter_frames(subset, AENET_TIO2, max_energy_per_atom=-5.0, max_force=20.0)
+    assert len(kept) == 1000 and mask.all()
+
+
 @pytest.fixture(scope="module")
-def tio2_full(shared_data):
-    return ase.io.read(shared_data / "tio2_aenet" / "tio2_aenet_7815.extxyz", ":")
+def tio2_full():
+    """The full aenet TiO2 set (7,815 structures, not shipped): ``mlip-uq data fetch tio2_aenet``, else skipped."""
+    return ase.io.read(full_data_set("tio2_aenet", "tio2_aenet_7815.extxyz", "tio2_aenet/tio2_aenet_7815.extxyz"), ":")
 
 
 def test_tio2_referenced_energy_range_and_filter_count(tio2_full):

@@ -558,3 +558,45 @@ def test_hyperparameters_live_in_param_groups():
                 "adapt_preconditioner"):
         assert key in group
     assert group["num_data"] == 10 and group["prior_scale"] == 0.5 and group["prior_center"] is None
+
+
+def test_several_starts_put_mass_in_both_modes_and_one_start_stays_in_one():
+    """Two Gaussians (means ±3, sd 0.5, equal mass) behind a barrier of 18 nats: each start (a noise-free
+    descent from its own random initialisation, then adaptive SGHMC at T = 1) samples the mode it fell into
+    and never crosses; the starts pooled with equal weight per start put mass in both modes, in proportion
+    (half each, within the binomial spread of the starts' modes), and each mode's draws have its moments."""
+    mu, sd, n_starts = 3.0, 0.5, 64
+    theta = torch.nn.Parameter(torch.randn(n_starts, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+                               * 1.5)
+    opt = AdaptiveSGHMC([theta], lr=1e-3, num_data=1, friction=0.05, temperature=0.0, seed=1)
+
+    def set_grad():  # U = -log(½ N(-μ, sd²) + ½ N(μ, sd²)), each coordinate its own start
+        x = theta.detach()
+        log_left, log_right = -((x + mu) ** 2), -((x - mu) ** 2)
+        right = torch.sigmoid((log_right - log_left) / (2 * sd**2))  # responsibility of the right mode
+        theta.grad = (x - (2 * right - 1) * mu) / sd**2
+
+    for _ in range(1500):  # the fits: noise-free, preconditioner adapting
+        set_grad()
+        opt.step()
+    opt.freeze_preconditioner()
+    for group in opt.param_groups:
+        group["temperature"] = 1.0
+    draws = []
+    for step in range(8000):
+        set_grad()
+        opt.step()
+        if step >= 1000 and step % 10 == 0:
+            draws.append(theta.detach().clone())
+    x = torch.stack(draws, dim=1).numpy()  # (start, draw)
+    side = np.sign(x)
+    assert np.all(side == side[:, :1])  # every start stays in its mode: one start samples one basin
+    right = side[:, 0] > 0
+    weights = np.full(x.shape, 1.0 / x.size)  # equal weight per start, each start's draws equally
+    mass_right = weights[right].sum()
+    assert 0 < mass_right < 1  # the pool has both modes
+    assert abs(mass_right - 0.5) < 3 * np.sqrt(0.25 / n_starts)
+    for in_mode, centre in ((right, mu), (~right, -mu)):
+        y = x[in_mode]
+        assert abs(y.mean() - centre) < 0.05
+        assert abs(y.std() / sd - 1) < 0.1

@@ -23,7 +23,7 @@ from mlip_uq.uq import (
 
 N_BIG = 200_000
 
-# DESIGN.md "Metric names", plus the AUROC threshold that must be stated in the file
+# docs/design.md "Metric names", plus the AUROC threshold that must be stated in the file
 DESIGN_KEYS = {
     "energy_mae", "energy_rmse", "forces_mae", "forces_rmse",
     "energy_nll", "forces_nll", "energy_miscal_area", "forces_miscal_area",

@@ -64,7 +64,7 @@ def test_nll_matches_toolbox_mean_positive_nll(case):
 
 
 def test_sharpness_differs_from_toolbox_as_documented():
-    # DESIGN.md: sharpness = mean predicted std; UT: sqrt(mean σ²). Test each against its own formula.
+    # docs/design.md: sharpness = mean predicted std; UT: sqrt(mean σ²). Test each against its own formula.
     _, std, _ = _cases()[4]
     assert sharpness(std) == pytest.approx(np.mean(std), rel=1e-14)
     assert uct.metrics_calibration.sharpness(std) == pytest.approx(np.sqrt(np.mean(std**2)), rel=1e-14)

@@ -1,0 +1,239 @@
+"""SG-MCMC over several basins: independent starts, each sampled locally, pooled into one posterior.
+
+One chain samples the basin it starts in: its draws stay near their start (ESS about 5 of 20 draws, R̂ 6.3 for
+four chains from one MAP model), so its spread misses the disagreement between independent fits, which is most
+of what grows out of distribution (Fort et al. 2019). The recipe here is that of MultiSWAG (Wilson & Izmailov
+2020) and of many short chains from independent fits (Sommer et al. 2024), with the adaptive SGHMC as the local
+sampler:
+
+1. **starts** — ``sgmcmc.n_starts`` independent fits. With ``sgmcmc.init: map`` start ``s`` is a MAP fit from
+   seed ``seed + s`` (its own initialisation and minibatch order) with the ``training`` settings: exactly
+   member ``s`` of a deep ensemble of those settings (:func:`~mlip_uq.inference.ensemble.fit_ensemble`, in
+   ``out_dir/starts/members/<s>/``, ``n_processes`` fits at a time), so an ensemble run's finished members can
+   be copied there and reused. With ``init: null`` every start is a fresh initialisation from seed ``seed + s``
+   (the burn-in is then the fit).
+2. **local sampling** — each start's ``n_chains`` chains of :func:`~mlip_uq.inference.sampling.run_sgmcmc` in
+   ``out_dir/starts/<s>/`` (burn-in adapting that start's own preconditioner, then frozen; the prior centred on
+   that start's fit when ``prior.center`` is ``map``), ``n_processes`` starts at a time.
+3. **pooling** — :func:`pool_starts`: the draws of all starts concatenated start by start, each start given
+   the same total weight (an equal mixture of the local posteriors, whatever the number of draws a diverged
+   chain left); every draw labelled with its start (``sample_starts``) and chain (``sample_chains``, numbered
+   across starts). Tensors equal in every start stay shared; in a partially Bayesian model the fixed trunk
+   differs between starts and is stored per draw.
+
+:func:`run_starts` and :func:`write_start_summary` write ``starts/starts.json``: per start the draws, the smallest per-layer median ESS of its
+chains, the seconds of its fit and of its sampling, and over the validation set the share of the epistemic force
+variance that lies *between* the starts (the rest is the spread within each start's draws).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from nequip.data import AtomicDataDict
+
+from ..config import FROM_MAP
+from ..data import collate
+from ..files import write_json
+from ..model import ModelConfig
+from ..posterior import Posterior, load_posterior
+from ..posterior.predict import predict_samples
+from .common import run_in_processes
+
+log = logging.getLogger(__name__)
+
+STARTS = "starts"
+DRAWS = "draws.h5"  # a start's draws, with the noise as sampled (the pooled posterior's noise is fitted after)
+
+
+def pool_starts(parts: Sequence[Posterior], hyperparameters: Optional[Dict] = None) -> Posterior:
+    """One posterior of the draws of several starts.
+
+    Args:
+        parts: each start's posterior (one architecture; the draws of its chains, ``sample_chains`` in its
+            hyperparameters when it has them).
+        hyperparameters: recorded in the pooled posterior, with ``sample_starts`` (the start of every draw),
+            ``sample_chains`` (its chain, numbered across starts: start ``s``'s chain ``c`` is
+            ``s · n_chains + c``) and ``n_starts`` added.
+
+    Returns:
+        The draws of ``parts[0]``, then ``parts[1]``, ... (the architecture of ``parts[0]``, its seed the run's); start ``s``'s draws weighted ``w_k / n_starts`` with
+        ``w_k`` their weights within the start. A tensor equal in every part stays shared; any other (a fixed
+        trunk that differs between starts) is stored per draw.
+    """
+    if not parts:
+        raise ValueError("pool_starts needs at least one start")
+    config = parts[0].config
+
+    def architecture(c: ModelConfig) -> Dict:  # the starts differ by their seeds only
+        return {k: v for k, v in c.to_dict().items() if k != "seed"}
+
+    for s, part in enumerate(parts[1:], start=1):
+        if architecture(part.config) != architecture(config):
+            raise ValueError(f"start {s} has another architecture than start 0")
+    names = list(parts[0].shared) + list(parts[0].samples)
+    shared, samples = {}, {}
+    for name in names:
+        per_draw = [p.samples[name] if name in p.samples else p.shared[name].unsqueeze(0).expand(p.n_samples,
+                                                                                               *p.shared[name].shape)
+                    for p in parts]
+        if all(name in p.shared for p in parts) and all(torch.equal(p.shared[name], parts[0].shared[name])
+                                                        for p in parts):
+            shared[name] = parts[0].shared[name]
+        else:
+            samples[name] = torch.cat(per_draw).clone()
+    weights = torch.cat([p.weights / len(parts) for p in parts])
+    starts, chains = [], []
+    n_chains = max(max(p.hyperparameters.get("sample_chains", [0])) + 1 for p in parts)
+    for s, part in enumerate(parts):
+        local = part.hyperparameters.get("sample_chains", [0] * part.n_samples)
+        starts += [s] * part.n_samples
+        chains += [s * n_chains + int(c) for c in local]
+    hyper = {**(hyperparameters or {}), "n_starts": len(parts), "sample_starts": starts, "sample_chains": chains}
+    return Posterior(config, shared, samples, weights=weights, method=parts[0].method, hyperparameters=hyper,
+                     energy_references=parts[0].energy_references, data_fingerprint=parts[0].data_fingerprint)
+
+
+def between_start_share(posterior: Posterior, graphs: Sequence[AtomicDataDict.Type], batch_size: int = 8) -> Dict:
+    """How the epistemic force variance of a pooled posterior splits into between and within starts.
+
+    With start weights W_s = Σ_{k ∈ s} w_k, start means f̄_s and the pooled mean f̄, per force component
+
+        Σ_k w_k (f_k - f̄)²  =  Σ_s W_s (f̄_s - f̄)²  +  Σ_s Σ_{k ∈ s} w_k (f_k - f̄_s)²
+        (epistemic)            (between starts)        (within starts)
+
+    summed over the components of ``graphs``.
+
+    Returns:
+        ``between_share`` (between / epistemic), ``epistemic_share`` (epistemic / predictive, the noise
+        included) and the three sums (eV/Å)².
+    """
+    starts = np.asarray(posterior.hyperparameters["sample_starts"])
+    w = posterior.weights.to(torch.float64)
+    sums = {"epistemic": 0.0, "between": 0.0, "predictive": 0.0}
+    for first in range(0, len(graphs), batch_size):
+        batch = AtomicDataDict.to_(collate(list(graphs[first:first + batch_size])), posterior.device)
+        pred = predict_samples(posterior, batch)
+        f = pred.forces.to(torch.float64).cpu()
+        mean = torch.einsum("k,k...->...", w, f)
+        epistemic = torch.einsum("k,k...->...", w, (f - mean) ** 2).sum()
+        between = 0.0
+        for s in np.unique(starts):
+            pick = torch.as_tensor(starts == s)
+            weight = w[pick].sum()
+            start_mean = torch.einsum("k,k...->...", w[pick] / weight, f[pick])
+            between += float(weight * ((start_mean - mean) ** 2).sum())
+        sums["epistemic"] += float(epistemic)
+        sums["between"] += between
+        sums["predictive"] += float(epistemic) + float(pred.forces_aleatoric_var().to(torch.float64).sum())
+    return {"between_share": sums["between"] / sums["epistemic"] if sums["epistemic"] > 0 else float("nan"),
+            "epistemic_share": sums["epistemic"] / sums["predictive"] if sums["predictive"] > 0 else float("nan"),
+            "epistemic_var_sum": sums["epistemic"], "between_var_sum": sums["between"],
+            "predictive_var_sum": sums["predictive"]}
+
+
+@dataclass
+class _StartJob:
+    """One start's local sampling: its index, architecture (with the start's seed), settings and folder."""
+
+    index: int
+    config: ModelConfig
+    settings: object  # SGMCMCSettings of this start (its init and prior centre filled in)
+    out_dir: Path
+
+
+def _sample_start(job: _StartJob, train, metadata: Dict, resume: bool) -> None:
+    """Run start ``job.index``'s chains (:func:`~mlip_uq.inference.sampling.run_sgmcmc`) and write its draws
+    (``draws.h5``); its sampling seconds go to ``start.json`` when it is done (a resumed start adds the seconds
+    of each call)."""
+    from .sampling import run_sgmcmc
+
+    record = job.out_dir / "start.json"
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    if resume and done.get("finished"):
+        return
+    begin = time.perf_counter()
+    log.info("start %d: sampling", job.index)
+    run_sgmcmc(job.config, train, job.settings, job.out_dir, resume=resume, metadata=metadata).save(
+        job.out_dir / DRAWS)
+    seconds = done.get("sampling_seconds", 0.0) + time.perf_counter() - begin
+    write_json({"start": job.index, "seed": job.config.seed, "init": job.settings.init,
+                "sampling_seconds": seconds, "finished": True}, record)
+
+
+def run_starts(context, settings) -> Posterior:
+    """Method ``sgmcmc`` with ``n_starts > 1`` (module docstring); returns the pooled posterior (noise not yet
+    fitted on the validation set: :func:`~mlip_uq.inference.sampling.fit` does that)."""
+    from .ensemble import EnsembleSettings, fit_ensemble
+
+    out = Path(context.out_dir) / STARTS
+    config = context.model_config
+    fit_seconds = [0.0] * settings.n_starts
+    inits: List[Optional[str]] = [None] * settings.n_starts
+    if settings.init == FROM_MAP:
+        members = EnsembleSettings(n_members=settings.n_starts, n_processes=settings.n_processes,
+                                   training=settings.training)
+        begin = time.perf_counter()
+        fit_ensemble(config, context.train, context.val, members, out, resume=context.resume,
+                     metadata=context.metadata)
+        log.info("%d MAP starts done (%.0f s)", settings.n_starts, time.perf_counter() - begin)
+        inits = [str(out / "members" / str(s) / "final.pt") for s in range(settings.n_starts)]
+        fit_seconds = [member_epoch_seconds(out / "members" / str(s)) for s in range(settings.n_starts)]
+    jobs = []
+    for s in range(settings.n_starts):
+        center = inits[s] if settings.prior.center == FROM_MAP else settings.prior.center
+        local = replace(settings, n_starts=1, n_processes=1, init=inits[s],
+                        prior=replace(settings.prior, center=center), training=None)
+        jobs.append(_StartJob(s, ModelConfig.from_dict({**config.to_dict(), "seed": config.seed + s}), local,
+                              out / str(s)))
+    run_in_processes(_sample_start, jobs, settings.n_processes, settings.accelerator,
+                     train=context.train, metadata=context.metadata, resume=context.resume)
+    parts = [load_posterior(job.out_dir / DRAWS) for job in jobs]
+    hyper = {**parts[0].hyperparameters, "n_starts": settings.n_starts, "init": settings.init,
+             "prior_center": settings.prior.center}
+    hyper.pop("round", None)
+    posterior = pool_starts(parts, hyper)
+    write_json({"starts": [start_record(job, part, fit_seconds[job.index]) for job, part in zip(jobs, parts)]},
+               out / "starts.json")
+    return posterior
+
+
+def start_record(job: _StartJob, part: Posterior, fit_seconds: float) -> Dict:
+    """One start's line of ``starts.json``: draws, ESS, seconds."""
+    record = json.loads((job.out_dir / "start.json").read_text())
+    diagnostics_path = job.out_dir / "sgmcmc" / "diagnostics.json"
+    layers = json.loads(diagnostics_path.read_text()).get("layers", {}) if diagnostics_path.is_file() else {}
+    ess = [entry["ess_median"] for entry in layers.values()]
+    return {"start": job.index, "seed": job.config.seed, "n_draws": part.n_samples,
+            "ess_min_layer_median": min(ess) if ess else None, "fit_seconds": fit_seconds,
+            "sampling_seconds": record["sampling_seconds"]}
+
+
+def member_epoch_seconds(member_dir: Path) -> float:
+    """The training seconds of a MAP fit: the sum of the epoch seconds in its ``logs/metrics.csv`` (right after
+    a resume, unlike a wall clock; 0 where the log is absent, e.g. a start copied without it)."""
+    path = Path(member_dir) / "logs" / "metrics.csv"
+    if not path.is_file():
+        return 0.0
+    with open(path) as f:
+        return float(sum(float(r["seconds"]) for r in csv.DictReader(f) if r.get("seconds")))
+
+
+def write_start_summary(posterior: Posterior, out_dir: Path, val: Sequence[AtomicDataDict.Type],
+                        batch_size: int) -> Dict:
+    """Add the between-start share of the epistemic force variance on ``val`` to ``starts/starts.json``."""
+    path = Path(out_dir) / STARTS / "starts.json"
+    summary = json.loads(path.read_text())
+    summary["validation"] = between_start_share(posterior, val, batch_size) if val else None
+    summary["fit_seconds"] = sum(s["fit_seconds"] for s in summary["starts"])
+    summary["sampling_seconds"] = sum(s["sampling_seconds"] for s in summary["starts"])
+    write_json(summary, path)
+    return summary
