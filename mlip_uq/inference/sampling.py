@@ -62,7 +62,7 @@ from .diagnostics import write_diagnostics
 from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import pretrained_weights, prior_from_spec, select_stochastic
 from .schedule import Schedule
-from .starts import run_starts, write_start_summary
+from .starts import run_starts, update_starts, write_start_summary
 
 log = logging.getLogger(__name__)
 
@@ -412,13 +412,19 @@ class UpdateSettings:
 def update(context, options: UpdateSettings, index: int) -> Path:
     """Fit ``index`` of an active-learning loop on ``train + val`` (sampling has no early stopping): the first
     (``index`` 0) is :func:`run_sgmcmc`, later ones continue every chain with :func:`continue_sgmcmc`. Both are
-    checkpointed: a killed update is finished by calling it again. Returns ``out_dir/posterior.h5``."""
-    if context.settings.uses_map():
-        raise ConfigError("an active-learning update has no validation split for a MAP phase: set sgmcmc.init "
-                          "and sgmcmc.prior.center to a trained model's file (or null), not map")
+    checkpointed: a killed update is finished by calling it again. Returns ``out_dir/posterior.h5``.
+
+    With ``sgmcmc.n_starts`` > 1: :func:`~mlip_uq.inference.starts.update_starts` (the starts' MAP fits, with
+    ``init: map``, train on ``train`` and stop early on ``val``, as an ensemble's members do; the chains sample
+    on both, and later fits continue every start's chains)."""
     if context.settings.n_starts > 1:
-        raise ConfigError("active-learning updates continue the chains of one start; set sgmcmc.n_starts: 1 "
-                          "(several starts: retrain the run with mlip-uq train on the grown data)")
+        posterior = update_starts(context, context.settings, options.settle_steps, options.n_samples, index)
+        posterior.save(context.posterior_path)
+        return context.posterior_path
+    if context.settings.uses_map():
+        raise ConfigError("an active-learning update of one start samples on train + val, with no validation "
+                          "split left for a MAP phase: set sgmcmc.init and sgmcmc.prior.center to a trained "
+                          "model's file (or null), not map, or use sgmcmc.n_starts > 1")
     graphs = list(context.train) + list(context.val)
     if index == 0:
         posterior = run_sgmcmc(context.model_config, graphs, context.settings, context.out_dir,

@@ -34,7 +34,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -169,9 +169,9 @@ def _sample_start(job: _StartJob, train, metadata: Dict, resume: bool) -> None:
                 "sampling_seconds": seconds, "finished": True}, record)
 
 
-def run_starts(context, settings) -> Posterior:
-    """Method ``sgmcmc`` with ``n_starts > 1`` (module docstring); returns the pooled posterior (noise not yet
-    fitted on the validation set: :func:`~mlip_uq.inference.sampling.fit` does that)."""
+def _start_jobs(context, settings) -> Tuple[List[_StartJob], List[float]]:
+    """Each start's sampling job, after the starts' MAP fits (``init: map``; run here, resumable); and the
+    fits' training seconds."""
     from .ensemble import EnsembleSettings, fit_ensemble
 
     out = Path(context.out_dir) / STARTS
@@ -194,21 +194,64 @@ def run_starts(context, settings) -> Posterior:
                         prior=replace(settings.prior, center=center), training=None)
         jobs.append(_StartJob(s, ModelConfig.from_dict({**config.to_dict(), "seed": config.seed + s}), local,
                               out / str(s)))
-    run_in_processes(_sample_start, jobs, settings.n_processes, settings.accelerator,
-                     train=context.train, metadata=context.metadata, resume=context.resume)
+    return jobs, fit_seconds
+
+
+def _pooled(jobs: List[_StartJob], settings) -> Posterior:
     parts = [load_posterior(job.out_dir / DRAWS) for job in jobs]
     hyper = {**parts[0].hyperparameters, "n_starts": settings.n_starts, "init": settings.init,
              "prior_center": settings.prior.center}
-    hyper.pop("round", None)
-    posterior = pool_starts(parts, hyper)
-    write_json({"starts": [start_record(job, part, fit_seconds[job.index]) for job, part in zip(jobs, parts)]},
-               out / "starts.json")
+    return pool_starts(parts, hyper)
+
+
+def run_starts(context, settings, sample_on=None) -> Posterior:
+    """Method ``sgmcmc`` with ``n_starts > 1`` (module docstring); returns the pooled posterior (noise not yet
+    fitted on the validation set: :func:`~mlip_uq.inference.sampling.fit` does that).
+
+    Args:
+        context: the run's :class:`~mlip_uq.inference.FitContext` (the MAP fits train on ``context.train``,
+            early-stopped on ``context.val``).
+        settings: the run's SG-MCMC settings.
+        sample_on: the graphs the chains sample on (default ``context.train``).
+    """
+    jobs, fit_seconds = _start_jobs(context, settings)
+    run_in_processes(_sample_start, jobs, settings.n_processes, settings.accelerator,
+                     train=list(context.train if sample_on is None else sample_on), metadata=context.metadata,
+                     resume=context.resume)
+    posterior = _pooled(jobs, settings)
+    write_json({"starts": [start_record(job, fit_seconds[job.index]) for job in jobs]},
+               Path(context.out_dir) / STARTS / "starts.json")
     return posterior
 
 
-def start_record(job: _StartJob, part: Posterior, fit_seconds: float) -> Dict:
+def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_samples: int) -> None:
+    """Warm-start every chain of start ``job.index`` on ``train`` (:func:`~mlip_uq.inference.sampling.
+    continue_sgmcmc`, idempotent) and write its new draws."""
+    from .sampling import continue_sgmcmc
+
+    continue_sgmcmc(job.config, train, job.settings, job.out_dir, n_steps=n_steps, n_samples=n_samples,
+                    metadata=metadata).save(job.out_dir / DRAWS)
+
+
+def update_starts(context, settings, n_steps: int, n_samples: int, index: int) -> Posterior:
+    """Fit ``index`` of an active-learning loop with several starts: the first as :func:`run_starts` (MAP fits
+    on ``context.train`` early-stopped on ``context.val``, then every chain on both), later ones continue every
+    start's chains on the grown ``train + val`` (:func:`~mlip_uq.inference.sampling.continue_sgmcmc`: ``n_steps``
+    steps at the target temperature, then ``n_samples`` new draws per chain), ``n_processes`` starts at a time;
+    returns the pooled posterior."""
+    graphs = list(context.train) + list(context.val)
+    if index == 0:
+        return run_starts(context, settings, sample_on=graphs)
+    jobs, _ = _start_jobs(replace(context, resume=True), settings)  # the fits are done: loaded
+    run_in_processes(_continue_start, jobs, settings.n_processes, settings.accelerator, train=graphs,
+                     metadata=context.metadata, n_steps=n_steps, n_samples=n_samples)
+    return _pooled(jobs, settings)
+
+
+def start_record(job: _StartJob, fit_seconds: float) -> Dict:
     """One start's line of ``starts.json``: draws, ESS, seconds."""
     record = json.loads((job.out_dir / "start.json").read_text())
+    part = load_posterior(job.out_dir / DRAWS)
     diagnostics_path = job.out_dir / "sgmcmc" / "diagnostics.json"
     layers = json.loads(diagnostics_path.read_text()).get("layers", {}) if diagnostics_path.is_file() else {}
     ess = [entry["ess_median"] for entry in layers.values()]

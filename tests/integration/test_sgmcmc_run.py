@@ -298,12 +298,21 @@ class TestSGMCMCPosterior(PosteriorContract):
         return load_posterior(full_run / "posterior.h5")
 
 
-def test_several_starts_pool_the_draws_of_independent_map_fits(tio2_path, tio2_store, tmp_path):
+def starts_config(tio2_path, store):
+    cfg = config(tio2_path, store, n_chains=1, n_samples=3, n_starts=2, init="map", prior={"center": "map"})
+    cfg["training"] = {"max_epochs": 2, "batch_size": 8, "lr": 0.01}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def starts_run(tio2_path, tio2_store, tmp_path_factory):
+    return train(starts_config(tio2_path, tio2_store), out_dir=tmp_path_factory.mktemp("starts"))
+
+
+def test_several_starts_pool_the_draws_of_independent_map_fits(starts_run):
     from mlip_uq.inference.starts import DRAWS, pool_starts
 
-    cfg = config(tio2_path, tio2_store, n_chains=1, n_samples=3, n_starts=2, init="map", prior={"center": "map"})
-    cfg["training"] = {"max_epochs": 2, "batch_size": 8, "lr": 0.01}
-    train(cfg, out_dir=tmp_path)
+    tmp_path = starts_run
     starts = tmp_path / "starts"
     fits = [torch.load(starts / "members" / str(s) / "final.pt", weights_only=True) for s in (0, 1)]
     assert not torch.equal(fits[0][READOUT], fits[1][READOUT])  # independent fits: seeds 0 and 1
@@ -334,3 +343,28 @@ def test_several_starts_need_a_start_per_basin():
     with pytest.raises(ConfigError, match="one basin"):
         SGMCMCSettings.from_dict({"sgmcmc": {"n_starts": 3, "init": "model.h5"}})
     assert SGMCMCSettings.from_dict({"sgmcmc": {"n_starts": 3}}).n_starts == 3  # fresh starts
+
+
+def test_active_learning_continues_the_chains_of_every_start(tio2_path, tio2_store, starts_run, tmp_path):
+    import shutil
+
+    from mlip_uq.data import FrameStore
+    from mlip_uq.inference import FitContext
+    from mlip_uq.inference.sampling import SGMCMCSettings, UpdateSettings, update
+
+    run = tmp_path / "run"
+    shutil.copytree(starts_run, run)
+    first = load_posterior(run / "posterior.h5")
+    splits = json.loads((run / "splits.json").read_text())
+    store = FrameStore.open(tio2_store)
+    context = FitContext(model_config=first.config, train=store.graphs(splits["train"] + splits["test"][:4]),
+                         val=store.graphs(splits["val"]),
+                         settings=SGMCMCSettings.from_dict(starts_config(tio2_path, tio2_store)), out_dir=run)
+    path = update(context, UpdateSettings(settle_steps=3, n_samples=2), index=1)
+    post = load_posterior(path)
+    assert post.hyperparameters["sample_starts"] == [0, 0, 1, 1]
+    for s in (0, 1):  # every start's chain went on from its own state, on the grown set
+        chain = torch.load(run / "starts" / str(s) / "sgmcmc" / "chain0.ckpt", weights_only=True)
+        assert chain["round"] == 1 and chain["step"] == 45 + 3 + 2 * 3
+        assert all(g["num_data"] == len(context.train) + len(context.val) for g in chain["optimizer"]["param_groups"])
+    assert not torch.equal(post.samples[READOUT][0], first.samples[READOUT][2])
