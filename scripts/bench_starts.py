@@ -18,10 +18,14 @@ Columns: raw (as the method predicts) and recalibrated (one factor per quantity 
 force NLL and miscalibration area on the 300 K frames; OOD AUROC of the per-structure max per-atom force std,
 predictive and epistemic, telling 600 K from 300 K frames; the ratio of the mean epistemic per-atom force std
 600 K / 300 K; the recalibrated force NLL on the 600 K frames; the between-start (or between-cycle) share of
-the epistemic force variance on the validation set; training compute: the MAP fits' epoch seconds plus the
-sampling seconds (each start's, from ``starts/starts.json``), summed whether they ran in parallel or not.
+the epistemic force variance on the validation set; training compute as minibatch gradient steps (the MAP
+fits' and the chains'; validation passes not counted), and as minutes: the MAP fits' epoch seconds plus the
+sampling seconds (each start's, from ``starts/starts.json``), summed whether they ran in parallel or not. The
+minutes depend on what else ran on the 2 cores (the members' epochs took 0.6-3.3 s here); the steps do not.
+Run with one thread: on a busy 2-core machine two OpenMP threads per process made the chain's steps ~20x slower
+(measured).
 
-    OMP_NUM_THREADS=2 python scripts/bench_starts.py [--runs runs/bench_starts] [--out docs/benchmarks.md]
+    OMP_NUM_THREADS=1 python scripts/bench_starts.py [--runs runs/bench_starts/acac] [--out docs/benchmarks.md]
 
 Finished runs are reused (an interrupted benchmark continues where it stopped). Numbers go to
 ``docs/bench_starts.json``, the table to a section of ``docs/benchmarks.md``, the plot to
@@ -30,6 +34,7 @@ Finished runs are reused (an interrupted benchmark continues where it stopped). 
 
 import argparse
 import copy
+import csv
 import json
 import logging
 import shutil
@@ -96,11 +101,22 @@ def cyclical_run(runs: Path, ensemble_dir: Path) -> Path:
     peak = section["friction"] * config["training"]["lr"]
     config["sgmcmc"] = {**{k: section[k] for k in ("friction", "batch_size")}, "n_starts": 1, "init": None,
                         "prior": {"scale": 1.0}, "lr": peak, "burnin_steps": 2000, "preheat_steps": 0,
-                        "cycle_steps": 2000, "exploration_fraction": 0.8, "thinning": 100, "n_samples": 24}
+                        "cycle_steps": 1000, "exploration_fraction": 0.8, "thinning": 50, "n_samples": 16}
     config.pop("training")
     out = runs / "sgmcmc_cyclical"
     run(config, out)
     return out
+
+
+def fit_steps(member: Path) -> int:
+    """Minibatch gradient steps of a MAP fit (the last ``step`` of its ``logs/metrics.csv``)."""
+    with open(member / "logs" / "metrics.csv") as f:
+        return int(list(csv.DictReader(f))[-1]["step"])
+
+
+def chain_steps(run_dir: Path) -> int:
+    """Minibatch gradient steps of a run's SG-MCMC chains (their checkpoints' ``step``)."""
+    return sum(int(torch.load(p, weights_only=True)["step"]) for p in (run_dir / "sgmcmc").glob("chain*.ckpt"))
 
 
 def graphs_of(path: Path, posterior: Posterior):
@@ -131,20 +147,21 @@ def rows(runs: Path) -> list:
     ood_graphs = graphs_of(OOD, ensemble)
     starts = json.loads((recipe / "starts" / "starts.json").read_text())["starts"]
     members = [member_epoch_seconds(ensemble_dir / "members" / str(s)) for s in range(5)]
+    member_steps = [fit_steps(ensemble_dir / "members" / str(s)) for s in range(5)]
+    start_steps = [chain_steps(recipe / "starts" / str(s)) for s in range(5)]
     out = []
 
-    def row(name, posterior, seconds, extra=None):
+    def row(name, posterior, seconds, steps, extra=None):
         cached = runs / "bench" / f"{name}.json"
         if not cached.is_file():
             logging.info("evaluating %s", name)
-            write_json({"name": name, "train_seconds": seconds, **(extra or {}),
-                        **evaluate(posterior, data, ood_graphs)}, cached)
-        out.append(json.loads(cached.read_text()))
+            write_json({"name": name, **(extra or {}), **evaluate(posterior, data, ood_graphs)}, cached)
+        out.append({**json.loads(cached.read_text()), "train_seconds": seconds, "train_steps": steps})
 
     member0 = load_checkpoint(ensemble_dir / "members" / "0" / "final.pt")
     row("MAP", Posterior.from_state_dicts(ensemble.config, [member0], method="map",
-                                          energy_references=ensemble.energy_references), members[0])
-    row("deep ensemble (5)", ensemble, sum(members))
+                                          energy_references=ensemble.energy_references), members[0], member_steps[0])
+    row("deep ensemble (5)", ensemble, sum(members), sum(member_steps))
     parts = [load_posterior(recipe / "starts" / str(s) / DRAWS) for s in range(5)]
     for k in range(1, 6):
         if k == 5:
@@ -153,7 +170,7 @@ def rows(runs: Path) -> list:
             pooled = fit_posterior_noise_on_validation(pool_starts(parts[:k]), data.val, config["sgmcmc"]["batch_size"])
         share = between_start_share(pooled, data.val) if k > 1 else None
         seconds = sum(members[:k]) + sum(s["sampling_seconds"] for s in starts[:k])
-        row(f"SG-MCMC, {k} start{'s' * (k > 1)}", pooled, seconds,
+        row(f"SG-MCMC, {k} start{'s' * (k > 1)}", pooled, seconds, sum(member_steps[:k]) + sum(start_steps[:k]),
             {"n_starts": k, "between_start": share, "ess": [s["ess_min_layer_median"] for s in starts[:k]]})
     cyc = load_posterior(cyclical / "posterior.h5")
     cycle_config = yaml.safe_load((cyclical / "config.yaml").read_text())
@@ -162,7 +179,7 @@ def rows(runs: Path) -> list:
     share = between_start_share(cyc.replace(hyperparameters={**cyc.hyperparameters, "sample_starts": labels}),
                                 data.val)
     row("cyclical SG-MCMC, fresh start", cyc, json.loads((cyclical / "train_seconds.json").read_text())["train_seconds"],
-        {"between_start": share, "cycle_steps": schedule.cycle_steps, "draws_per_cycle": schedule.per_cycle})
+        chain_steps(cyclical), {"between_start": share, "cycle_steps": schedule.cycle_steps, "draws_per_cycle": schedule.per_cycle})
     return out
 
 
@@ -170,7 +187,7 @@ def table(results: list) -> str:
     ens = next(r for r in results if r["name"].startswith("deep ensemble"))
     head = ("| method | K | force NLL raw / recal. | force miscal. raw / recal. | force MAE (meV/Å) | OOD AUROC epistemic "
             "/ total | epistemic std 600 K / 300 K | 600 K force NLL recal. | between-start share | "
-            "training compute (min) | compute / ensemble's |")
+            "training steps (compute / ensemble's) | training minutes |")
     lines = [head, "|---" * 11 + "|"]
     for r in results:
         share = r.get("between_start")
@@ -179,8 +196,8 @@ def table(results: list) -> str:
             f"| {r['raw']['forces_miscal_area']:.3f} / {r['recalibrated']['forces_miscal_area']:.3f} "
             f"| {1000 * r['raw']['forces_mae']:.1f} | {r['ood_auroc_epistemic']:.3f} / {r['ood_auroc']:.3f} "
             f"| {r['epistemic_ratio']:.3f} | {r['ood_recalibrated']['forces_nll']:.3f} "
-            f"| {'–' if not share else format(share['between_share'], '.2f')} | {r['train_seconds'] / 60:.1f} "
-            f"| {r['train_seconds'] / ens['train_seconds']:.2f} |")
+            f"| {'–' if not share else format(share['between_share'], '.2f')} "
+            f"| {r['train_steps']:,} ({r['train_steps'] / ens['train_steps']:.2f}) | {r['train_seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -213,7 +230,7 @@ def main() -> None:
     set_global_state()
     results = rows(args.runs)
     record = {"date": date.today().isoformat(), "version": __version__, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "command": "OMP_NUM_THREADS=2 python scripts/bench_starts.py",
+              "threads": torch.get_num_threads(), "command": "OMP_NUM_THREADS=1 python scripts/bench_starts.py",
               "rows": copy.deepcopy(results)}
     write_json(record, ROOT / "docs" / "bench_starts.json")
     plot(results, ROOT / "docs" / "bench_starts_acac.png")

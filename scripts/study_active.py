@@ -151,9 +151,9 @@ def study_config(args, explore, rule, seed: int):
         cfg["train"]["sgmcmc"].update(burnin_steps=800, n_samples=4)
     elif args.method == "sgmcmc_starts":  # 4 starts, each a MAP fit as an ensemble member's, sampled locally;
         # each update continues every start's chain on the grown set
-        cfg["update"] = {"settle_steps": 40, "n_samples": 4}
+        cfg["update"] = {"settle_steps": 300, "n_samples": 4}
         cfg["train"]["sgmcmc"].update(n_starts=4, n_processes=2, init="map", prior={"scale": 1.0, "center": "map"},
-                                      burnin_steps=300, preheat_steps=50, n_samples=4)
+                                      lr=1e-4, burnin_steps=300, preheat_steps=50, n_samples=4)
         cfg["train"]["training"] = dict(ENSEMBLE_TRAINING)
     else:  # 4 members trained on the initial set, each update fine-tunes them on the grown one
         cfg["train"].pop("sgmcmc", None)
@@ -455,8 +455,8 @@ def main() -> None:
         + ("SG-MCMC (one chain, 800 burn-in steps, 4 samples; each update 40 re-equilibration steps and 4 new "
            "samples)" if args.method == "sgmcmc" else
            "SG-MCMC over 4 starts (each a MAP fit of at most 150 epochs on the initial set, as an ensemble member, "
-           "then 300 burn-in steps and 4 samples around it; each update 40 re-equilibration steps and 4 new samples "
-           f"per start; rules read the {args.signal} signal)" if args.method == "sgmcmc_starts" else
+           "then 300 burn-in steps at η = 1e-4 and 4 samples around it; each update 300 re-equilibration steps and "
+           f"4 new samples per start; rules read the {args.signal} signal)" if args.method == "sgmcmc_starts" else
            "A deep ensemble of 4 members (150 epochs at most on the initial set; "
            + ("each update retrains every member afresh on the grown set, as the first fit)" if args.retrain else
               f"each update fine-tunes every member for {args.update_epochs} epochs, starting at a learning rate of "

@@ -14,6 +14,7 @@ MODULES = [
     "mlip_uq.inference.diagnostics",
     "mlip_uq.inference.sgmcmc",
     "mlip_uq.uq.metrics",
+    "mlip_uq.uq.signals",
 ]
 
 
