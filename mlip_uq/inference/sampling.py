@@ -1,7 +1,7 @@
 """The SG-MCMC driver: burn-in, pre-heat, thinned or cyclical sampling, chains in sequence or in parallel
 processes, warm-start continuation, checkpoints and diagnostics.
 
-The update itself is :class:`~mlip_uq.inference.sgmcmc.AdaptiveSGHMC`; this module owns everything around it
+The update itself is :class:`~mlip_uq.inference.sghmc.AdaptiveSGHMC`; this module owns everything around it
 (kernel and driver kept apart, as in BlackJAX):
 
 1. **burn-in** — noise-free (temperature 0): a preconditioned momentum optimiser over all trainable

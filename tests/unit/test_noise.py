@@ -14,7 +14,7 @@ from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY
 from mlip_uq.data import atoms_to_graph, collate, read_frames
 from mlip_uq.inference.loss import loss_terms
 from mlip_uq.inference.map import fit_noise_on_validation
-from mlip_uq.inference.sgmcmc import AdaptiveSGHMC
+from mlip_uq.inference.sghmc import AdaptiveSGHMC
 from mlip_uq.model import build_model
 
 DTYPE = torch.float64
