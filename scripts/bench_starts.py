@@ -49,7 +49,7 @@ from mlip_uq.data import atoms_to_graph, read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import load_checkpoint, write_json
 from mlip_uq.inference.map import fit_posterior_noise_on_validation
-from mlip_uq.inference.sampling import SGMCMCSettings
+from mlip_uq.inference.sgmcmc import SGMCMCSettings
 from mlip_uq.inference.starts import DRAWS, between_start_share, member_epoch_seconds, pool_starts
 from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.train import prepare_data, train

@@ -11,7 +11,7 @@ convergence needs.
   per-epoch log line.
 - *plain*: a hand-written loop: per epoch a seeded permutation, ``collate`` of each batch, forward, energy per
   atom and force MSE, backward, ``torch.optim.Adam`` step; then validation and ``ReduceLROnPlateau``.
-- *SG-MCMC*: :func:`mlip_uq.inference.sampling.run_sgmcmc` (burn-in, then sampling with noise), seconds per
+- *SG-MCMC*: :func:`mlip_uq.inference.sgmcmc.run_sgmcmc` (burn-in, then sampling with noise), seconds per
   minibatch step between its progress lines, less the chain checkpoint written with each (the MAP side's
   training seconds exclude its checkpoints too), against ours' training seconds per MAP batch in the same dtype.
 
@@ -48,7 +48,7 @@ from mlip_uq.data import collate
 from mlip_uq.inference.loss import loss_terms, weighted_loss
 from mlip_uq.inference.map import MAPSettings, fit_map
 from mlip_uq.inference.chains import Chain
-from mlip_uq.inference.sampling import SGMCMCSettings, run_sgmcmc
+from mlip_uq.inference.sgmcmc import SGMCMCSettings, run_sgmcmc
 from mlip_uq.model import build_model
 from mlip_uq.train import model_config_from_data, prepare_data
 

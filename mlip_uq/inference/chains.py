@@ -29,7 +29,7 @@ from .schedule import Schedule
 from .sghmc import AdaptiveSGHMC
 
 if TYPE_CHECKING:
-    from .sampling import SGMCMCSettings
+    from .sgmcmc import SGMCMCSettings
 
 log = logging.getLogger(__name__)
 
