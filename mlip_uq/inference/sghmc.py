@@ -22,40 +22,16 @@ for a Gaussian prior N(c, s² I) per parameter group (``prior_scale`` s; ``prior
 With ``temperature`` T the chain samples ∝ exp(-U(θ) / T) (T = 1: the posterior; T < 1: a "cold" posterior;
 T = 0: no noise, an optimiser).
 
-From the SGHMC SDE to the update
---------------------------------
-SGHMC (Chen, Fox, Guestrin 2014, eq. 13 with a mass matrix) simulates, with momentum r and mass M,
-
-    dθ = M⁻¹ r dt,
-    dr = -∇U(θ) dt - C M⁻¹ r dt + N(0, 2 (C - B̂) T dt),
-
-whose stationary law is ∝ exp(-U(θ)/T - rᵀ M⁻¹ r / (2T)) for any positive-definite friction C (B̂ = ε V / 2,
-V the covariance of the minibatch estimate of ∇U). B̂ is set to 0 here, as usual: exact for full-batch
-gradients; with minibatches the gradient noise adds η P ζ (ζ ~ N(0, V)) to the velocity below and inflates
-the sampled variances by a relative O(η P V / (2α)), so keep η small. A first-order step of length ε
-(momentum first, then position with the new momentum) reads
-
-    r ← r - ε ∇U - ε C M⁻¹ r + N(0, 2 C T ε),      θ ← θ + ε M⁻¹ r.
-
-Substitute the velocity v = ε M⁻¹ r, the step η = ε², the mass M = P⁻¹ (P: the diagonal preconditioner) and
-the friction C = α M / ε (α: friction per step, dimensionless):
-
-    ε M⁻¹ · ε ∇U             = η P ∇U,
-    ε M⁻¹ · ε C M⁻¹ r        = α ε M⁻¹ r = α v,
-    ε M⁻¹ · N(0, 2 C T ε)    = N(0, ε² M⁻¹ (2 α M / ε) T ε M⁻¹) = N(0, 2 α η P T),
-
-so that, with ξ ~ N(0, I),
+The update
+----------
+With velocity v, step η, friction per step α, diagonal preconditioner P and ξ ~ N(0, I),
 
     v ← (1 - α) v - η P ∇U + sqrt(2 α η P T) ξ,
-    θ ← θ + v.
+    θ ← θ + v,
 
-α = 1 is preconditioned SGLD (Li et al. 2016) with Langevin step 2ηP. On a Gaussian target of variance σ²
-(coordinate-wise, T = 1) this linear recursion has the exact stationary variance
-
-    Var(θ) = σ² · 2 (2 - α) / (4 - 2α - h),      h = η P / σ²,
-
-i.e. a discretisation bias h / (4 - 2α - h) ≈ h / 4 in the variance, and it is stable for h < 4 - 2α: the
-step is limited by the stiffest direction, measured in preconditioned units.
+the SGHMC SDE (Chen, Fox, Guestrin 2014, eq. 13, mass P⁻¹, B̂ = 0) discretised; α = 1 is preconditioned SGLD.
+On a Gaussian target of variance σ² the variance's discretisation bias is ≈ η P / (4 σ²), stable for
+η P / σ² < 4 - 2α. The derivation, and the exact stationary variance the tests check, are in docs/sghmc.md.
 
 The preconditioner
 ------------------

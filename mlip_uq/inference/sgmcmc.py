@@ -56,13 +56,14 @@ from ..model import ModelConfig, build_model
 from ..posterior import Posterior
 from .chains import Job, assemble_posterior, chain_samples, run_chain, write_chain_samples
 from .common import fit_map_once, resolve_device
-from .loss import LossWeights
-from .map import MAPSettings, fit_posterior_noise_on_validation
 from .diagnostics import write_diagnostics
+from .loss import LossWeights
+from .noise import fit_posterior_noise_on_validation
 from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import pretrained_weights, prior_from_spec, select_stochastic
 from .schedule import Schedule
 from .starts import run_starts, update_starts, write_start_summary
+from .trainer import MAPSettings
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class SGMCMCSettings:
         noise_from_validation: after sampling, set every sample's learned noise stds to their maximum-likelihood
             values on the validation split, as MAP training and every ensemble member do, then scale all of them
             by one factor per quantity fitted with the samples' spread included
-            (:func:`~mlip_uq.inference.map.fit_posterior_noise_on_validation`); the chains' own samples stay in
+            (:func:`~mlip_uq.inference.noise.fit_posterior_noise_on_validation`); the chains' own samples stay in
             ``sgmcmc/samples_chain<c>.h5``. Only in ``method: sgmcmc`` (an active-learning update has no
             validation split).
         checkpoint_every: steps between checkpoints (besides the one taken with every sample).

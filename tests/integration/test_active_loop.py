@@ -10,9 +10,8 @@ import pytest
 import torch
 from ase.build import molecule
 from ase.calculators.calculator import Calculator, all_changes
-from tblite.ase import TBLite
-
 from conftest import BUNDLED_ETHANOL_TEST, BUNDLED_ETHANOL_TRAIN, TINY_MODEL
+from tblite.ase import TBLite
 
 from mlip_uq.active import Oracle, oracle_from_config, run_active
 from mlip_uq.active import state as state_module

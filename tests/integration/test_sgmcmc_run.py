@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_tio2_config
 
 import mlip_uq.inference.chains as chain_module

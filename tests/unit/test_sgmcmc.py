@@ -92,7 +92,7 @@ def assert_moments(x, mu, sd, bias, min_ess=300.0):
 
 
 def gaussian_variance_ratio(h, friction):
-    """Exact stationary Var(θ) / σ² of the recursion on a Gaussian, h = lr P / σ² (module docstring)."""
+    """Exact stationary Var(θ) / σ² of the recursion on a Gaussian, h = lr P / σ² (docs/sghmc.md)."""
     return 2.0 * (2.0 - friction) / (4.0 - 2.0 * friction - h)
 
 
