@@ -45,13 +45,13 @@ import yaml
 
 from .config import FROM_MAP, ConfigError, apply_override, dump_config, load_config, merge_sections, read_config_file
 from .data import FrameStore
+from .datasets import is_dataset_path
 from .evaluate import Predictions, metrics_and_plots, predict_graphs
 from .files import atomic_write, write_json
 from .inference.common import save_checkpoint
-from .inference.map import MAPSettings
+from .inference.trainer import MAPSettings
 from .posterior import load_posterior
 from .train import train
-from .datasets import is_dataset_path
 from .uq.metrics import auroc
 from .uq.plots import new_figure, save_figure
 
@@ -317,7 +317,7 @@ def plateaus(run_dir: Path) -> Dict[str, Dict]:
 
 
 def plateau(metrics_csv: Path, min_lr: float, patience: int) -> Dict:
-    """How a training run's validation curve ended (``metrics.csv`` of :func:`mlip_uq.inference.map.fit_map`).
+    """How a training run's validation curve ended (``metrics.csv`` of :func:`mlip_uq.inference.trainer.fit_map`).
 
     Returns:
         ``epochs``, ``best_epoch`` (0-based), ``final_lr``, ``stopped_by`` (``lr_floor``: the plateau schedule

@@ -9,8 +9,8 @@ fetched into the cache by ``mlip-uq data fetch NAME`` (:mod:`mlip_uq.datasets`).
 
 Which sections a method reads:
 
-- ``map``: ``training`` (:class:`~mlip_uq.inference.map.MAPSettings`).
-- ``sgmcmc``: ``sgmcmc`` (:class:`~mlip_uq.inference.sampling.SGMCMCSettings`), and ``training`` for the MAP
+- ``map``: ``training`` (:class:`~mlip_uq.inference.trainer.MAPSettings`).
+- ``sgmcmc``: ``sgmcmc`` (:class:`~mlip_uq.inference.sgmcmc.SGMCMCSettings`), and ``training`` for the MAP
   phase that the chains start from when ``sgmcmc.init`` or ``sgmcmc.prior.center`` is ``map``.
 - ``ensemble``: ``ensemble`` (``n_members``, ``bootstrap``; :class:`~mlip_uq.inference.ensemble.EnsembleSettings`)
   and ``training`` for every member.

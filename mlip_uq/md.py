@@ -53,7 +53,8 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 
 from .calculator import uq_to_atoms
-from .uq.plots import new_figure as _new_figure, save_figure as _save
+from .uq.plots import new_figure as _new_figure
+from .uq.plots import save_figure as _save
 from .uq.signals import SIGNALS, check_signal, signal_from_results
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _harness import update_section
 from nequip.utils.global_state import set_global_state
 
-from _harness import update_section
 from mlip_uq.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

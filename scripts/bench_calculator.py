@@ -66,7 +66,8 @@ from _harness import (  # noqa: E402  (the shared cell, architecture, section wr
     model_config,
     update_section,
 )
-from _harness import reset_peak_rss as _reset_peak_rss, status_kib as _status_kib  # noqa: E402
+from _harness import reset_peak_rss as _reset_peak_rss  # noqa: E402
+from _harness import status_kib as _status_kib
 
 SECTION_TITLE = "## Calculator cost per MD step with K samples (scripts/bench_calculator.py)"
 GPU_SECTION_TITLE = "## Calculator cost per MD step with K samples on a GPU (scripts/bench_calculator.py --device cuda)"

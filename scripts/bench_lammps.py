@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import _harness
 import numpy as np
 import torch
 
-import _harness
 from mlip_uq import UQCalculator
 from mlip_uq.lammps import run_lammps, to_lammps_frame, write_lammps_data
 from mlip_uq.md import run_md

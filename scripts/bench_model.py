@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-
 from _harness import (
     RATTLE_STDEV,
     REPO,

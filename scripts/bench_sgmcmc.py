@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from _harness import update_section
 from nequip.utils.global_state import set_global_state
 
-from _harness import update_section
 from mlip_uq.config import load_config, settings_from
 from mlip_uq.data import LabelKeys, atoms_to_graph, read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs

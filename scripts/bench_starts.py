@@ -44,17 +44,17 @@ from pathlib import Path
 
 import torch
 import yaml
+from _harness import update_section
 from nequip.utils.global_state import set_global_state
 
-from _harness import update_section
 from mlip_uq import __version__
 from mlip_uq.compare import ood_scores
 from mlip_uq.config import dump_config, load_config
 from mlip_uq.data import atoms_to_graph, read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import load_checkpoint, write_json
-from mlip_uq.inference.map import fit_posterior_noise_on_validation
-from mlip_uq.inference.sampling import SGMCMCSettings
+from mlip_uq.inference.noise import fit_posterior_noise_on_validation
+from mlip_uq.inference.sgmcmc import SGMCMCSettings
 from mlip_uq.inference.starts import DRAWS, between_start_share, member_epoch_seconds, pool_starts
 from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.train import prepare_data, train

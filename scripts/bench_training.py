@@ -6,12 +6,12 @@ same graphs, batch size, learning rate, loss weights and dtype, and both validat
 validation set (forces by autograd) and step a plateau schedule on it: the work one epoch of training to
 convergence needs.
 
-- *ours*: :func:`mlip_uq.inference.map.fit_map` (Lightning loop, logging, ``best.ckpt`` at each improvement,
+- *ours*: :func:`mlip_uq.inference.trainer.fit_map` (Lightning loop, logging, ``best.ckpt`` at each improvement,
   ``last.ckpt`` every ``training.checkpoint_seconds``, early stopping); the epoch times come from its
   per-epoch log line.
 - *plain*: a hand-written loop: per epoch a seeded permutation, ``collate`` of each batch, forward, energy per
   atom and force MSE, backward, ``torch.optim.Adam`` step; then validation and ``ReduceLROnPlateau``.
-- *SG-MCMC*: :func:`mlip_uq.inference.sampling.run_sgmcmc` (burn-in, then sampling with noise), seconds per
+- *SG-MCMC*: :func:`mlip_uq.inference.sgmcmc.run_sgmcmc` (burn-in, then sampling with noise), seconds per
   minibatch step between its progress lines, less the chain checkpoint written with each (the MAP side's
   training seconds exclude its checkpoints too), against ours' training seconds per MAP batch in the same dtype.
 
@@ -40,15 +40,15 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _harness import update_section  # the one writer of a docs/benchmarks.md section
 from nequip.utils.global_state import set_global_state
 
-from _harness import update_section  # the one writer of a docs/benchmarks.md section
 from mlip_uq.config import load_config
 from mlip_uq.data import collate
-from mlip_uq.inference.loss import loss_terms, weighted_loss
-from mlip_uq.inference.map import MAPSettings, fit_map
 from mlip_uq.inference.chains import Chain
-from mlip_uq.inference.sampling import SGMCMCSettings, run_sgmcmc
+from mlip_uq.inference.loss import loss_terms, weighted_loss
+from mlip_uq.inference.sgmcmc import SGMCMCSettings, run_sgmcmc
+from mlip_uq.inference.trainer import MAPSettings, fit_map
 from mlip_uq.model import build_model
 from mlip_uq.train import model_config_from_data, prepare_data
 
@@ -88,7 +88,7 @@ def collecting(logger: str, prefix: str):
 
 def ours_epochs(model_config, data, settings: MAPSettings, work: Path, seed: int):
     """(train seconds, validation seconds, epoch seconds) of each epoch of ``fit_map`` after the first."""
-    with collecting("mlip_uq.inference.map", "epoch ") as records, tempfile.TemporaryDirectory(dir=work) as out:
+    with collecting("mlip_uq.inference.trainer", "epoch ") as records, tempfile.TemporaryDirectory(dir=work) as out:
         # stderr off a terminal: fit_map then logs one line per epoch (the timings) instead of a progress bar
         with contextlib.redirect_stderr(io.StringIO()):
             fit_map(build_model(model_config), data.train, data.val, settings, Path(out), seed=seed)

@@ -51,17 +51,17 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
+from _harness import update_section
 from nequip.utils.global_state import set_global_state
 
-from _harness import update_section
 from mlip_uq.active import ActiveLoop, load_active_config, run_active
 from mlip_uq.active.explore import pool_uncertainty
-from mlip_uq.uq.signals import atom_signal
-from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.data import read_frames
+from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import atomic_write, write_json
 from mlip_uq.posterior import load_posterior
 from mlip_uq.uq.plots import new_figure, save_figure
+from mlip_uq.uq.signals import atom_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

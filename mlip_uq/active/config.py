@@ -16,10 +16,10 @@ from ..config import (
     apply_override,
     load_config,
     merge_sections,
-    settings_from,
     read_config_file,
     resolve_method_paths,
     resolve_path,
+    settings_from,
 )
 from ..data import read_frames
 from .explore import EXPLORER_OPTIONS

@@ -61,7 +61,7 @@ from ..config import ConfigError, check_resumed_config, dump_config, settings_fr
 from ..data import FrameStore, frames_fingerprint
 from ..data.splits import validation_picks
 from ..evaluate import metrics_and_plots, predict_graphs
-from ..files import atomic_write
+from ..files import atomic_write, write_json
 from ..model import ModelConfig
 from ..posterior import load_posterior
 from ..train import method_settings, model_config_from_data, prepare_data
@@ -69,7 +69,6 @@ from .config import EXPLORER_OPTIONS, load_active_config, pick_structures, train
 from .explore import Explorer, MDExplorer, PoolExplorer, pool_uncertainty
 from .oracle import LABELLED, REJECTED, Oracle, OracleResult, oracle_from_config
 from .rules import CalibratedRule, rule_from_config
-from ..files import write_json
 from .state import Journal, LoopState, composition_key
 from .update import Updater, update_options
 

@@ -27,10 +27,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 import ase
 import numpy as np
 from ase.calculators.calculator import Calculator, CalculatorSetupError
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
 
 from .state import bare_atoms
-from ase.calculators.singlepoint import SinglePointCalculator
 
 LABELLED, FAILED, REJECTED = "labelled", "failed", "rejected"
 

@@ -3,7 +3,7 @@
 The loop updates the posterior through the method protocol of :mod:`mlip_uq.inference`: a method that can be
 updated exports ``UpdateSettings`` (the ``update`` section) and ``update(context, options, index)``. Today:
 
-- SG-MCMC (:func:`mlip_uq.inference.sampling.update`): the first fit is ``run_sgmcmc``; each update continues
+- SG-MCMC (:func:`mlip_uq.inference.sgmcmc.update`): the first fit is ``run_sgmcmc``; each update continues
   every chain from its state (``settle_steps`` re-equilibration steps at the target temperature, frozen
   preconditioner, then ``n_samples`` new samples per chain). The training set is the whole labelled set (the
   validation part of the initial set included: sampling has no early stopping).

@@ -46,7 +46,7 @@ class Method:
 
 METHODS: Dict[str, Method] = {
     "map": Method("mlip_uq.inference.map", ("training",)),
-    "sgmcmc": Method("mlip_uq.inference.sampling", ("sgmcmc", "training")),
+    "sgmcmc": Method("mlip_uq.inference.sgmcmc", ("sgmcmc", "training")),
     "vi": Method("mlip_uq.inference.vi", ("vi", "training")),
     "ensemble": Method("mlip_uq.inference.ensemble", ("ensemble", "training")),
     "dropout": Method("mlip_uq.inference.dropout", ("dropout", "training")),

@@ -26,10 +26,10 @@ from .common import minibatch, save_checkpoint
 from .loss import neg_log_likelihood
 from .priors import GaussianPrior, layer_of
 from .schedule import Schedule
-from .sgmcmc import AdaptiveSGHMC
+from .sghmc import AdaptiveSGHMC
 
 if TYPE_CHECKING:
-    from .sampling import SGMCMCSettings
+    from .sgmcmc import SGMCMCSettings
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from nequip.data import AtomicDataDict
 
 from ..data import collate
 from ..files import atomic_write, load_checkpoint
-from .map import MAPSettings, fit_map
+from .trainer import MAPSettings, fit_map
 
 
 def minibatch(graphs: List[AtomicDataDict.Type], batch_size: int, seed: int, step: int) -> AtomicDataDict.Type:
@@ -40,7 +40,7 @@ def resolve_device(accelerator: str) -> torch.device:
 
 def fit_map_once(model: torch.nn.Module, train: List[AtomicDataDict.Type], val: List[AtomicDataDict.Type],
                  settings: MAPSettings, out_dir: Path, seed: int, resume: bool) -> Dict[str, torch.Tensor]:
-    """:func:`~mlip_uq.inference.map.fit_map` with a final state file: ``out_dir/final.pt`` is written
+    """:func:`~mlip_uq.inference.trainer.fit_map` with a final state file: ``out_dir/final.pt`` is written
     atomically when training ends.
 
     With ``resume``, a finished run (``final.pt`` present) is loaded, not trained again, and an unfinished one

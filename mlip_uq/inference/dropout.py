@@ -1,6 +1,6 @@
 """MC dropout as a posterior: K dropout masks of a model trained with dropout, turned into K weight samples.
 
-Training is MAP training (:func:`~mlip_uq.inference.map.fit_map`) of a model built with ``model.dropout > 0``
+Training is MAP training (:func:`~mlip_uq.inference.trainer.fit_map`) of a model built with ``model.dropout > 0``
 (see :mod:`mlip_uq.model.build`): in training mode each structure draws its own mask over the hidden units of
 the radial networks and the readout. A posterior sample is one mask, fixed and shared by every atom and edge
 of every structure it predicts, like one member of a committee: each sample is a smooth, energy-conserving
@@ -21,7 +21,8 @@ from ..config import ConfigError, settings_from
 from ..model import ModelConfig, build_model
 from ..model.build import draw_keep, dropout_sites
 from ..posterior import Posterior
-from .map import MAPSettings, fit_map, fit_posterior_noise_on_validation
+from .noise import fit_posterior_noise_on_validation
+from .trainer import MAPSettings, fit_map
 
 
 @dataclass
@@ -94,7 +95,7 @@ def dropout_posterior(config: ModelConfig, state: Dict[str, torch.Tensor], setti
 
 
 def fit(context) -> Posterior:
-    """Method ``dropout``: MAP training with dropout active (:func:`~mlip_uq.inference.map.fit_map`), then
+    """Method ``dropout``: MAP training with dropout active (:func:`~mlip_uq.inference.trainer.fit_map`), then
     the MC-dropout posterior of the trained model, written to ``posterior.h5``."""
     config, settings = context.model_config, context.settings
     state = fit_map(build_model(config), context.train, context.val, settings.training, context.out_dir,

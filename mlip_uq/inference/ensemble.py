@@ -27,11 +27,12 @@ import numpy as np
 from nequip.data import AtomicDataDict
 
 from ..config import ConfigError, settings_from
+from ..files import load_checkpoint
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
-from ..files import load_checkpoint
 from .common import fit_map_once, run_in_processes
-from .map import MAPSettings, fit_posterior_noise_on_validation
+from .noise import fit_posterior_noise_on_validation
+from .trainer import MAPSettings
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def fit_ensemble(
         The ensemble (``method="ensemble"``), every trainable parameter stochastic, equal weights. With the
         members' ``training.noise_from_validation`` the noise stds of all members are then scaled by one common
         factor per quantity fitted on ``val`` with the members' spread included
-        (:func:`~mlip_uq.inference.map.fit_posterior_noise_on_validation`, ``per_sample=False``).
+        (:func:`~mlip_uq.inference.noise.fit_posterior_noise_on_validation`, ``per_sample=False``).
     """
     out_dir = Path(out_dir)
     if init is not None and init.n_samples < settings.n_members:

@@ -1,514 +1,438 @@
-r"""Stochastic-gradient Hamiltonian Monte Carlo with a diagonal preconditioner adapted during burn-in.
+"""The SG-MCMC driver: burn-in, pre-heat, thinned or cyclical sampling, chains in sequence or in parallel
+processes, warm-start continuation, checkpoints and diagnostics.
 
-The kernel (this module) is separate from the driver (burn-in length, thinning, chains, sample collection live
-outside the update, as in BlackJAX): :class:`AdaptiveSGHMC` is a ``torch.optim.Optimizer`` whose ``step``
-moves the parameters by one SGHMC step, and the math is in pure functions that a test can drive on a Gaussian.
+The update itself is :class:`~mlip_uq.inference.sghmc.AdaptiveSGHMC`; this module owns everything around it
+(kernel and driver kept apart, as in BlackJAX):
 
-Target and potential
---------------------
-With N training data, a prior p(θ) and a likelihood p(y_i | θ), the posterior is ∝ exp(-U(θ)) with
+1. **burn-in** — noise-free (temperature 0): a preconditioned momentum optimiser over all trainable
+   parameters while the preconditioner adapts. Then the preconditioner is frozen, and in a partially
+   Bayesian model the non-stochastic parameters are fixed at their burn-in values.
+2. **pre-heat** — the temperature ramps linearly from 0 to its target.
+3. **sampling** — one sample every ``thinning`` steps; or, with ``cycle_steps``, cyclical step sizes
+   (cosine cycles with restarts, after Zhang et al., ICLR 2020): each cycle starts with a noise-free
+   exploration part at large steps and ends with a sampling part at small steps.
 
-    U(θ) = -log p(θ) - Σ_i log p(y_i | θ)  ≈  -log p(θ) - N · mean_{i ∈ batch} log p(y_i | θ),
+Each chain has its own seed (and, in a fully Bayesian model, its own initialisation and burn-in; a partially
+Bayesian model shares one burn-in so that the fixed parameters are the same in every sample). Chains run one
+after the other, or in ``n_processes`` processes (devices) launched by Lightning Fabric (``ddp_spawn``), chain
+``c`` on process ``c % n_processes``; a chain's samples do not depend on where it ran, up to the
+floating-point summation order of torch's threaded CPU kernels (a process gets ``cpu_count // n_processes``
+threads, a chain run in this process torch's default).
 
-the minibatch estimate being unbiased (the explicit ``N · mean minibatch log-likelihood`` of BlackJAX). The
-optimizer receives in ``p.grad`` the gradient of the **mean minibatch negative log-likelihood per datum**,
-i.e. what ``loss.backward()`` of a training loop gives when ``loss`` is that mean, and forms
+Each chain's samples go to ``sgmcmc/samples_chain<c>.h5`` as they are drawn and the chain is checkpointed with
+each (all writes atomic), so a killed run resumes from its last checkpoints without losing or repeating
+samples; the posterior is assembled from the chain files when the chains are done, and ``posterior.h5`` is
+written by :func:`fit` / :func:`update` once it is final (a killed run leaves no ``posterior.h5`` that differs
+from the finished run's). A NaN/inf stops the chain with a message and
+keeps the samples drawn before it.
 
-    ∇U = num_data · p.grad + ∇(-log p(θ)),      ∇(-log p(θ)) = (θ - c) / s²
+:func:`continue_sgmcmc` warm-starts every chain of a finished run on a new (e.g. grown) training set: a
+re-equilibration at the target temperature with the frozen preconditioner, then new samples that replace the
+old ones ("rounds"); it is idempotent, so a killed continuation is resumed by calling it again.
 
-for a Gaussian prior N(c, s² I) per parameter group (``prior_scale`` s; ``prior_center`` c, zero by default;
-``prior_scale=None`` is a flat prior, no prior term). If the loss is a *sum* over the batch, or is weighted,
-``num_data`` must be changed to match: ``num_data · p.grad`` has to estimate the full-data gradient.
-With ``temperature`` T the chain samples ∝ exp(-U(θ) / T) (T = 1: the posterior; T < 1: a "cold" posterior;
-T = 0: no noise, an optimiser).
-
-From the SGHMC SDE to the update
---------------------------------
-SGHMC (Chen, Fox, Guestrin 2014, eq. 13 with a mass matrix) simulates, with momentum r and mass M,
-
-    dθ = M⁻¹ r dt,
-    dr = -∇U(θ) dt - C M⁻¹ r dt + N(0, 2 (C - B̂) T dt),
-
-whose stationary law is ∝ exp(-U(θ)/T - rᵀ M⁻¹ r / (2T)) for any positive-definite friction C (B̂ = ε V / 2,
-V the covariance of the minibatch estimate of ∇U). B̂ is set to 0 here, as usual: exact for full-batch
-gradients; with minibatches the gradient noise adds η P ζ (ζ ~ N(0, V)) to the velocity below and inflates
-the sampled variances by a relative O(η P V / (2α)), so keep η small. A first-order step of length ε
-(momentum first, then position with the new momentum) reads
-
-    r ← r - ε ∇U - ε C M⁻¹ r + N(0, 2 C T ε),      θ ← θ + ε M⁻¹ r.
-
-Substitute the velocity v = ε M⁻¹ r, the step η = ε², the mass M = P⁻¹ (P: the diagonal preconditioner) and
-the friction C = α M / ε (α: friction per step, dimensionless):
-
-    ε M⁻¹ · ε ∇U             = η P ∇U,
-    ε M⁻¹ · ε C M⁻¹ r        = α ε M⁻¹ r = α v,
-    ε M⁻¹ · N(0, 2 C T ε)    = N(0, ε² M⁻¹ (2 α M / ε) T ε M⁻¹) = N(0, 2 α η P T),
-
-so that, with ξ ~ N(0, I),
-
-    v ← (1 - α) v - η P ∇U + sqrt(2 α η P T) ξ,
-    θ ← θ + v.
-
-α = 1 is preconditioned SGLD (Li et al. 2016) with Langevin step 2ηP. On a Gaussian target of variance σ²
-(coordinate-wise, T = 1) this linear recursion has the exact stationary variance
-
-    Var(θ) = σ² · 2 (2 - α) / (4 - 2α - h),      h = η P / σ²,
-
-i.e. a discretisation bias h / (4 - 2α - h) ≈ h / 4 in the variance, and it is stable for h < 4 - 2α: the
-step is limited by the stiffest direction, measured in preconditioned units.
-
-The preconditioner
-------------------
-P = 1 / (sqrt(m̂2_max) + eps), with m̂2 the bias-corrected exponential moving average of the squared ∇U
-(the second moment of Adam, Kingma & Ba 2015) and m̂2_max its running maximum (AMSGrad, Reddi et al. 2018), so
-that P only decreases while it adapts. The estimate is seeded with the first squared gradient: it is
-updated as m̂2 ← m̂2 + w_t (g² - m̂2) with w_t = (1 - β2) / (1 - β2^t), which is algebraically Adam's
-m2 / (1 - β2^t) of a zero-started EMA, and w_1 = 1 gives m̂2 = g² exactly at the first step (a zero second
-moment would make the first noise kick sqrt(2αη T / eps) huge). The count t is kept per element and starts at
-an element's first non-zero gradient: an element whose gradient has been exactly zero so far (a per-element
-parameter of an element absent from the minibatches, at its prior centre) has P = 0 and does not move, and
-its first non-zero gradient seeds its m̂2 (without this, P = 1 / eps would send it flying). An element never
-seen by the end of burn-in keeps P = 0: it stays where it started. Because of the
-running maximum, large gradients early in burn-in (a chain started far from the mode) keep P small for good:
-a valid but slowly mixing chain; start from a MAP estimate.
-
-A preconditioner that keeps adapting makes the chain sample a biased law (the mass matrix depends on the
-history). Call :meth:`AdaptiveSGHMC.freeze_preconditioner` at the end of burn-in: from then on P is fixed and
-the chain is a valid SGHMC with constant diagonal mass matrix P⁻¹. Freezing before the first step gives plain
-SGHMC with P = 1.
+The step plan is :mod:`~mlip_uq.inference.schedule`, a chain and its files :mod:`~mlip_uq.inference.chains`, the
+diagnostics output :func:`~mlip_uq.inference.diagnostics.write_diagnostics`. As a method of the table in
+:mod:`mlip_uq.inference` this module exports ``Settings`` (:class:`SGMCMCSettings`), :func:`fit` and
+:func:`update`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
-from collections.abc import Callable, Iterable
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
-from torch.optim import Optimizer
+from nequip.data import AtomicDataDict
 
-__all__ = [
-    "AdaptiveSGHMC",
-    "potential_gradient",
-    "preconditioner_from_moment",
-    "sghmc_update_",
-    "update_second_moment",
-]
+from ..config import FROM_MAP, ConfigError, settings_from
+from ..files import atomic_write
+from ..model import ModelConfig, build_model
+from ..posterior import Posterior
+from .chains import Job, assemble_posterior, chain_samples, run_chain, write_chain_samples
+from .common import fit_map_once, resolve_device
+from .diagnostics import write_diagnostics
+from .loss import LossWeights
+from .noise import fit_posterior_noise_on_validation
+from .options import PriorSettings, check_no_dropout, likelihood_options
+from .priors import pretrained_weights, prior_from_spec, select_stochastic
+from .schedule import Schedule
+from .starts import run_starts, update_starts, write_start_summary
+from .trainer import MAPSettings
 
-
-def potential_gradient(
-    grad_mean_nll: Tensor,
-    param: Tensor,
-    num_data: float,
-    prior_scale: float | None = None,
-    prior_center: Tensor | None = None,
-) -> Tensor:
-    """∇U = num_data · ∇(mean minibatch NLL per datum) + (θ - c) / s².
-
-    Args:
-        grad_mean_nll: gradient of the mean minibatch negative log-likelihood per datum (``p.grad``).
-        param: the parameter θ.
-        num_data: N, the number of training data the mean is scaled up to.
-        prior_scale: standard deviation s of the Gaussian prior N(c, s²); None for a flat prior.
-        prior_center: centre c of the prior, same shape as ``param``; None for zero.
-
-    Returns:
-        ∇U, a new tensor of the shape of ``param``.
-    """
-    grad = grad_mean_nll * num_data
-    if prior_scale is not None:
-        precision = 1.0 / (prior_scale * prior_scale)
-        grad.add_(param, alpha=precision)
-        if prior_center is not None:
-            grad.sub_(prior_center, alpha=precision)
-    return grad
+log = logging.getLogger(__name__)
 
 
-def update_second_moment(
-    m2: Tensor, m2_max: Tensor, grad_u: Tensor, step: int | Tensor, beta2: float
-) -> tuple[Tensor, Tensor]:
-    """One adaptation step of the bias-corrected second moment and its running maximum.
+@dataclass
+class SGMCMCSettings:
+    """Settings of the adaptive SGHMC run (steps are minibatch steps).
 
     Args:
-        m2: bias-corrected estimate m̂2 of E[(∇U)²] after ``step - 1`` gradients (anything at ``step == 1``).
-        m2_max: running maximum of m̂2 (zeros at ``step == 1``).
-        grad_u: the gradient ∇U of this step.
-        step: 1-based number of gradients seen, this one included: one number, or one per element (0: not
-            seen yet, the element's m̂2 stays as it is).
-        beta2: EMA decay.
-
-    Returns:
-        ``(m2, m2_max)``: m̂2 + w (g² - m̂2) with w = (1 - β2) / (1 - β2^step) (w = 1 at step 1, so m̂2 = g²
-        exactly), and max(m2_max, m̂2). New tensors.
-    """
-    if isinstance(step, int):
-        weight = (1.0 - beta2) / (1.0 - beta2**step) if step > 0 else 0.0
-    else:
-        step = torch.as_tensor(step, dtype=grad_u.dtype, device=grad_u.device)
-        weight = torch.where(step > 0, (1.0 - beta2) / (1.0 - beta2 ** step.clamp(min=1)), 0.0)
-    m2 = torch.lerp(m2, grad_u * grad_u, weight)
-    return m2, torch.maximum(m2_max, m2)
-
-
-def preconditioner_from_moment(m2_max: Tensor, eps: float, seen: Tensor | None = None) -> Tensor:
-    """P = 1 / (sqrt(m̂2_max) + eps), the diagonal of the inverse mass matrix; 0 where ``seen`` (the
-    per-element count of :func:`update_second_moment`) is 0."""
-    precond = 1.0 / (m2_max.sqrt() + eps)
-    return precond if seen is None else torch.where(seen > 0, precond, 0.0)
-
-
-def sghmc_update_(
-    param: Tensor,
-    velocity: Tensor,
-    grad_u: Tensor,
-    precond: Tensor,
-    lr: float,
-    friction: float,
-    temperature: float,
-    noise: Tensor | None = None,
-    sqrt_precond: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """One SGHMC step in velocity form (derivation in the module docstring), in place.
-
-    v ← (1 - α) v - η P ∇U + sqrt(2 α η T) sqrt(P) ξ;  θ ← θ + v.
-
-    Args:
-        param: θ, updated in place.
-        velocity: v (the momentum, in units of θ per step), updated in place.
-        grad_u: ∇U at θ.
-        precond: P, the diagonal preconditioner (inverse mass), same shape as θ.
-        lr: η, the step.
-        friction: α in (0, 1], the fraction of the velocity lost per step.
-        temperature: T >= 0.
-        noise: ξ ~ N(0, I) of the shape of θ; required when ``temperature > 0``, ignored when it is 0.
-        sqrt_precond: sqrt(P), if the caller keeps it (P changes only while it adapts); computed if None.
-
-    Returns:
-        ``(param, velocity)``, the same tensors, updated.
-    """
-    velocity.mul_(1.0 - friction).addcmul_(precond, grad_u, value=-lr)
-    if temperature > 0:
-        if noise is None:
-            raise ValueError("sghmc_update_ needs noise when temperature > 0")
-        if sqrt_precond is None:
-            sqrt_precond = precond.sqrt()
-        velocity.addcmul_(sqrt_precond, noise, value=math.sqrt(2.0 * friction * lr * temperature))
-    param.add_(velocity)
-    return param, velocity
-
-
-class AdaptiveSGHMC(Optimizer):
-    r"""SGHMC with a per-parameter diagonal preconditioner, adapted (AMSGrad-style) until frozen.
-
-    .. math::
-       \begin{aligned}
-            &\rule{110mm}{0.4pt}                                                                  \\
-            &\textbf{input}: \theta_0 \text{ (params)},\ \eta \text{ (lr)},\ N \text{ (num\_data)},
-                \ T \text{ (temperature)},\ \alpha \text{ (friction)},                            \\
-            &\hspace{13mm} s \text{ (prior\_scale)},\ c \text{ (prior\_center)},
-                \ \beta_2 \text{ (beta2)},\ \epsilon \text{ (eps)}                                 \\
-            &\textbf{initialize}: v_0 \leftarrow 0,\ \hat m_0 \leftarrow 0,
-                \ \hat m^{\max}_0 \leftarrow 0,\ P_0 \leftarrow 1                                  \\[-1.ex]
-            &\rule{110mm}{0.4pt}                                                                  \\
-            &\textbf{for}\: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                           \\
-            &\hspace{5mm} g_t \leftarrow N\,\nabla_\theta \overline{\ell}_t(\theta_{t-1})
-                + (\theta_{t-1} - c) / s^2
-                \hspace{8mm} \overline{\ell}_t: \text{mean minibatch NLL per datum}                \\
-            &\hspace{5mm} \textbf{if}\: g_t \text{ not finite}: \textbf{raise}
-                \text{ FloatingPointError}                                                        \\
-            &\hspace{5mm} \textbf{if}\: \text{adapting}:                                          \\
-            &\hspace{10mm} \hat m_t \leftarrow \hat m_{t-1} + \frac{1-\beta_2}{1-\beta_2^t}
-                (g_t^2 - \hat m_{t-1})                                                            \\
-            &\hspace{10mm} \hat m^{\max}_t \leftarrow \max(\hat m^{\max}_{t-1}, \hat m_t)        \\
-            &\hspace{10mm} P_t \leftarrow 1 / (\sqrt{\hat m^{\max}_t} + \epsilon)                 \\
-            &\hspace{5mm} \textbf{else}: P_t \leftarrow P_{t-1}                                   \\
-            &\hspace{5mm} \xi_t \sim \mathcal{N}(0, I) \text{ (only if } T > 0)                    \\
-            &\hspace{5mm} v_t \leftarrow (1 - \alpha) v_{t-1} - \eta P_t g_t
-                + \sqrt{2 \alpha \eta P_t T}\, \xi_t                                              \\
-            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1} + v_t                                  \\
-            &\rule{110mm}{0.4pt}                                                                  \\[-1.ex]
-            &\bf{return} \: \theta_t                                                              \\[-1.ex]
-            &\rule{110mm}{0.4pt}                                                                  \\[-1.ex]
-       \end{aligned}
-
-    All operations are element-wise. The derivation from the SGHMC SDE (mass matrix M = P⁻¹, friction
-    C = α M / ε, η = ε², gradient-noise correction B̂ neglected), the scaling of the likelihood and the exact
-    discretisation bias on a Gaussian are in the module docstring. At ``temperature=0`` no noise is drawn and
-    the step is the preconditioned heavy-ball optimiser (momentum 1 - α), deterministic.
-
-    Every hyper-parameter is a per-group entry of ``param_groups`` (so a partially Bayesian model can give
-    its groups different priors, steps or temperatures): ``lr``, ``num_data``, ``temperature``, ``friction``,
-    ``prior_scale``, ``prior_center`` (a list of tensors aligned with the group's ``params``, or None),
-    ``beta2``, ``eps`` and ``adapt_preconditioner`` (set to False by :meth:`freeze_preconditioner`).
-    Per-parameter state, created at a parameter's first step: ``velocity`` (v), ``m2`` (m̂2), ``m2_max``,
-    ``precond`` (P), ``sqrt_precond`` (sqrt(P), kept while P is fixed), ``step`` and, while adapting,
-    ``seen`` (per element: steps since its first non-zero gradient; one int while that is the same for every
-    element). Parameters whose ``grad`` is None are skipped, as in torch's optimisers.
-
-    Randomness comes from a ``torch.Generator`` owned by the optimizer (on the device of the first parameter);
-    its state is saved by :meth:`state_dict` under ``"generator_state"`` and restored by
-    :meth:`load_state_dict`, so that a resumed chain repeats the next step bit for bit. Noise is drawn
-    parameter by parameter in ``param_groups`` order. A ``state_dict()`` is a snapshot that later steps do
-    not change (it holds copies: the steps update the state tensors in place).
-
-    Args:
-        params: parameters or parameter groups (``model.named_parameters()`` also works; the names are then
-            used in error messages).
-        lr: step η. With the adapted P ≈ 1 / RMS(∇U), the drift η P ∇U moves each element by about η per
-            step, so η is in the unit of the parameters; η P is the effective (Langevin) step of each element.
-            With P = 1 (frozen before the first step) η is in units of θ² / U.
-        num_data: N, the number of training data that the mean minibatch NLL in ``p.grad`` is scaled to.
-        temperature: T; samples ∝ exp(-U / T). 1 is the posterior, 0 turns off the noise. Default 1.
-        friction: α in (0, 1], velocity lost per step; 1 - α is the momentum. Default 0.05.
-        prior_scale: standard deviation s of a Gaussian prior N(c, s² I), in the unit of the parameters;
-            None (default) for a flat prior.
-        beta2: decay of the moving average of (∇U)² during adaptation. Default 0.999.
-        eps: added to sqrt(m̂2_max) in P = 1 / (sqrt(m̂2_max) + eps), in units of ∇U. Default 1e-8.
-        seed: seed of the optimizer's generator. Default 0.
-
-    Example:
-        >>> theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        >>> sampler = AdaptiveSGHMC([theta], lr=1e-2, num_data=100, prior_scale=1.0, seed=1)
-        >>> for _ in range(10):
-        ...     sampler.zero_grad()
-        ...     loss = ((theta - 1.0) ** 2).mean()   # mean NLL per datum of some minibatch
-        ...     loss.backward()
-        ...     sampler.step()
-        >>> sampler.freeze_preconditioner()      # end of burn-in: P fixed from here on
-        >>> sampler.preconditioner_frozen
-        True
+        lr: step size η of the velocity update (see AdaptiveSGHMC); the maximum of a cycle with ``cycle_steps``.
+        friction: friction α per step.
+        temperature: target temperature (1 = the Bayesian posterior; < 1 a cold posterior).
+        batch_size: frames per minibatch.
+        burnin_steps: noise-free steps while the preconditioner adapts.
+        preheat_steps: steps over which the temperature ramps from 0 to ``temperature``.
+        n_samples: samples per chain.
+        thinning: steps between samples (within the sampling part of a cycle, with ``cycle_steps``).
+        n_chains: number of chains (per start).
+        n_starts: independent starts (:mod:`~mlip_uq.inference.starts`): with ``init: map`` each start is its
+            own MAP fit from seed ``seed + s`` (a deep ensemble's member ``s``), with ``init: null`` its own fresh
+            initialisation; each start's chains sample around it, and the draws of all starts are pooled into
+            one posterior, each start with the same weight. 1: one start (the chains of ``init``).
+        cycle_steps: None = constant step size; else the sampling phase is made of cosine cycles of this many
+            steps, η_t = lr · (1 + cos(π t / cycle_steps)) / 2 restarting at lr every cycle.
+        exploration_fraction: with ``cycle_steps``, the first part of each cycle runs noise-free (exploration);
+            samples are drawn in the rest.
+        n_processes: chains run in this many processes (Lightning Fabric, ``ddp_spawn``; one device each with
+            a GPU accelerator); 1 = one after the other in this process. With ``n_starts`` > 1: the starts' MAP
+            fits and then their sampling, this many starts at a time in CPU processes sharing the cores (their
+            chains one after the other within a start).
+        accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        stochastic: which parameters are sampled: ``all``, ``{last_layers: N}`` or ``{patterns: [...]}``.
+        init: start every chain from pre-trained weights (a posterior file or checkpoint, matched as prior
+            centres are) instead of a fresh initialisation; ``map``: from a MAP model trained first in the same
+            run (:data:`FROM_MAP`; one per start); None: a fresh initialisation (the burn-in is the fit).
+        prior: ``{scale: s, layer_scales: {layer: s}, center: null | path | map}`` — Gaussian prior; ``center``
+            a posterior file or checkpoint of a pre-trained model (transfer-learning prior), or ``map``: the
+            run's own MAP model.
+        likelihood_weights: ``{energy, forces, stress}``: each label term of the likelihood raised to its weight
+            (a power likelihood, :func:`~mlip_uq.inference.loss.neg_log_likelihood`); all 1 (default): the
+            posterior itself. Set them to a MAP start's ``training.loss_weights`` to sample around the objective
+            it was trained on (e.g. energy 20 on TiO2, where one energy label per frame meets ~64 force
+            components).
+        noise_from_validation: after sampling, set every sample's learned noise stds to their maximum-likelihood
+            values on the validation split, as MAP training and every ensemble member do, then scale all of them
+            by one factor per quantity fitted with the samples' spread included
+            (:func:`~mlip_uq.inference.noise.fit_posterior_noise_on_validation`); the chains' own samples stay in
+            ``sgmcmc/samples_chain<c>.h5``. Only in ``method: sgmcmc`` (an active-learning update has no
+            validation split).
+        checkpoint_every: steps between checkpoints (besides the one taken with every sample).
+        trace_every: steps between trace rows.
+        beta2: EMA factor of the squared-gradient preconditioner.
+        eps: preconditioner regulariser.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float,
-        num_data: float,
-        temperature: float = 1.0,
-        friction: float = 0.05,
-        prior_scale: float | None = None,
-        beta2: float = 0.999,
-        eps: float = 1e-8,
-        seed: int = 0,
-    ):
-        defaults = dict(
-            lr=lr,
-            num_data=num_data,
-            temperature=temperature,
-            friction=friction,
-            prior_scale=prior_scale,
-            prior_center=None,
-            beta2=beta2,
-            eps=eps,
-            adapt_preconditioner=True,
-        )
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
-        first = self.param_groups[0]["params"][0]
-        self._generator = torch.Generator(device=first.device)
-        self._generator.manual_seed(seed)
+    lr: float = 1e-4
+    friction: float = 0.05
+    temperature: float = 1.0
+    batch_size: int = 8
+    burnin_steps: int = 2000
+    preheat_steps: int = 500
+    n_samples: int = 20
+    thinning: int = 100
+    n_chains: int = 1
+    n_starts: int = 1
+    cycle_steps: Optional[int] = None
+    exploration_fraction: float = 0.5
+    n_processes: int = 1
+    accelerator: str = "auto"
+    stochastic: Union[str, Dict] = "all"
+    init: Optional[str] = None
+    prior: PriorSettings = field(default_factory=PriorSettings)
+    likelihood_weights: LossWeights = field(default_factory=LossWeights)
+    noise_from_validation: bool = True
+    checkpoint_every: int = 500
+    trace_every: int = 10
+    beta2: float = 0.999
+    eps: float = 1e-8
+    training: Optional[MAPSettings] = None
 
-    # ---------------------------------------------------------------------------------------- groups, state
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hyperparameters(group)
-        centres = group["prior_center"]
-        if centres is not None:
-            params = group["params"]
-            if isinstance(centres, Tensor) or len(centres) != len(params):
-                raise ValueError(
-                    f"prior_center must be a list of {len(params)} tensors aligned with the group's params "
-                    "(or None)"
-                )
-            checked = []
-            for i, (p, c) in enumerate(zip(params, centres, strict=True)):
-                c = torch.as_tensor(c, dtype=p.dtype, device=p.device).detach().clone()
-                if c.shape != p.shape:
-                    raise ValueError(
-                        f"prior_center[{i}] has shape {tuple(c.shape)}, its parameter {tuple(p.shape)}"
-                    )
-                checked.append(c)
-            group["prior_center"] = checked
+    PATHS: ClassVar[Tuple[str, ...]] = ("sgmcmc.init", "sgmcmc.prior.center")
 
-    def state_dict(self) -> dict:
-        """The base optimizer state (param_groups, per-parameter state) plus ``"generator_state"``.
+    def uses_map(self) -> bool:
+        """Whether the run starts by training its own MAP model (``init`` or ``prior.center`` is ``map``)."""
+        return FROM_MAP in (self.init, self.prior.center)
 
-        The result is a snapshot: later steps do not change it (the parameters themselves are not in it).
-        """
-        state = super().state_dict()
-        # the base class returns the live per-parameter tensors, which each step updates in place: clone them
-        state["state"] = {
-            key: {name: value.clone() if isinstance(value, Tensor) else value for name, value in entry.items()}
-            for key, entry in state["state"].items()
-        }
-        state["generator_state"] = self._generator.get_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a :meth:`state_dict`, the generator state included (required: a chain without it would not
-        continue the same random sequence)."""
-        state_dict = dict(state_dict)
-        if "generator_state" not in state_dict:
-            raise KeyError("state_dict has no 'generator_state': it was not made by AdaptiveSGHMC.state_dict()")
-        generator_state = state_dict.pop("generator_state")
-        super().load_state_dict(state_dict)
-        # the loaded tensors may be the caller's own (same dtype and device); the steps update them in place
-        for entry in self.state.values():
-            for name, value in entry.items():
-                if isinstance(value, Tensor):
-                    entry[name] = value.clone()
-        self._generator.set_state(generator_state)
-
-    def reseed(self, seed: int) -> None:
-        """Restart the noise sequence from ``seed`` (e.g. a new chain continuing from a shared burn-in)."""
-        self._generator.manual_seed(seed)
-
-    # ------------------------------------------------------------------------------------- preconditioner
-    def freeze_preconditioner(self) -> None:
-        """End adaptation for every group: P keeps its current value at every later step.
-
-        Call it at the end of burn-in, before collecting samples. Groups added later start frozen (P = 1).
-        """
-        self.defaults["adapt_preconditioner"] = False
-        for group in self.param_groups:
-            group["adapt_preconditioner"] = False
-
-    @property
-    def preconditioner_frozen(self) -> bool:
-        """True when no group adapts its preconditioner any more."""
-        return not any(group["adapt_preconditioner"] for group in self.param_groups)
-
-    def preconditioner(self, p: Tensor) -> Tensor:
-        """A copy of the diagonal preconditioner P of parameter ``p`` (ones before its first step).
-
-        ``lr * preconditioner(p)`` is the effective step of each element, and for a Gaussian posterior of
-        variance σ² the discretisation bias of the variance is about ``lr * P / σ² / 4``.
-        """
-        state = self.state.get(p)
-        if not state:
-            return torch.ones_like(p)
-        return state["precond"].clone()
-
-    # ----------------------------------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One SGHMC step for every parameter with a gradient.
-
-        Args:
-            closure: optional callable that re-evaluates the loss (with its backward) and returns it.
-
-        Returns:
-            The closure's loss, or None.
+    @classmethod
+    def from_dict(cls, config: Dict) -> "SGMCMCSettings":
+        """From a run configuration: the ``sgmcmc`` section, ``prior`` and ``stochastic`` parsed.
 
         Raises:
-            FloatingPointError: ∇U has a NaN or inf; no parameter or state has been changed then.
+            ConfigError: a mistyped option; ``model.dropout``; ``sgmcmc.noise`` (the noise is the model's).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        model = config.get("model", {})
+        check_no_dropout(model, "sgmcmc")
+        values = likelihood_options(config.get("sgmcmc"), "sgmcmc")
+        if "training" in values:
+            raise ConfigError("the MAP phase's settings go in the training section, not sgmcmc.training")
+        settings = settings_from(cls, values, "sgmcmc")
+        if settings.uses_map():
+            settings.training = MAPSettings.from_dict(config.get("training"))
+        return settings
 
-        work: list[tuple[dict, Tensor, Tensor, str]] = []
-        for g_index, group in enumerate(self.param_groups):
-            centres = group["prior_center"]
-            names = group.get("param_names")
-            for p_index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdaptiveSGHMC does not support sparse gradients")
-                grad_u = potential_gradient(
-                    p.grad,
-                    p,
-                    group["num_data"],
-                    group["prior_scale"],
-                    None if centres is None else centres[p_index],
+    def __post_init__(self):
+        for name in ("batch_size", "n_samples", "thinning", "n_chains", "n_starts", "n_processes",
+                     "checkpoint_every", "trace_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"sgmcmc.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.burnin_steps < 1 or self.preheat_steps < 0:
+            raise ValueError("sgmcmc.burnin_steps must be >= 1 and sgmcmc.preheat_steps >= 0")
+        if self.accelerator not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"sgmcmc.accelerator must be auto, cpu or cuda, got {self.accelerator!r}")
+        if self.n_starts > 1 and self.init not in (None, FROM_MAP):
+            raise ConfigError(f"sgmcmc.n_starts={self.n_starts} with sgmcmc.init={self.init!r}: every start would "
+                              "begin at the same weights and sample one basin; use init: map (a MAP fit per start) "
+                              "or null (a fresh initialisation per start)")
+        if self.cycle_steps is not None:
+            if not 0 <= self.exploration_fraction < 1:
+                raise ValueError(f"sgmcmc.exploration_fraction must be in [0, 1), got {self.exploration_fraction}")
+            if self.schedule().per_cycle < 1:
+                raise ValueError(
+                    f"sgmcmc.cycle_steps={self.cycle_steps} leaves no room for a sample: the sampling part of a "
+                    f"cycle ({self.cycle_steps - self.schedule().exploration_steps} steps) is shorter than "
+                    f"thinning={self.thinning}"
                 )
-                label = f"param_groups[{g_index}]['params'][{p_index}]"
-                if names is not None:
-                    label = f"'{names[p_index]}' ({label})"
-                work.append((group, p, grad_u, label))
-        if not work:
-            return loss
-        # one reduction per parameter: a sum is finite exactly when no entry is NaN or inf, short of an
-        # overflow of the sum itself, which the exact check below tells apart
-        sums = torch.stack([g.sum() for _, _, g, _ in work])
-        if not bool(torch.isfinite(sums).all()):
-            for group, p, grad_u, label in work:
-                bad = int((~torch.isfinite(grad_u)).sum())
-                if bad:
-                    raise FloatingPointError(
-                        f"AdaptiveSGHMC: the gradient of the potential of parameter {label}, shape "
-                        f"{tuple(p.shape)}, has {bad} non-finite entries (NaN or inf); stop the chain, the samples "
-                        "taken so far are valid"
-                    )
 
-        for group, p, grad_u, _ in work:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["velocity"] = torch.zeros_like(p)
-                state["m2"] = torch.zeros_like(p)
-                state["m2_max"] = torch.zeros_like(p)
-                state["precond"] = torch.ones_like(p)
-            state["step"] += 1
-            if group["adapt_preconditioner"]:
-                # per element: steps since its first non-zero gradient (the module docstring's t); one number
-                # while every element has been seen from the same step (the usual case), else a tensor
-                seen = state.get("seen", state["step"] - 1)
-                if isinstance(seen, int) and (seen > 0 or bool((grad_u != 0).all())):
-                    seen += 1
-                else:
-                    if isinstance(seen, int):
-                        seen = torch.full_like(p, seen)
-                    seen = seen + ((grad_u != 0) | (seen > 0)).to(p.dtype)
-                state["seen"] = seen
-                state["m2"], state["m2_max"] = update_second_moment(
-                    state["m2"], state["m2_max"], grad_u, seen, group["beta2"]
-                )
-                state["precond"] = preconditioner_from_moment(
-                    state["m2_max"], group["eps"], None if isinstance(seen, int) else seen
-                )
-                state.pop("sqrt_precond", None)
-            temperature = group["temperature"]
-            noise = None
-            if temperature > 0:
-                if "sqrt_precond" not in state:
-                    state["sqrt_precond"] = state["precond"].sqrt()
-                # drawn in float32 whatever the parameters' dtype: its precision does not matter to the
-                # sampler, and on a CPU a float64 normal draw costs 5x a float32 one (a scalar, not vector, path)
-                noise = torch.randn(
-                    p.shape, generator=self._generator, dtype=torch.float32, device=self._generator.device
-                ).to(p.device, p.dtype)
-            sghmc_update_(
-                p,
-                state["velocity"],
-                grad_u,
-                state["precond"],
-                group["lr"],
-                group["friction"],
-                temperature,
-                noise,
-                state.get("sqrt_precond"),
-            )
-        return loss
+    def schedule(self, start: int = 0, settle_steps: int = 0, n_samples: Optional[int] = None) -> Schedule:
+        """The step plan of a chain: from step 0 with burn-in and pre-heat (a run), or, for a warm start, from
+        ``start`` with ``settle_steps`` at the target temperature and ``n_samples`` samples (a continuation)."""
+        first_run = start == 0
+        burnin_end = self.burnin_steps if first_run else start
+        preheat_end = burnin_end + (self.preheat_steps if first_run else 0)
+        exploration = 0 if self.cycle_steps is None else int(math.ceil(self.exploration_fraction * self.cycle_steps))
+        return Schedule(start=start, burnin_end=burnin_end, preheat_end=preheat_end,
+                        sampling_start=preheat_end + settle_steps,
+                        n_samples=self.n_samples if n_samples is None else n_samples, thinning=self.thinning,
+                        temperature=self.temperature, cycle_steps=self.cycle_steps, exploration_steps=exploration)
 
 
-def _check_hyperparameters(group: dict) -> None:
-    """Raise ValueError for hyper-parameters outside their domain."""
-    checks = [
-        ("lr", group["lr"] > 0, "> 0"),
-        ("num_data", group["num_data"] > 0, "> 0"),
-        ("temperature", group["temperature"] >= 0, ">= 0"),
-        ("friction", 0 < group["friction"] <= 1, "in (0, 1]"),
-        ("prior_scale", group["prior_scale"] is None or group["prior_scale"] > 0, "> 0 or None"),
-        ("beta2", 0 <= group["beta2"] < 1, "in [0, 1)"),
-        ("eps", group["eps"] > 0, "> 0"),
-    ]
-    for name, ok, domain in checks:
-        if not ok:
-            raise ValueError(f"AdaptiveSGHMC: {name} must be {domain}, got {group[name]!r}")
-    for name in ("lr", "num_data", "temperature", "friction", "beta2", "eps"):
-        if not math.isfinite(group[name]):
-            raise ValueError(f"AdaptiveSGHMC: {name} must be finite, got {group[name]!r}")
+def _make_job(config: ModelConfig, train: List[AtomicDataDict.Type], settings: SGMCMCSettings, out_dir: Path,
+              metadata: Optional[Dict], resume: bool, rounds: Dict) -> Job:
+    template = build_model(config)
+    stochastic = select_stochastic(template, settings.stochastic)
+    partial = len(stochastic) < sum(1 for p in template.parameters() if p.requires_grad)
+    prior = prior_from_spec(settings.prior, template, stochastic)
+    shapes = {n: p.shape for n, p in template.named_parameters()}
+    start = pretrained_weights(settings.init, list(shapes), shapes) if settings.init else {}  # read once
+    (Path(out_dir) / "sgmcmc").mkdir(parents=True, exist_ok=True)
+    return Job(config, train, settings, stochastic, prior, start, Path(out_dir), {**asdict(settings), "partial": partial},
+               dict(metadata or {}), resume, rounds)
+
+
+def run_sgmcmc(
+    config: ModelConfig,
+    train: List[AtomicDataDict.Type],
+    settings: SGMCMCSettings,
+    out_dir: Path,
+    resume: bool = False,
+    metadata: Optional[Dict] = None,
+) -> Posterior:
+    """Sample the posterior of ``config``'s parameters given the ``train`` graphs; returns the Posterior (the
+    caller writes it: :func:`fit`, :func:`update`).
+
+    Files in ``out_dir/sgmcmc``: ``chain<c>.ckpt`` (checkpoints), ``samples_chain<c>.h5`` (each chain's
+    samples), ``trace_chain<c>.csv`` (potential terms, step sizes, gradient norms), ``diagnostics.json`` (ESS
+    per layer, split-R̂ across chains), ``trace.png``. With ``resume``, chains continue from their checkpoints.
+    """
+    work = Path(out_dir) / "sgmcmc"
+    # a fresh run: nothing of an earlier run in this folder is reused (``mlip-uq train`` refuses a folder that
+    # holds a run unless told --overwrite; an active-learning loop refuses one unless resumed)
+    if not resume and work.is_dir():
+        for stale in [*work.glob("*.ckpt"), *work.glob("samples_chain*.h5"), work / "rounds.json"]:
+            stale.unlink(missing_ok=True)
+    job = _make_job(config, train, settings, out_dir, metadata, resume, {"round": 0})
+    return _run_job(job)
+
+
+def continue_sgmcmc(
+    config: ModelConfig,
+    train: List[AtomicDataDict.Type],
+    settings: SGMCMCSettings,
+    out_dir: Path,
+    n_steps: int,
+    n_samples: int,
+    metadata: Optional[Dict] = None,
+) -> Posterior:
+    """Warm start: continue every chain of the run in ``out_dir`` on a new training set (e.g. one grown by
+    active learning) and return the new posterior.
+
+    Each chain goes on from its last checkpoint with ``num_data = len(train)``, takes ``n_steps`` steps at the
+    target temperature with its frozen preconditioner (re-equilibration to the new posterior), then draws
+    ``n_samples`` samples (thinning and cycles as in ``settings``, which must be the run's). The new samples
+    replace the old ones in the returned posterior (they belong to another posterior). Diverged chains stay
+    stopped.
+
+    Idempotent: a continuation is identified by its data and arguments, so calling it again after a kill
+    resumes it, and calling it again after it finished returns its posterior without sampling.
+    """
+    work = Path(out_dir) / "sgmcmc"
+    if not any(work.glob("chain*.ckpt")):
+        raise FileNotFoundError(f"{work} holds no SG-MCMC chain to continue; run the sampler first")
+    if n_steps < 0 or n_samples < 1:
+        raise ValueError(f"continue_sgmcmc needs n_steps >= 0 and n_samples >= 1, got {n_steps}, {n_samples}")
+    key = _data_key(train, n_steps, n_samples)
+    rounds_path = work / "rounds.json"
+    rounds = json.loads(rounds_path.read_text()) if rounds_path.is_file() else {"round": 0, "key": None}
+    if rounds["key"] != key:
+        rounds = {"round": rounds["round"] + 1, "key": key, "settle_steps": n_steps, "n_samples": n_samples,
+                  "num_data": len(train)}
+        with atomic_write(rounds_path) as tmp:
+            tmp.write_text(json.dumps(rounds, indent=1))
+    job = _make_job(config, train, settings, out_dir, metadata, True, rounds)
+    return _run_job(job)
+
+
+def _data_key(train: List[AtomicDataDict.Type], n_steps: int, n_samples: int) -> str:
+    digest = hashlib.sha256(f"{len(train)} {n_steps} {n_samples}".encode())
+    for g in train:
+        for key in (AtomicDataDict.POSITIONS_KEY, AtomicDataDict.ATOM_TYPE_KEY, AtomicDataDict.FORCE_KEY):
+            digest.update(g[key].detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _run_job(job: Job) -> Posterior:
+    if job.partial and job.rounds["round"] == 0:
+        _shared_burnin(job, resolve_device(job.settings.accelerator))
+    n_processes = min(job.settings.n_processes, job.settings.n_chains)
+    if n_processes == 1:
+        _run_chains(job, 0, 1, resolve_device(job.settings.accelerator))
+    else:
+        from lightning.fabric import Fabric
+
+        accelerator = resolve_device(job.settings.accelerator).type
+        log.info("running %d chains in %d processes (%s)", job.settings.n_chains, n_processes, accelerator)
+        Fabric(accelerator=accelerator, devices=n_processes, strategy="ddp_spawn").launch(_fabric_worker, job)
+    posterior = assemble_posterior(job)
+    if posterior is None:
+        raise RuntimeError(f"no SG-MCMC sample was drawn; see the traces in {job.work}")
+    write_diagnostics(posterior, job.work)
+    return posterior
+
+
+def _fabric_worker(fabric, job: Job) -> None:
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()
+    if fabric.device.type == "cpu":  # share the cores between the processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // fabric.world_size))
+    _run_chains(job, fabric.global_rank, fabric.world_size, fabric.device)
+
+
+def _shared_burnin(job: Job, device: torch.device) -> None:
+    """One burn-in for every chain of a partially Bayesian model (``burnin.ckpt``): the fixed parameters are
+    then the same in every sample. Run by chain 0's model; resumable from ``burnin_running.ckpt``."""
+    done = job.work / "burnin.ckpt"
+    if done.is_file():
+        return
+    chain = job.chain(0, device)
+    chain.checkpoint_path = job.work / "burnin_running.ckpt"
+    if job.resume and chain.checkpoint_path.is_file():
+        chain.load(chain.checkpoint_path)
+    run_chain(chain, job, stop=job.settings.burnin_steps)
+    chain.save(done)
+
+
+def _run_chains(job: Job, rank: int, world: int, device: torch.device) -> None:
+    """Run chains ``rank, rank + world, ...`` of ``job``."""
+    round_ = job.rounds["round"]
+    for c in range(rank, job.settings.n_chains, world):
+        chain = job.chain(c, device)
+        if job.resume and chain.checkpoint_path.is_file():
+            chain.load(chain.checkpoint_path)
+        elif round_ > 0:
+            raise FileNotFoundError(f"chain {c} has no checkpoint in {job.work} to continue from")
+        elif job.partial:
+            chain.load(job.work / "burnin.ckpt")
+            chain.optimizer.reseed(chain.seed)
+        if chain.round < round_ and chain.status != "diverged":
+            chain.start_round(round_, len(job.train))
+        # samples written after the chain's last checkpoint are dropped: the chain draws them again
+        on_file = chain_samples(chain.samples_path, chain.round)
+        chain.samples = [on_file.sample_parameters(k) for k in range(chain.n_drawn)] if on_file else []
+        write_chain_samples(chain, job)
+        if chain.status == "running":
+            run_chain(chain, job, stop=chain.schedule(job.rounds).end)
+        elif chain.round < round_:
+            log.warning("chain %d diverged in an earlier round and is not continued", c)
+
+
+Settings = SGMCMCSettings
+
+
+def fit(context) -> Posterior:
+    """Method ``sgmcmc``: :func:`run_sgmcmc` on ``context.train`` (the sampler has no early stopping), then the
+    noise stds of the draws fitted to the validation graphs (``sgmcmc.noise_from_validation``); ``posterior.h5``
+    is written once, with the final posterior (the draws so far live in each chain's
+    ``sgmcmc/samples_chain<c>.h5``).
+
+    With ``sgmcmc.init`` or ``sgmcmc.prior.center`` set to ``map`` the run first trains a MAP model with the
+    ``training`` section (:func:`~mlip_uq.inference.common.fit_map_once` in ``out_dir/map``: resumable, early
+    stopping on the validation graphs) and the chains start from it and/or the prior is centred on it. With
+    ``sgmcmc.n_starts`` > 1 there is one start per basin (:func:`~mlip_uq.inference.starts.run_starts`: a MAP
+    fit or a fresh initialisation each, sampled locally, pooled), and ``starts/starts.json`` reports each start's
+    draws, ESS and seconds and the between-start share of the epistemic force variance on the validation set.
+    """
+    settings = context.settings
+    if settings.n_starts > 1:
+        posterior = run_starts(context, settings)
+    else:
+        if settings.uses_map():
+            model = build_model(context.model_config)
+            fit_map_once(model, context.train, context.val, settings.training, Path(context.out_dir) / "map",
+                         seed=context.model_config.seed, resume=context.resume)
+            start = str(Path(context.out_dir) / "map" / "final.pt")
+            init, center = (start if value == FROM_MAP else value for value in (settings.init, settings.prior.center))
+            settings = replace(settings, init=init, prior=replace(settings.prior, center=center))
+        posterior = run_sgmcmc(context.model_config, context.train, settings, context.out_dir,
+                               resume=context.resume, metadata=context.metadata)
+    if settings.noise_from_validation and context.val:
+        posterior = fit_posterior_noise_on_validation(posterior, context.val, settings.batch_size)
+    if settings.n_starts > 1:
+        write_start_summary(posterior, context.out_dir, context.val, settings.batch_size)
+    posterior.save(context.posterior_path)
+    return posterior
+
+
+@dataclass
+class UpdateSettings:
+    """Active-learning updates of an SG-MCMC posterior (the ``update`` section).
+
+    Args:
+        settle_steps: re-equilibration steps of every chain at the target temperature on the grown training set.
+        n_samples: new samples per chain and update (None: ``sgmcmc.n_samples``).
+    """
+
+    settle_steps: int = 200
+    n_samples: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, values: Dict, settings: SGMCMCSettings) -> "UpdateSettings":
+        options = settings_from(cls, values, "update")
+        if options.n_samples is None:
+            options.n_samples = settings.n_samples
+        return options
+
+
+def update(context, options: UpdateSettings, index: int) -> Path:
+    """Fit ``index`` of an active-learning loop on ``train + val`` (sampling has no early stopping): the first
+    (``index`` 0) is :func:`run_sgmcmc`, later ones continue every chain with :func:`continue_sgmcmc`. Both are
+    checkpointed: a killed update is finished by calling it again. Returns ``out_dir/posterior.h5``.
+
+    With ``sgmcmc.n_starts`` > 1: :func:`~mlip_uq.inference.starts.update_starts` (the starts' MAP fits, with
+    ``init: map``, train on ``train`` and stop early on ``val``, as an ensemble's members do; the chains sample
+    on both, and later fits continue every start's chains)."""
+    if context.settings.n_starts > 1:
+        posterior = update_starts(context, context.settings, options.settle_steps, options.n_samples, index)
+        posterior.save(context.posterior_path)
+        return context.posterior_path
+    if context.settings.uses_map():
+        raise ConfigError("an active-learning update of one start samples on train + val, with no validation "
+                          "split left for a MAP phase: set sgmcmc.init and sgmcmc.prior.center to a trained "
+                          "model's file (or null), not map, or use sgmcmc.n_starts > 1")
+    graphs = list(context.train) + list(context.val)
+    if index == 0:
+        posterior = run_sgmcmc(context.model_config, graphs, context.settings, context.out_dir,
+                               resume=context.resume, metadata=context.metadata)
+    else:
+        posterior = continue_sgmcmc(context.model_config, graphs, context.settings, context.out_dir,
+                                    n_steps=options.settle_steps, n_samples=options.n_samples,
+                                    metadata=context.metadata)
+    posterior.save(context.posterior_path)
+    return context.posterior_path

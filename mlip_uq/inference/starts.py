@@ -12,7 +12,7 @@ sampler:
    ``out_dir/starts/members/<s>/``, ``n_processes`` fits at a time), so an ensemble run's finished members can
    be copied there and reused. With ``init: null`` every start is a fresh initialisation from seed ``seed + s``
    (the burn-in is then the fit).
-2. **local sampling** — each start's ``n_chains`` chains of :func:`~mlip_uq.inference.sampling.run_sgmcmc` in
+2. **local sampling** — each start's ``n_chains`` chains of :func:`~mlip_uq.inference.sgmcmc.run_sgmcmc` in
    ``out_dir/starts/<s>/`` (burn-in adapting that start's own preconditioner, then frozen; the prior centred on
    that start's fit when ``prior.center`` is ``map``), ``n_processes`` starts at a time.
 3. **pooling** — :func:`pool_starts`: the draws of all starts concatenated start by start, each start given
@@ -151,10 +151,10 @@ class _StartJob:
 
 
 def _sample_start(job: _StartJob, train, metadata: Dict, resume: bool) -> None:
-    """Run start ``job.index``'s chains (:func:`~mlip_uq.inference.sampling.run_sgmcmc`) and write its draws
+    """Run start ``job.index``'s chains (:func:`~mlip_uq.inference.sgmcmc.run_sgmcmc`) and write its draws
     (``draws.h5``); its sampling seconds go to ``start.json`` when it is done (a resumed start adds the seconds
     of each call)."""
-    from .sampling import run_sgmcmc
+    from .sgmcmc import run_sgmcmc
 
     record = job.out_dir / "start.json"
     done = json.loads(record.read_text()) if record.is_file() else {}
@@ -206,7 +206,7 @@ def _pooled(jobs: List[_StartJob], settings) -> Posterior:
 
 def run_starts(context, settings, sample_on=None) -> Posterior:
     """Method ``sgmcmc`` with ``n_starts > 1`` (module docstring); returns the pooled posterior (noise not yet
-    fitted on the validation set: :func:`~mlip_uq.inference.sampling.fit` does that).
+    fitted on the validation set: :func:`~mlip_uq.inference.sgmcmc.fit` does that).
 
     Args:
         context: the run's :class:`~mlip_uq.inference.FitContext` (the MAP fits train on ``context.train``,
@@ -225,9 +225,9 @@ def run_starts(context, settings, sample_on=None) -> Posterior:
 
 
 def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_samples: int) -> None:
-    """Warm-start every chain of start ``job.index`` on ``train`` (:func:`~mlip_uq.inference.sampling.
+    """Warm-start every chain of start ``job.index`` on ``train`` (:func:`~mlip_uq.inference.sgmcmc.
     continue_sgmcmc`, idempotent) and write its new draws."""
-    from .sampling import continue_sgmcmc
+    from .sgmcmc import continue_sgmcmc
 
     continue_sgmcmc(job.config, train, job.settings, job.out_dir, n_steps=n_steps, n_samples=n_samples,
                     metadata=metadata).save(job.out_dir / DRAWS)
@@ -236,7 +236,7 @@ def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_sampl
 def update_starts(context, settings, n_steps: int, n_samples: int, index: int) -> Posterior:
     """Fit ``index`` of an active-learning loop with several starts: the first as :func:`run_starts` (MAP fits
     on ``context.train`` early-stopped on ``context.val``, then every chain on both), later ones continue every
-    start's chains on the grown ``train + val`` (:func:`~mlip_uq.inference.sampling.continue_sgmcmc`: ``n_steps``
+    start's chains on the grown ``train + val`` (:func:`~mlip_uq.inference.sgmcmc.continue_sgmcmc`: ``n_steps``
     steps at the target temperature, then ``n_samples`` new draws per chain), ``n_processes`` starts at a time;
     returns the pooled posterior."""
     graphs = list(context.train) + list(context.val)

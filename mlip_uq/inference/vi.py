@@ -45,9 +45,10 @@ from ..posterior.io import save_posterior
 from .common import fit_map_once, minibatch, resolve_device, save_checkpoint
 from .diagnostics import trace_drift
 from .loss import LossWeights, neg_log_likelihood
-from .map import MAPSettings, fit_posterior_noise_on_validation
+from .noise import fit_posterior_noise_on_validation
 from .options import PriorSettings, check_no_dropout, likelihood_options
 from .priors import GaussianPrior, pretrained_weights, prior_from_spec, select_stochastic
+from .trainer import MAPSettings
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from nequip.nn.mlp import ScalarLinearLayer, ScalarMLPFunction
 
 from .._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
 
-
 NOISE_KINDS = ("learned", "head", "fixed")
 
 

@@ -231,7 +231,7 @@ def training_curve_plot(metrics_csv: PathLike, path: PathLike, title: Optional[s
     second axis: the plateau of the curve is where training converged.
 
     Args:
-        metrics_csv: the run's per-epoch rows (:class:`mlip_uq.inference.map._MetricsRows`).
+        metrics_csv: the run's per-epoch rows (:class:`mlip_uq.inference.trainer._MetricsRows`).
         path: PNG file to write.
         title: optional figure title.
     """

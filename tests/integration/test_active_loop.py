@@ -10,16 +10,15 @@ import pytest
 import torch
 from ase.build import molecule
 from ase.calculators.calculator import Calculator, all_changes
-from tblite.ase import TBLite
-
 from conftest import BUNDLED_ETHANOL_TEST, BUNDLED_ETHANOL_TRAIN, TINY_MODEL
+from tblite.ase import TBLite
 
 from mlip_uq.active import Oracle, oracle_from_config, run_active
 from mlip_uq.active import state as state_module
 from mlip_uq.active import update as update_module
 from mlip_uq.cli import main
 from mlip_uq.data import FrameStore
-from mlip_uq.inference import sampling as sampling_module
+from mlip_uq.inference import sgmcmc as sgmcmc_module
 from mlip_uq.posterior import load_posterior
 
 N_INITIAL, BUDGET = 6, 3
@@ -139,9 +138,9 @@ KILL_POINTS = {
     # second exploration label committed to the store, before the state records it
     "after store commit": (FrameStore, "append", N_INITIAL + 1, True),
     # first update: labels committed, the continuation of the chains not started
-    "before update": (sampling_module, "continue_sgmcmc", 1, False),
+    "before update": (sgmcmc_module, "continue_sgmcmc", 1, False),
     # second update finished, the state does not know it yet
-    "after update": (sampling_module, "continue_sgmcmc", 2, True),
+    "after update": (sgmcmc_module, "continue_sgmcmc", 2, True),
     # during the second exploration reference call
     "during oracle call": (Oracle, "label", N_INITIAL + 4 + 2, False),
 }

@@ -7,7 +7,6 @@ import pytest
 import torch
 import yaml
 from ase.io import read
-
 from conftest import tiny_tio2_config
 
 import mlip_uq.compare as compare_module

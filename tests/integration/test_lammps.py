@@ -14,12 +14,10 @@ import pytest
 from ase import units
 from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
-
 from conftest import BUNDLED_TIO2, seeded_posterior
 
 from mlip_uq import UQCalculator
-from mlip_uq.lammps import (lammps_available, model_commands, run_lammps, split_input, to_lammps_frame,
-                            write_lammps_data)
+from mlip_uq.lammps import lammps_available, model_commands, run_lammps, split_input, to_lammps_frame, write_lammps_data
 from mlip_uq.md import ForceStdRule, run_md
 from mlip_uq.model import ModelConfig
 

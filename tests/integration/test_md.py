@@ -11,7 +11,6 @@ import ase.io
 import numpy as np
 import pytest
 from ase.build import bulk
-
 from conftest import run_and_kill, seeded_posterior, tiny_tio2_config
 
 from mlip_uq import UQCalculator

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_tio2_config
 
 import mlip_uq.inference.vi as vi

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import run_and_kill, tiny_tio2_config
 
 from mlip_uq.cli import main

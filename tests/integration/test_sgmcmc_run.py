@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_tio2_config
 
 import mlip_uq.inference.chains as chain_module
-import mlip_uq.inference.sampling as sampling
+import mlip_uq.inference.sgmcmc as sgmcmc_module
 from mlip_uq.inference.priors import select_stochastic
 from mlip_uq.model import build_model
 from mlip_uq.posterior import load_posterior
@@ -116,14 +115,14 @@ def test_partially_bayesian_run_samples_only_the_heads_and_shares_the_rest(tio2_
 def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, tio2_store, full_run, tmp_path, monkeypatch):
     source = load_posterior(full_run / "posterior.h5")
     seen = {}
-    original = sampling.prior_from_spec
+    original = sgmcmc_module.prior_from_spec
 
     def spy(spec, model, stochastic):
         prior = original(spec, model, stochastic)
         seen["prior"] = prior
         return prior
 
-    monkeypatch.setattr(sampling, "prior_from_spec", spy)
+    monkeypatch.setattr(sgmcmc_module, "prior_from_spec", spy)
     cfg = config(tio2_path, tio2_store, n_chains=1, prior={"scale": 0.05, "center": str(full_run / "posterior.h5")},
                  init=str(full_run / "posterior.h5"))
     train(cfg, out_dir=tmp_path)
@@ -137,7 +136,7 @@ def test_transfer_prior_is_centred_on_pretrained_weights(tio2_path, tio2_store, 
 def test_init_map_trains_a_map_model_first_and_starts_and_centres_there(tio2_path, tio2_store, tmp_path,
                                                                         monkeypatch):
     seen = {}
-    original_prior, original_job = sampling.prior_from_spec, sampling._make_job
+    original_prior, original_job = sgmcmc_module.prior_from_spec, sgmcmc_module._make_job
 
     def prior_spy(spec, model, stochastic):
         seen["prior"] = original_prior(spec, model, stochastic)
@@ -147,8 +146,8 @@ def test_init_map_trains_a_map_model_first_and_starts_and_centres_there(tio2_pat
         seen["job"] = original_job(*args, **kwargs)
         return seen["job"]
 
-    monkeypatch.setattr(sampling, "prior_from_spec", prior_spy)
-    monkeypatch.setattr(sampling, "_make_job", job_spy)
+    monkeypatch.setattr(sgmcmc_module, "prior_from_spec", prior_spy)
+    monkeypatch.setattr(sgmcmc_module, "_make_job", job_spy)
     cfg = config(tio2_path, tio2_store, n_chains=1, init="map", prior={"scale": 0.05, "center": "map"})
     cfg["training"] = {"max_epochs": 3, "batch_size": 8, "lr": 0.01}
     train(cfg, out_dir=tmp_path)
@@ -167,7 +166,7 @@ def test_init_map_trains_a_map_model_first_and_starts_and_centres_there(tio2_pat
 
 def test_init_map_needs_no_file_and_a_typo_is_still_a_path(tio2_path, tio2_store):
     from mlip_uq.config import ConfigError, resolve_method_paths
-    from mlip_uq.inference.sampling import SGMCMCSettings
+    from mlip_uq.inference.sgmcmc import SGMCMCSettings
 
     cfg = {"sgmcmc": {"init": "map", "prior": {"center": "maps"}}}
     resolve_method_paths(cfg, tio2_path.parent)
@@ -248,7 +247,7 @@ def test_warm_start_continues_the_chains_on_more_data(tio2_path, tio2_store, ful
     import shutil
 
     from mlip_uq.data import FrameStore
-    from mlip_uq.inference.sampling import SGMCMCSettings, continue_sgmcmc
+    from mlip_uq.inference.sgmcmc import SGMCMCSettings, continue_sgmcmc
 
     run = tmp_path / "run"
     shutil.copytree(full_run, run)
@@ -264,7 +263,7 @@ def test_warm_start_continues_the_chains_on_more_data(tio2_path, tio2_store, ful
     assert chain0["step"] == 48 + 5 + 2 * 3 and chain0["round"] == 1
     assert all(g["num_data"] == len(grown) for g in chain0["optimizer"]["param_groups"])
     # idempotent: the same continuation again draws nothing and returns the same posterior
-    monkeypatch.setattr(sampling, "run_chain", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(sgmcmc_module, "run_chain", lambda *a, **k: pytest.fail("sampled again"))
     again = continue_sgmcmc(first.config, grown, settings, run, n_steps=5, n_samples=2)
     torch.testing.assert_close(again.samples[READOUT], post.samples[READOUT], rtol=0, atol=0)
     monkeypatch.undo()
@@ -338,7 +337,7 @@ def test_several_starts_pool_the_draws_of_independent_map_fits(starts_run):
 
 def test_several_starts_need_a_start_per_basin():
     from mlip_uq.config import ConfigError
-    from mlip_uq.inference.sampling import SGMCMCSettings
+    from mlip_uq.inference.sgmcmc import SGMCMCSettings
 
     with pytest.raises(ConfigError, match="one basin"):
         SGMCMCSettings.from_dict({"sgmcmc": {"n_starts": 3, "init": "model.h5"}})
@@ -350,7 +349,7 @@ def test_active_learning_continues_the_chains_of_every_start(tio2_path, tio2_sto
 
     from mlip_uq.data import FrameStore
     from mlip_uq.inference import FitContext
-    from mlip_uq.inference.sampling import SGMCMCSettings, UpdateSettings, update
+    from mlip_uq.inference.sgmcmc import SGMCMCSettings, UpdateSettings, update
 
     run = tmp_path / "run"
     shutil.copytree(starts_run, run)

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_tio2_config
 
 from mlip_uq.cli import main
 from mlip_uq.data import FrameStore
 from mlip_uq.evaluate import predict_graphs
+from mlip_uq.inference.trainer import PotentialModule
 from mlip_uq.model import build_model
-from mlip_uq.inference.map import PotentialModule
 from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.testing import PosteriorContract
 from mlip_uq.train import train
@@ -121,7 +120,7 @@ def test_last_checkpoint_waits_for_its_interval_and_is_written_when_training_end
     assert final["global_step"] == 3 * 10  # 60 structures in batches of 6
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
     assert "optimizer_states" not in best and best["state_dict"]  # the best weights only
-    from mlip_uq.inference.map import MAPSettings
+    from mlip_uq.inference.trainer import MAPSettings
 
     with pytest.raises(ValueError, match="checkpoint_seconds must be >= 0"):
         MAPSettings(checkpoint_seconds=-1)

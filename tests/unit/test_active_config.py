@@ -1,12 +1,11 @@
 """Active-learning configurations: defaults, paths, overrides, and bad input named before any work is done."""
 
 import pytest
+from conftest import BUNDLED_ETHANOL_TRAIN
 
 from mlip_uq.active.explore import MDOptions
 from mlip_uq.active.loop import ActiveLoop, load_active_config
 from mlip_uq.config import ConfigError
-
-from conftest import BUNDLED_ETHANOL_TRAIN
 
 
 def minimal(**sections):

@@ -7,9 +7,8 @@ import pytest
 import torch
 from ase.build import molecule
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
-from nequip.data import AtomicDataDict
-
 from conftest import untrained_state_dict
+from nequip.data import AtomicDataDict
 
 import mlip_uq.calculator as calculator_module
 from mlip_uq import UQCalculator, uq_to_atoms

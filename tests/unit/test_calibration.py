@@ -4,7 +4,6 @@ import ase.io
 import h5py
 import numpy as np
 import pytest
-
 from conftest import seeded_posterior, tiny_model_config
 
 from mlip_uq import UQCalculator

@@ -4,7 +4,6 @@ that names a data set the cache does not hold fails with the command that fetche
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 
 from mlip_uq.active.config import load_active_config, train_config

@@ -5,7 +5,6 @@ import ase.io
 import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
-
 from conftest import full_data_set
 
 from mlip_uq.data import DataError, filter_frames, fit_energy_references, referenced_energy_per_atom

@@ -9,11 +9,11 @@ import ase.io
 import numpy as np
 import pytest
 from ase import units
-
 from conftest import BUNDLED_ETHANOL_TEST, BUNDLED_ETHANOL_TRAIN, BUNDLED_TIO2, full_data_set
 
 from mlip_uq import datasets
 from mlip_uq.cli import main
+from mlip_uq.converters import convert_aenet_xsf_archive, convert_rmd17_npz, copy_files
 from mlip_uq.datasets import (
     REGISTRY,
     ConvertedFile,
@@ -21,9 +21,6 @@ from mlip_uq.datasets import (
     DatasetError,
     Download,
     content_fingerprint,
-    convert_aenet_xsf_archive,
-    convert_rmd17_npz,
-    copy_files,
     describe_file,
     fetch,
     sha256_file,

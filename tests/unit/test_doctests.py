@@ -12,7 +12,7 @@ MODULES = [
     "mlip_uq.inference.options",
     "mlip_uq.inference.schedule",
     "mlip_uq.inference.diagnostics",
-    "mlip_uq.inference.sgmcmc",
+    "mlip_uq.inference.sghmc",
     "mlip_uq.uq.metrics",
     "mlip_uq.uq.signals",
 ]

@@ -5,14 +5,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model_config
 
 import mlip_uq.inference.common as common
 from mlip_uq.data import atoms_to_graph, fit_energy_references, read_frames
 from mlip_uq.evaluate import predict_graphs
 from mlip_uq.inference.ensemble import EnsembleSettings, fit_ensemble
-from mlip_uq.inference.map import MAPSettings, PotentialModule
+from mlip_uq.inference.trainer import MAPSettings, PotentialModule
 from mlip_uq.model import ModelConfig, build_model
 from mlip_uq.posterior import Posterior
 

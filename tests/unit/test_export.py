@@ -14,13 +14,11 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-
 from conftest import BUNDLED_TIO2, seeded_posterior, tiny_model_config, untrained_state_dict
 
 from mlip_uq import UQCalculator
 from mlip_uq.cli import main
-from mlip_uq.export import (PACKAGE_FORMAT_VERSION, export_posterior, load_package, mean_model_exactness,
-                            nequip_model)
+from mlip_uq.export import PACKAGE_FORMAT_VERSION, export_posterior, load_package, mean_model_exactness, nequip_model
 from mlip_uq.posterior import Posterior
 from mlip_uq.screen import COLUMNS, screen_trajectory
 

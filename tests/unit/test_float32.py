@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from nequip.data import AtomicDataDict
-
 from conftest import tiny_tio2_config
+from nequip.data import AtomicDataDict
 
 from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_LOG_SIGMA_KEY
 from mlip_uq.data import atoms_to_graph, read_frames

@@ -95,7 +95,7 @@ def test_power_likelihood_weights_each_label_term_and_equals_the_weighted_traini
 
 def test_likelihood_weights_are_read_from_a_method_section():
     from mlip_uq.config import ConfigError
-    from mlip_uq.inference.sampling import SGMCMCSettings
+    from mlip_uq.inference.sgmcmc import SGMCMCSettings
     from mlip_uq.inference.vi import VISettings
 
     settings = SGMCMCSettings.from_dict({"sgmcmc": {"likelihood_weights": {"energy": 20.0}}})

@@ -7,7 +7,6 @@ from typing import ClassVar, Dict, Optional, Tuple
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_tio2_config
 
 from mlip_uq.cli import main

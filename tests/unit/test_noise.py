@@ -6,15 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model_config
 from test_sgmcmc import assert_moments, run_chains
 
 from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY
 from mlip_uq.data import atoms_to_graph, collate, read_frames
 from mlip_uq.inference.loss import loss_terms
-from mlip_uq.inference.map import fit_noise_on_validation
-from mlip_uq.inference.sgmcmc import AdaptiveSGHMC
+from mlip_uq.inference.noise import fit_noise_on_validation
+from mlip_uq.inference.sghmc import AdaptiveSGHMC
 from mlip_uq.model import build_model
 
 DTYPE = torch.float64
@@ -122,7 +121,7 @@ def test_posterior_noise_fitted_on_held_out_frames_is_each_samples_own_fit_times
     """Every sample of a posterior gets the held-out noise fit of its own energy model, then one factor common to
     all samples (and elements) per quantity; the other parameters untouched. With the noise shared by all samples
     (not stochastic), one fit (the first sample's) for all, then the common factor."""
-    from mlip_uq.inference.map import fit_posterior_noise_on_validation
+    from mlip_uq.inference.noise import fit_posterior_noise_on_validation
     from mlip_uq.inference.priors import select_stochastic
     from mlip_uq.model import ModelConfig
     from mlip_uq.posterior import Posterior
@@ -169,7 +168,7 @@ def test_posterior_noise_factor_recovers_the_scale_of_noise_drawn_around_the_spr
     from conftest import seeded_posterior
 
     from mlip_uq.evaluate import predict_graphs
-    from mlip_uq.inference.map import fit_posterior_noise_on_validation, posterior_noise_factors
+    from mlip_uq.inference.noise import fit_posterior_noise_on_validation, posterior_noise_factors
     from mlip_uq.posterior.predict import predict_samples, predictive_moments
 
     c_true = 0.6

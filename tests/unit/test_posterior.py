@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from ase.build import molecule
-
 from conftest import untrained_state_dict
 
 from mlip_uq.data.graph import atoms_to_graph, collate

@@ -3,7 +3,6 @@ weights and a partially Bayesian one (the trained posteriors of every method run
 
 import pytest
 import torch
-
 from conftest import seeded_posterior, tiny_model_config
 
 from mlip_uq.testing import PosteriorContract

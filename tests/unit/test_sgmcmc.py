@@ -1,4 +1,4 @@
-"""mlip_uq.inference.sgmcmc: AdaptiveSGHMC against targets whose moments are known in closed form.
+"""mlip_uq.inference.sghmc: AdaptiveSGHMC against targets whose moments are known in closed form.
 
 Many independent chains run at once: a parameter of shape (C, d) is C chains of a d-dimensional target whose
 coordinates (and chains) are independent, so one optimizer step advances them all (the preconditioner is
@@ -29,7 +29,7 @@ import torch
 from scipy.linalg import solve_discrete_lyapunov
 
 from mlip_uq.inference.diagnostics import effective_sample_size
-from mlip_uq.inference.sgmcmc import (
+from mlip_uq.inference.sghmc import (
     AdaptiveSGHMC,
     potential_gradient,
     preconditioner_from_moment,
@@ -92,7 +92,7 @@ def assert_moments(x, mu, sd, bias, min_ess=300.0):
 
 
 def gaussian_variance_ratio(h, friction):
-    """Exact stationary Var(θ) / σ² of the recursion on a Gaussian, h = lr P / σ² (module docstring)."""
+    """Exact stationary Var(θ) / σ² of the recursion on a Gaussian, h = lr P / σ² (docs/sghmc.md)."""
     return 2.0 * (2.0 - friction) / (4.0 - 2.0 * friction - h)
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mlip_uq.inference.sampling import SGMCMCSettings
+from mlip_uq.inference.sgmcmc import SGMCMCSettings
 
 
 def plan(settings, **kwargs):

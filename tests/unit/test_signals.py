@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from ase.build import molecule
-
 from conftest import seeded_posterior, tiny_model_config
 
 from mlip_uq import UQCalculator

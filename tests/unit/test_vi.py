@@ -7,7 +7,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model_config
 
 from mlip_uq.inference.priors import GaussianPrior
