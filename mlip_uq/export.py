@@ -26,7 +26,7 @@ training module whose hydra config (``_target_``) rebuilds the model and its dat
 neither: its samples are state dicts of :func:`mlip_uq.model.build_model`, which is nequip's ``NequIPGNNModel``
 plus mlip_uq's observation-noise block (and, for MC dropout, a dropout wrapper of the nonlinearities). The
 minimal exact route, taken here: the energy model of each sample *is* a plain ``nequip.model.NequIPGNNModel``
-with the same hyper-parameters (:func:`nequip_model_kwargs`) — the noise block and noise head write only the
+with the same hyper-parameters (:func:`~mlip_uq.model.build.nequip_model_kwargs`) — the noise block and noise head write only the
 log-stds of the likelihood, never the energy, and dropout is the identity in eval mode — so that model is built
 by nequip's own builder, the sample's tensors other than the noise ones are loaded into it (strictly: every
 tensor must fit), and it is packaged the way ``nequip-package build`` packages a model (same exporter rules:
@@ -70,6 +70,7 @@ from nequip.data import AtomicDataDict
 
 from .files import atomic_write
 from .model import ModelConfig
+from .model.build import nequip_model_kwargs
 from .posterior import Posterior, load_posterior
 
 log = logging.getLogger(__name__)
@@ -89,31 +90,6 @@ _SCALES = _PREFIX + "per_type_energy_scale_shift.scales"
 _SHIFTS = _PREFIX + "per_type_energy_scale_shift.shifts"
 _SOLE_MODEL_KEY = "sole_model"  # nequip.train.lightning._SOLE_MODEL_KEY
 _EAGER_MODEL_KEY = "eager"  # nequip.model.utils._EAGER_MODEL_KEY
-
-
-def nequip_model_kwargs(config: ModelConfig) -> Dict:
-    """The arguments of ``nequip.model.NequIPGNNModel`` (with ``seed`` and ``model_dtype``) that build the energy
-    model of :func:`mlip_uq.model.build_model` (``config``) without the observation noise and dropout."""
-    shifts = config.energy_shifts or {t: 0.0 for t in config.type_names}
-    return dict(
-        seed=config.seed,
-        model_dtype=config.dtype,
-        type_names=list(config.type_names),
-        r_max=float(config.r_max),
-        num_layers=config.num_layers,
-        l_max=config.l_max,
-        parity=config.parity,
-        num_features=config.num_features,
-        radial_mlp_depth=config.radial_mlp_depth,
-        radial_mlp_width=config.radial_mlp_width,
-        num_bessels=config.num_bessels,
-        polynomial_cutoff_p=config.polynomial_cutoff_p,
-        readout_mlp_hidden_layers_depth=1 if config.readout_hidden_width else 0,
-        readout_mlp_hidden_layers_width=config.readout_hidden_width or None,
-        avg_num_neighbors=float(config.avg_num_neighbors),
-        per_type_energy_shifts={t: float(v) for t, v in shifts.items()},
-        per_type_energy_scales={t: float(config.energy_scale) for t in config.type_names},
-    )
 
 
 def _is_noise(name: str) -> bool:

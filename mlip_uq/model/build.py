@@ -315,14 +315,16 @@ def _uq_nequip(noise: str, force_noise: float, energy_noise: float, stress_noise
     return model
 
 
-def build_model(config: ModelConfig) -> GraphModel:
-    """Build the (deterministic) model of ``config``; parameters are initialised from ``config.seed``."""
+def nequip_model_kwargs(config: ModelConfig) -> Dict:
+    """The arguments of ``nequip.model.NequIPGNNModel`` (with ``seed`` and ``model_dtype``) that build the energy
+    model of ``config``: :func:`build_model` without the observation noise and dropout (what
+    :mod:`mlip_uq.export` writes in nequip's own formats)."""
     shifts = config.energy_shifts or {t: 0.0 for t in config.type_names}
-    return _uq_nequip(
+    return dict(
         seed=config.seed,
         model_dtype=config.dtype,
-        type_names=config.type_names,
-        r_max=config.r_max,
+        type_names=list(config.type_names),
+        r_max=float(config.r_max),
         num_layers=config.num_layers,
         l_max=config.l_max,
         parity=config.parity,
@@ -333,15 +335,16 @@ def build_model(config: ModelConfig) -> GraphModel:
         polynomial_cutoff_p=config.polynomial_cutoff_p,
         readout_mlp_hidden_layers_depth=1 if config.readout_hidden_width else 0,
         readout_mlp_hidden_layers_width=config.readout_hidden_width or None,
-        avg_num_neighbors=config.avg_num_neighbors,
-        per_type_energy_shifts=shifts,
+        avg_num_neighbors=None if config.avg_num_neighbors is None else float(config.avg_num_neighbors),
+        per_type_energy_shifts={t: float(v) for t, v in shifts.items()},
         per_type_energy_scales={t: float(config.energy_scale) for t in config.type_names},
-        noise=config.noise,
-        force_noise=config.force_noise,
-        energy_noise=config.energy_noise,
-        stress_noise=config.stress_noise,
-        dropout=config.dropout,
     )
+
+
+def build_model(config: ModelConfig) -> GraphModel:
+    """Build the (deterministic) model of ``config``; parameters are initialised from ``config.seed``."""
+    return _uq_nequip(**nequip_model_kwargs(config), noise=config.noise, force_noise=config.force_noise,
+                      energy_noise=config.energy_noise, stress_noise=config.stress_noise, dropout=config.dropout)
 
 
 def state_layout(config: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], bool]]:

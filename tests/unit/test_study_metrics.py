@@ -70,3 +70,22 @@ def test_mean_atom_force_std_does_not_grow_with_the_cell():
     mean, largest = pred.mean_atom_force_std(), pred.max_atom_force_std()
     assert abs(mean[large].mean() - mean[small].mean()) < 0.01
     assert largest[large].mean() > largest[small].mean() + 0.03
+
+
+def test_ood_scores_read_the_epistemic_part_apart_from_the_predictive():
+    from dataclasses import replace
+
+    from mlip_uq.compare import ood_scores
+
+    std = np.full((5, 3), 0.2)
+    inside = predictions_with_force_std([2, 3], std)
+    with pytest.raises(ValueError, match="needs the epistemic force stds"):
+        inside.max_atom_force_std("epistemic")
+    # in distribution: spread 0.01 per component; out of it: 0.03, with the predictive std unchanged (noise)
+    inside = replace(inside, forces_std_epistemic=np.full((5, 3), 0.01))
+    outside = replace(predictions_with_force_std([2, 3], std), forces_std_epistemic=np.full((5, 3), 0.03))
+    scores = ood_scores(inside, outside)
+    assert scores["ood_auroc_epistemic"] == 1.0 and scores["ood_auroc_epistemic_mean"] == 1.0
+    assert scores["ood_auroc"] == 0.5  # the predictive std is the same everywhere: no ranking
+    assert scores["epistemic_ratio"] == pytest.approx(3.0)
+    np.testing.assert_allclose(outside.max_atom_force_std("bald"), 0.5 * np.log1p(0.0027 / (0.12 - 0.0027)))
