@@ -180,6 +180,9 @@ class SGMCMCSettings:
             raise ConfigError(f"sgmcmc.n_starts={self.n_starts} with sgmcmc.init={self.init!r}: every start would "
                               "begin at the same weights and sample one basin; use init: map (a MAP fit per start) "
                               "or null (a fresh initialisation per start)")
+        if self.n_starts > 1 and self.prior.center == FROM_MAP and self.init != FROM_MAP:
+            raise ConfigError("sgmcmc.prior.center: map with several starts centres each start's prior on its own "
+                              "MAP fit; it needs sgmcmc.init: map")
         if self.cycle_steps is not None:
             if not 0 <= self.exploration_fraction < 1:
                 raise ValueError(f"sgmcmc.exploration_fraction must be in [0, 1), got {self.exploration_fraction}")

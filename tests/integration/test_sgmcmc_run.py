@@ -342,6 +342,8 @@ def test_several_starts_need_a_start_per_basin():
     with pytest.raises(ConfigError, match="one basin"):
         SGMCMCSettings.from_dict({"sgmcmc": {"n_starts": 3, "init": "model.h5"}})
     assert SGMCMCSettings.from_dict({"sgmcmc": {"n_starts": 3}}).n_starts == 3  # fresh starts
+    with pytest.raises(ConfigError, match="needs sgmcmc.init: map"):
+        SGMCMCSettings.from_dict({"sgmcmc": {"n_starts": 3, "prior": {"center": "map"}}})
 
 
 def test_active_learning_continues_the_chains_of_every_start(tio2_path, tio2_store, starts_run, tmp_path):
