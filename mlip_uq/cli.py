@@ -181,10 +181,10 @@ def _lammps(args) -> int:
 
     rule = None
     if args.max_force_std is not None:
-        rule = ForceStdRule(args.max_force_std, relative=args.relative, consecutive=args.consecutive)
+        rule = ForceStdRule(args.max_force_std, relative=args.relative, consecutive=args.consecutive,
+                            signal=args.signal)
     try:
-        result = run_lammps(args.input, args.posterior, uq_every=args.uq_every, stop_rule=rule,
-                            epistemic=args.epistemic, types=args.types, device=args.device, dtype=args.dtype,
+        result = run_lammps(args.input, args.posterior, uq_every=args.uq_every, stop_rule=rule, types=args.types, device=args.device, dtype=args.dtype,
                             log_file=args.log, screen=args.screen, variables=dict(args.var or []))
     except (ImportError, RuntimeError) as e:
         print(f"mlip-uq lammps: error: {e}", file=sys.stderr)
@@ -245,6 +245,18 @@ def _add_prediction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
+def _add_stop_rule_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    """The options of the MD stop rule (:class:`mlip_uq.md.ForceStdRule`), shared by ``md`` and ``lammps``."""
+    p.add_argument("--max-force-std", type=float, help=f"{verb} when the largest per-atom force std exceeds this "
+                   "(eV/Å; with --relative a fraction of |F_i| + 0.1 eV/Å), tested every --uq-every steps")
+    p.add_argument("--relative", action="store_true", help="threshold relative to each atom's force magnitude")
+    p.add_argument("--consecutive", type=int, default=1, help="uncertainty checks in a row above the threshold "
+                   f"before the {verb}")
+    p.add_argument("--signal", choices=["total", "epistemic", "bald"], default="total",
+                   help="the per-atom uncertainty --max-force-std reads: total (predictive std, default), "
+                   "epistemic (the samples' spread alone) or bald (½ log(1 + σ²_epi/σ²_ale), nats)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlip-uq", description="Uncertainty-aware machine-learned interatomic potentials."
@@ -293,14 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", default="langevin", choices=["nve", "langevin", "npt"])
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction (1/fs)")
     p.add_argument("--pressure", type=float, default=0.0, help="npt pressure (GPa)")
-    p.add_argument("--max-force-std", type=float, help="stop when the largest per-atom force std exceeds this "
-                   "(eV/Å; with --relative a fraction of |F_i| + 0.1 eV/Å), tested every --uq-every steps")
-    p.add_argument("--relative", action="store_true", help="threshold relative to each atom's force magnitude")
-    p.add_argument("--consecutive", type=int, default=1, help="uncertainty checks in a row above the threshold "
-                   "before stopping")
-    p.add_argument("--signal", choices=["total", "epistemic", "bald"], default="total",
-                   help="the per-atom uncertainty --max-force-std reads: total (predictive std, default), "
-                   "epistemic (the samples' spread alone) or bald (½ log(1 + σ²_epi/σ²_ale), nats)")
+    _add_stop_rule_arguments(p, "stop")
     p.add_argument("--log-every", type=int, default=1, help="record/log/write a frame every this many steps")
     p.add_argument("--uq-every", type=int, default=1, help="compute the per-atom force std and test "
                    "--max-force-std every this many steps (the per-atom energy std is logged at every step)")
@@ -334,11 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("posterior", help="posterior.h5")
     p.add_argument("--uq-every", type=int, default=1, help="compute the per-atom force std (d_fstd, d_fstd_epi) and "
                    "test --max-force-std every this many timesteps")
-    p.add_argument("--max-force-std", type=float, help="halt the run when the largest per-atom force std exceeds this "
-                   "(eV/Å; with --relative a fraction of |F_i| + 0.1 eV/Å)")
-    p.add_argument("--relative", action="store_true", help="threshold relative to each atom's force magnitude")
-    p.add_argument("--consecutive", type=int, default=1, help="checks in a row above the threshold before halting")
-    p.add_argument("--epistemic", action="store_true", help="test the threshold on the epistemic part of the std")
+    _add_stop_rule_arguments(p, "halt")
     p.add_argument("--types", nargs="+", metavar="ELEMENT", help="element of each LAMMPS atom type, type 1 first "
                    "(default: the posterior's type names in order)")
     p.add_argument("--log", default="log.lammps", help="LAMMPS log file (default log.lammps)")

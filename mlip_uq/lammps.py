@@ -34,7 +34,7 @@ the calculator gives them) and writes them into ``d_fstd`` / ``d_fstd_epi``; bet
 check's values. Steps between checks cost one pull-back through the trunk, checks K (the calculator's costs).
 
 The stop rule (a :class:`~mlip_uq.md.ForceStdRule`, on the per-atom signal it names, :mod:`mlip_uq.uq.signals`:
-by default the total std; ``epistemic=True`` makes it the epistemic part) is tested at every check with the same semantics as in :func:`~mlip_uq.md.run_md`
+by default the total std; ``ForceStdRule(..., signal="epistemic")`` the epistemic part) is tested at every check with the same semantics as in :func:`~mlip_uq.md.run_md`
 (``consecutive`` checks in a row above the threshold); when it fires, ``v_mlip_uq_fire`` becomes 1 and stays 1,
 and ``fix halt`` (every ``uq_every`` steps, at the end of the step) stops the run at that same step: the atoms are
 those of the step the rule names, as in ``run_md``. LAMMPS does not evaluate ``fix halt`` during a run's setup, so
@@ -242,14 +242,13 @@ class LammpsResult:
 class _Bridge:
     """The fix external callback: LAMMPS atoms -> :class:`UQCalculator` -> forces, energy, virial, stds."""
 
-    def __init__(self, lmp, calculator, types: Sequence[str], uq_every: int, stop_rule, epistemic: bool,
-                 result: LammpsResult):
+    def __init__(self, lmp, calculator, types: Sequence[str], uq_every: int, stop_rule, result: LammpsResult):
         self.lmp = lmp
         self.calc = calculator
         self.types = list(types)
         self.uq_every = uq_every
         self.rule = stop_rule
-        self.signal = _rule_signal(stop_rule, epistemic)
+        self.signal = _rule_signal(stop_rule)
         self.result = result
         self.streak = 0
         self.fired = False
@@ -338,13 +337,10 @@ class _Bridge:
                                        f"{float(measured.max()):.4g} {SIGNALS[self.signal]})")
 
 
-def _rule_signal(stop_rule, epistemic: bool) -> str:
-    """The per-atom signal the stop rule reads (:mod:`mlip_uq.uq.signals`): the rule's own ``signal`` (default
-    ``total``), or ``epistemic`` with ``epistemic=True``."""
-    signal = getattr(stop_rule, "signal", "total")
-    if epistemic and signal not in ("total", "epistemic"):
-        raise ValueError(f"epistemic=True but the stop rule reads the signal {signal!r}; give one of the two")
-    return check_signal("epistemic" if epistemic else signal)
+def _rule_signal(stop_rule) -> str:
+    """The per-atom signal the stop rule reads (:mod:`mlip_uq.uq.signals`): the rule's own ``signal``, default
+    ``total``."""
+    return check_signal(getattr(stop_rule, "signal", "total"))
 
 
 def _check_types(lmp, types: Sequence[str]) -> None:
@@ -365,7 +361,6 @@ def run_lammps(
     posterior,
     uq_every: int = 1,
     stop_rule=None,
-    epistemic: bool = False,
     types: Optional[Sequence[str]] = None,
     device: str = "cpu",
     dtype: Optional[str] = None,
@@ -379,9 +374,8 @@ def run_lammps(
         input_path: the LAMMPS input, with one :data:`PLACEHOLDER` line where the model goes.
         posterior: a :class:`~mlip_uq.posterior.Posterior`, a posterior file, or a :class:`UQCalculator`.
         uq_every: compute ``atom_force_std`` (and test the stop rule) every this many timesteps.
-        stop_rule: a :class:`~mlip_uq.md.ForceStdRule` (or an object with ``check(std, forces)``), or None.
-        epistemic: test the stop rule on ``atom_force_std_epistemic`` (signal ``epistemic``) whatever the rule's
-            own ``signal`` (``total`` by default; ``bald`` too, from the Python API).
+        stop_rule: a :class:`~mlip_uq.md.ForceStdRule` (or an object with ``check(signal, forces)`` and
+            optionally ``signal``, default ``total``), or None.
         types: element of each LAMMPS atom type, type 1 first (default: the posterior's ``type_names``).
         device, dtype: of the calculator (``UQCalculator``) when ``posterior`` is not one.
         log_file: LAMMPS log file (None: no log).
@@ -402,7 +396,7 @@ def run_lammps(
 
     if int(uq_every) != uq_every or uq_every < 1:
         raise ValueError(f"uq_every must be a positive integer (timesteps), got {uq_every}")
-    _rule_signal(stop_rule, epistemic)
+    _rule_signal(stop_rule)
     input_path = Path(input_path)
     if not input_path.is_file():
         raise FileNotFoundError(f"LAMMPS input {input_path} does not exist")
@@ -425,7 +419,7 @@ def run_lammps(
     try:
         if lmp.extract_setting("world_size") != 1:
             raise ValueError(f"run_lammps is serial: run it on one MPI rank, not {lmp.extract_setting('world_size')}")
-        bridge = _Bridge(lmp, calc, types, int(uq_every), stop_rule, epistemic, result)
+        bridge = _Bridge(lmp, calc, types, int(uq_every), stop_rule, result)
         try:
             lmp.commands_string(before)
             units = lmp.extract_global("units")

@@ -54,7 +54,7 @@ from _harness import update_section
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq import __version__
-from mlip_uq.compare import ood_scores
+from mlip_uq.compare import ood_scores, plateaus
 from mlip_uq.config import dump_config, load_config
 from mlip_uq.data import atoms_to_graph, read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
@@ -297,6 +297,17 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
+def convergence(fits: dict) -> str:
+    """Where each MAP fit's validation curve ended (best epoch / epochs, and what stopped it)."""
+    parts = []
+    for group, curves in fits.items():
+        ended = ", ".join(f"{c['best_epoch'] + 1}/{c['epochs']}" for c in curves.values())
+        stops = sorted({c["stopped_by"] for c in curves.values()})
+        parts.append(f"{group}: best epoch / epochs {ended}, stopped by {' and '.join(stops)}")
+    return ("**Convergence** (validation loss of every MAP fit; `lr_floor`: the plateau schedule reached its "
+            "floor): " + "; ".join(parts) + ".")
+
+
 def reading(results: list) -> str:
     """The rows against issue 34's targets, in words (every number from ``results``)."""
     ens = next(r for r in results if r["name"].startswith("deep ensemble"))
@@ -392,18 +403,22 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
     system = SYSTEMS[args.system]
-    results = rows(args.runs or ROOT / "runs" / "bench_starts" / args.system, args.system)
+    runs = args.runs or ROOT / "runs" / "bench_starts" / args.system
+    results = rows(runs, args.system)
+    # how every MAP fit's validation curve ended (the ensemble's members are also the recipe's starts)
+    fits = {"ensemble members": plateaus(runs / "ensemble"),
+            f"starts{SHORT_LABEL}": plateaus(runs / "sgmcmc_starts_short_fits")}
     command = f"OMP_NUM_THREADS=1 python scripts/bench_starts.py --system {args.system}"
     record = {"date": date.today().isoformat(), "version": __version__, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "command": command, "system": system["words"],
-              "ood": system["ood_words"], "rows": copy.deepcopy(results)}
+              "ood": system["ood_words"], "fits": fits, "rows": copy.deepcopy(results)}
     name = f"bench_starts_{args.system}"
     write_json(record, ROOT / "docs" / f"{name}.json")
     plot(results, ROOT / "docs" / f"{name}.png", system["ood_words"])
     body = (f"Measured {record['date']} (mlip_uq {__version__}, torch {torch.__version__}, 2 CPU cores shared with "
             f"other work): `{command}`; out of distribution: {system['ood_words']}. Numbers in "
             f"[{name}.json]({name}.json), plot [{name}.png]({name}.png).\n\n" + table(results) + "\n\n"
-            + reading(results))
+            + convergence(fits) + "\n\n" + reading(results))
     update_section(args.out, HEADING.format(words=system["words"]), body)
     print(table(results))
 

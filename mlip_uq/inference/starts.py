@@ -79,17 +79,13 @@ def pool_starts(parts: Sequence[Posterior], hyperparameters: Optional[Dict] = No
     for s, part in enumerate(parts[1:], start=1):
         if architecture(part.config) != architecture(config):
             raise ValueError(f"start {s} has another architecture than start 0")
-    names = list(parts[0].shared) + list(parts[0].samples)
     shared, samples = {}, {}
-    for name in names:
-        per_draw = [p.samples[name] if name in p.samples else p.shared[name].unsqueeze(0).expand(p.n_samples,
-                                                                                               *p.shared[name].shape)
-                    for p in parts]
-        if all(name in p.shared for p in parts) and all(torch.equal(p.shared[name], parts[0].shared[name])
-                                                        for p in parts):
+    for name in [*parts[0].shared, *parts[0].samples]:
+        if all(name in p.shared and torch.equal(p.shared[name], parts[0].shared[name]) for p in parts):
             shared[name] = parts[0].shared[name]
-        else:
-            samples[name] = torch.cat(per_draw).clone()
+        else:  # sampled, or fixed at a value of its own in each start
+            samples[name] = torch.cat([p.samples[name] if name in p.samples else
+                                       p.shared[name].expand(p.n_samples, *p.shared[name].shape) for p in parts])
     weights = torch.cat([p.weights / len(parts) for p in parts])
     starts, chains = [], []
     n_chains = max(max(p.hyperparameters.get("sample_chains", [0])) + 1 for p in parts)
@@ -169,9 +165,9 @@ def _sample_start(job: _StartJob, train, metadata: Dict, resume: bool) -> None:
                 "sampling_seconds": seconds, "finished": True}, record)
 
 
-def _start_jobs(context, settings) -> Tuple[List[_StartJob], List[float]]:
-    """Each start's sampling job, after the starts' MAP fits (``init: map``; run here, resumable); and the
-    fits' training seconds."""
+def _start_jobs(context, settings, fit: bool = True) -> Tuple[List[_StartJob], List[float]]:
+    """Each start's sampling job, after the starts' MAP fits (``init: map``; run here when ``fit``, resumable;
+    without ``fit`` they must be done); and the fits' training seconds."""
     from .ensemble import EnsembleSettings, fit_ensemble
 
     out = Path(context.out_dir) / STARTS
@@ -179,13 +175,17 @@ def _start_jobs(context, settings) -> Tuple[List[_StartJob], List[float]]:
     fit_seconds = [0.0] * settings.n_starts
     inits: List[Optional[str]] = [None] * settings.n_starts
     if settings.init == FROM_MAP:
-        members = EnsembleSettings(n_members=settings.n_starts, n_processes=settings.n_processes,
-                                   training=settings.training)
-        begin = time.perf_counter()
-        fit_ensemble(config, context.train, context.val, members, out, resume=context.resume,
-                     metadata=context.metadata)
-        log.info("%d MAP starts done (%.0f s)", settings.n_starts, time.perf_counter() - begin)
+        if fit:
+            members = EnsembleSettings(n_members=settings.n_starts, n_processes=settings.n_processes,
+                                       training=settings.training)
+            begin = time.perf_counter()
+            fit_ensemble(config, context.train, context.val, members, out, resume=context.resume,
+                         metadata=context.metadata)
+            log.info("%d MAP starts done (%.0f s)", settings.n_starts, time.perf_counter() - begin)
         inits = [str(out / "members" / str(s) / "final.pt") for s in range(settings.n_starts)]
+        missing = [path for path in inits if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"the MAP fits of the starts are not done: {missing}")
         fit_seconds = [member_epoch_seconds(out / "members" / str(s)) for s in range(settings.n_starts)]
     jobs = []
     for s in range(settings.n_starts):
@@ -242,7 +242,7 @@ def update_starts(context, settings, n_steps: int, n_samples: int, index: int) -
     graphs = list(context.train) + list(context.val)
     if index == 0:
         return run_starts(context, settings, sample_on=graphs)
-    jobs, _ = _start_jobs(replace(context, resume=True), settings)  # the fits are done: loaded
+    jobs, _ = _start_jobs(context, settings, fit=False)  # the fits of update 0 stay the starts
     run_in_processes(_continue_start, jobs, settings.n_processes, settings.accelerator, train=graphs,
                      metadata=context.metadata, n_steps=n_steps, n_samples=n_samples)
     return _pooled(jobs, settings)

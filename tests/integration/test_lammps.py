@@ -187,17 +187,14 @@ def test_halt_fires_at_the_step_the_stop_rule_names(posterior, start, tmp_path, 
     fired = [(firing_step(checks, t, consecutive), t) for t in thresholds]
     expected_step, threshold = max((step, t) for step, t in fired if step is not None)
     assert expected_step > 0
-    md_rule = ForceStdRule(threshold, consecutive=consecutive)
-    if epistemic:  # run_md reads the epistemic part where ForceStdRule has a signal (mlip_uq.uq.signals)
-        has_signal = "signal" in getattr(ForceStdRule, "__dataclass_fields__", {})
-        md_rule = ForceStdRule(threshold, consecutive=consecutive, signal="epistemic") if has_signal else None
-    if md_rule is not None:  # run_md stops at that step too
-        stopped = run_md(start.copy(), UQCalculator(posterior, dtype="float64"), steps=STEPS, ensemble="nve",
-                         uq_every=uq_every, stop_rule=md_rule, progress=False)
-        assert stopped.stopped and stopped.steps_done == expected_step
+    md_rule = ForceStdRule(threshold, consecutive=consecutive, signal="epistemic" if epistemic else "total")
+    # run_md stops at that step too
+    stopped = run_md(start.copy(), UQCalculator(posterior, dtype="float64"), steps=STEPS, ensemble="nve",
+                     uq_every=uq_every, stop_rule=md_rule, progress=False)
+    assert stopped.stopped and stopped.steps_done == expected_step
     data = write_data(start, tmp_path / "tio2.data")
     result = run_lammps(write_input(tmp_path, data, STEPS), posterior, uq_every=uq_every, dtype="float64",
-                        stop_rule=ForceStdRule(threshold, consecutive=consecutive), epistemic=epistemic,
+                        stop_rule=md_rule,
                         log_file=tmp_path / "log.lammps")
     print(f"threshold {threshold:.6g} eV/Å, {consecutive} consecutive: the rule names step {expected_step}, "
           f"LAMMPS halted at {result.steps_done}")
