@@ -1,37 +1,23 @@
 """ASE calculator of a posterior: predictive means as ASE's standard results, standard deviations beside them.
 
-Results (docs/design.md "Calculator contract"; eV, Å, eV/Å, eV/Å³; stress in ASE's Voigt order xx, yy, zz, yz,
-xz, xy):
-
-========================== ======== ====================================================================
-key                        shape    meaning
-========================== ======== ====================================================================
-``energy``, ``free_energy`` ()      predictive mean of the total energy (eV)
-``energies``               (N,)     mean per-atom energy contributions (eV)
-``forces``                 (N, 3)   mean forces (eV/Å)
-``stress``                 (6,)     mean stress (eV/Å³), periodic cells only
-``energy_std``             ()       total-energy predictive std (eV), epistemic + aleatoric
-``energies_std``           (N,)     std of each atom's energy contribution (eV), epistemic (not observed)
-``forces_std``             (N, 3)   std of each force component (eV/Å), epistemic + aleatoric
-``atom_force_std``         (N,)     sqrt of the sum of an atom's three force-component variances (eV/Å)
-``stress_std``             (6,)     std of each stress component (eV/Å³), epistemic + aleatoric, periodic cells
-``energy_std_epistemic``   ()       the sample-spread part of ``energy_std`` alone (eV)
-``forces_std_epistemic``   (N, 3)   the sample-spread part of ``forces_std`` alone (eV/Å)
-``atom_force_std_epistemic`` (N,)   the sample-spread part of ``atom_force_std`` alone (eV/Å)
-``energy_samples``         (K,)     each sample's energy (eV), only with ``return_samples=True``
-``forces_samples``         (K, N, 3) each sample's forces (eV/Å), only with ``return_samples=True``
-========================== ======== ====================================================================
+Results: the keys of :mod:`mlip_uq.result_keys` (docs/design.md "Calculator contract"), each constant there with
+its shape and unit (eV, Å, eV/Å, eV/Å³; stress in ASE's Voigt order xx, yy, zz, yz, xz, xy): ASE's standard
+results as predictive means (``energy``, ``free_energy``, ``energies``, ``forces``, ``stress`` of periodic cells),
+their stds beside them (``energy_std``, ``energies_std``, ``forces_std``, ``atom_force_std``, ``stress_std``; the
+``_epistemic`` parts ``energy_std_epistemic``, ``forces_std_epistemic``, ``atom_force_std_epistemic``) and, with
+``return_samples=True``, each sample's ``energy_samples`` and ``forces_samples``.
 
 What is computed is what ASE asks for (``properties``), for a posterior with a shared trunk
 (:class:`~mlip_uq.posterior.predict.SamplePass`): every call gives the means (energy, per-atom energies, forces,
 stress of periodic cells; forces and stress from one pull-back of the weighted mean energy) and the energy stds
 (``energy_std``, ``energies_std``, ``energy_std_epistemic``, ``energy_samples``: from the K tail passes, no
 further pull-back). The per-sample forces and stress, K pull-backs through the trunk, are computed only when a key
-of :data:`FORCE_UNCERTAINTY_PROPERTIES` is asked (``forces_std``, ``atom_force_std``, their ``_epistemic`` parts,
-``stress_std``, ``forces_samples``), together with all of those keys. ``results`` holds what was computed; asking
-for a missing key later (``get_property``) computes it on the same pass, so nothing is computed twice for the
-same positions: an ASE dynamics step (which asks only for ``forces``) costs one pull-back, and a later
-``atom_force_std`` at the same positions K - 1 more (with ``keep_trunk_graph``; without it, a new evaluation).
+of :data:`~mlip_uq.result_keys.FORCE_UNCERTAINTY_PROPERTIES` is asked (``forces_std``, ``atom_force_std``, their
+``_epistemic`` parts, ``stress_std``, ``forces_samples``), together with all of those keys. ``results`` holds
+what was computed; asking for a missing key later (``get_property``) computes it on the same pass, so nothing is
+computed twice for the same positions: an ASE dynamics step (which asks only for ``forces``) costs one pull-back,
+and a later ``atom_force_std`` at the same positions K - 1 more (with ``keep_trunk_graph``; without it, a new
+evaluation).
 
 Means are weighted over the posterior's samples; a std is sqrt(epistemic + aleatoric variance)
 (:mod:`mlip_uq.posterior.predict`), multiplied by the posterior's recalibration factor where it has one
@@ -43,7 +29,6 @@ default), so a predictive std is never below it, even for a single model.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional, Union
@@ -58,43 +43,35 @@ from nequip.utils.global_state import global_state_initialized, set_global_state
 from .data import atoms_to_graph, collate
 from .posterior import Posterior, load_posterior
 from .posterior.predict import SamplePass, predictive_moments
+from .result_keys import (
+    ARRAY_KEYS,
+    ASE_PROPERTIES,
+    ATOM_FORCE_STD,
+    ATOM_FORCE_STD_EPISTEMIC,
+    ENERGIES,
+    ENERGIES_STD,
+    ENERGY,
+    ENERGY_SAMPLES,
+    ENERGY_STD,
+    ENERGY_STD_EPISTEMIC,
+    FORCE_UNCERTAINTY_PROPERTIES,
+    FORCES,
+    FORCES_SAMPLES,
+    FORCES_STD,
+    FORCES_STD_EPISTEMIC,
+    FREE_ENERGY,
+    INFO_KEYS,
+    SAMPLE_PROPERTIES,
+    STRESS,
+    STRESS_STD,
+    UNCERTAINTY_PROPERTIES,
+)
 from .uq.calibration import describe
 
 log = logging.getLogger(__name__)
 
-ASE_PROPERTIES = ["energy", "free_energy", "energies", "forces", "stress"]
-UNCERTAINTY_PROPERTIES = [
-    "energy_std", "energies_std", "forces_std", "atom_force_std", "stress_std",
-    "energy_std_epistemic", "forces_std_epistemic", "atom_force_std_epistemic",
-]
-SAMPLE_PROPERTIES = ["energy_samples", "forces_samples"]
-#: keys that need each sample's forces (K pull-backs through the trunk); the others need one pull-back in all
-FORCE_UNCERTAINTY_PROPERTIES = frozenset({
-    "forces_std", "atom_force_std", "forces_std_epistemic", "atom_force_std_epistemic", "stress_std",
-    "forces_samples",
-})
 #: smallest distance between two atoms (or an atom and a periodic image) the calculator accepts (Å)
 MIN_DISTANCE = 0.1
-# results that uq_to_atoms copies into atoms.info (per structure) and atoms.arrays (per atom)
-_INFO_KEYS = ("energy_std", "energy_std_epistemic", "stress_std", "energy_samples")
-_ARRAY_KEYS = ("energies_std", "forces_std", "atom_force_std", "forces_std_epistemic", "atom_force_std_epistemic")
-
-
-def _posterior_as(posterior: Posterior, dtype: str) -> Posterior:
-    """A copy of ``posterior`` whose model and floating-point tensors are in ``dtype``."""
-    if dtype == posterior.config.dtype:
-        return posterior
-    torch_dtype = getattr(torch, dtype)
-
-    def cast(tensors):
-        return {n: t.to(torch_dtype) if t.is_floating_point() else t for n, t in tensors.items()}
-
-    return Posterior(
-        dataclasses.replace(posterior.config, dtype=dtype), cast(posterior.shared), cast(posterior.samples),
-        weights=posterior.weights, method=posterior.method, hyperparameters=posterior.hyperparameters,
-        calibration=posterior.calibration, energy_references=posterior.energy_references,
-        data_fingerprint=posterior.data_fingerprint,
-    )
 
 
 class UQCalculator(Calculator):
@@ -125,7 +102,7 @@ class UQCalculator(Calculator):
         ``stress``/``stress_std`` asked for a structure without a periodic cell.
     """
 
-    implemented_properties = ASE_PROPERTIES + UNCERTAINTY_PROPERTIES
+    implemented_properties = list(ASE_PROPERTIES + UNCERTAINTY_PROPERTIES)
 
     def __init__(
         self,
@@ -147,13 +124,13 @@ class UQCalculator(Calculator):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         if skin < 0:
             raise ValueError(f"skin must be >= 0 Å, got {skin}")
-        self.posterior = _posterior_as(posterior, dtype or posterior.config.dtype).to(device)
+        self.posterior = posterior.as_dtype(dtype or posterior.config.dtype).to(device)
         self.dtype = getattr(torch, self.posterior.config.dtype)
         self.skin = float(skin)
         self.return_samples = return_samples
         self.keep_trunk_graph = keep_trunk_graph
         if return_samples:  # an instance list: the class-level one is never changed
-            self.implemented_properties = UQCalculator.implemented_properties + SAMPLE_PROPERTIES
+            self.implemented_properties = UQCalculator.implemented_properties + list(SAMPLE_PROPERTIES)
         self.calibration = describe(self.posterior.calibration)
         log.info("UQCalculator: %s, K=%d samples, recalibration: %s", self.posterior.method,
                  self.posterior.n_samples, self.calibration)
@@ -178,14 +155,22 @@ class UQCalculator(Calculator):
         if not np.isfinite(atoms.cell.array).all():
             raise ValueError(f"NaN or inf in the cell {atoms.cell.array.tolist()}")
         periodic = bool(atoms.pbc.any()) and abs(atoms.cell.volume) > 1e-12
-        asked = {"stress", "stress_std"} & set(properties)
+        asked = {STRESS, STRESS_STD} & set(properties)
         if asked and not periodic:
             raise ValueError(f"{sorted(asked)} requested for a structure without a periodic cell of non-zero volume "
                              f"(pbc={atoms.pbc.tolist()}, cell volume {atoms.cell.volume:.3g} Å³)")
         return periodic
 
-    def _graph(self, atoms: ase.Atoms) -> AtomicDataDict.Type:
-        """The batched graph of ``atoms`` on the model's device, from the reused neighbour list (class docstring)."""
+    def graph(self, atoms: ase.Atoms) -> AtomicDataDict.Type:
+        """The batched graph of ``atoms`` as the model reads it at :meth:`calculate`: from the reused neighbour list
+        (class docstring), edges within r_max, in the model's dtype, on its device (e.g. to time the model on the
+        calculator's own input, ``SamplePass(calc.posterior, calc.graph(atoms))``).
+
+        Elements, NaN/inf and periodicity are checked by :meth:`calculate` before it builds the graph, not here.
+
+        Raises:
+            ValueError: two atoms (or an atom and a periodic image) closer than :data:`MIN_DISTANCE` (named).
+        """
         ref = self._reference
         stale = (
             ref is None
@@ -232,32 +217,32 @@ class UQCalculator(Calculator):
         periodic = self._check(atoms, properties)
         per_sample = bool(FORCE_UNCERTAINTY_PROPERTIES & set(properties))
         if self._pass is None or (per_sample and not self._pass.can_pull_back_samples):
-            self._pass = SamplePass(self.posterior, self._graph(atoms))
+            self._pass = SamplePass(self.posterior, self.graph(atoms))
         before = self._pass.pullbacks
         pred = self._pass.predictions(per_sample=per_sample, keep_graph=self.keep_trunk_graph)
         m = predictive_moments(pred).calibrated(self.posterior.calibration)
         self.pullbacks += self._pass.pullbacks - before
         results = {
-            "energy": float(m.energy[0]),
-            "free_energy": float(m.energy[0]),
-            "energies": m.energies,
-            "forces": m.forces,
-            "energy_std": float(m.energy_std[0]),
-            "energies_std": m.energies_std,
-            "energy_std_epistemic": float(m.energy_std_epistemic[0]),
+            ENERGY: float(m.energy[0]),
+            FREE_ENERGY: float(m.energy[0]),
+            ENERGIES: m.energies,
+            FORCES: m.forces,
+            ENERGY_STD: float(m.energy_std[0]),
+            ENERGIES_STD: m.energies_std,
+            ENERGY_STD_EPISTEMIC: float(m.energy_std_epistemic[0]),
         }
         if periodic:
-            results["stress"] = m.stress[0]
+            results[STRESS] = m.stress[0]
         if self.return_samples:
-            results["energy_samples"] = m.energy_samples[:, 0]
+            results[ENERGY_SAMPLES] = m.energy_samples[:, 0]
         if per_sample:
-            results.update(forces_std=m.forces_std, atom_force_std=m.atom_force_std,
-                           forces_std_epistemic=m.forces_std_epistemic,
-                           atom_force_std_epistemic=m.atom_force_std_epistemic)
+            results.update({FORCES_STD: m.forces_std, ATOM_FORCE_STD: m.atom_force_std,
+                            FORCES_STD_EPISTEMIC: m.forces_std_epistemic,
+                            ATOM_FORCE_STD_EPISTEMIC: m.atom_force_std_epistemic})
             if periodic:
-                results["stress_std"] = m.stress_std[0]
+                results[STRESS_STD] = m.stress_std[0]
             if self.return_samples:
-                results["forces_samples"] = m.forces_samples
+                results[FORCES_SAMPLES] = m.forces_samples
         for key, value in results.items():  # what was computed before for these atoms stays as it was
             self.results.setdefault(key, value)
 
@@ -273,11 +258,12 @@ def uq_to_atoms(atoms: ase.Atoms, compute_missing: bool = True) -> ase.Atoms:
             per-sample forces); False copies only what the calculator has computed for these atoms (an MD step
             between uncertainty checks has the energy stds only).
 
-    Per structure (``info``): ``energy_std``, ``energy_std_epistemic``, ``stress_std``, ``energy_samples``;
-    per atom (``arrays``): ``energies_std``, ``forces_std``, ``atom_force_std``, ``forces_std_epistemic``,
-    ``atom_force_std_epistemic``, and ``forces_samples`` as (N, 3K) (sample k's force on atom i in columns
-    3k..3k+2; extxyz stores only per-atom rows), each where the calculator has it; these keys copied earlier
-    and not computed for the present atoms are removed.
+    Per structure (``info``, :data:`~mlip_uq.result_keys.INFO_KEYS`): ``energy_std``, ``energy_std_epistemic``,
+    ``stress_std``, ``energy_samples``; per atom (``arrays``, :data:`~mlip_uq.result_keys.ARRAY_KEYS`):
+    ``energies_std``, ``forces_std``, ``atom_force_std``, ``forces_std_epistemic``, ``atom_force_std_epistemic``,
+    and ``forces_samples`` as (N, 3K) (sample k's force on atom i in columns 3k..3k+2; extxyz stores only per-atom
+    rows), each where the calculator has it; these keys copied earlier and not computed for the present atoms are
+    removed.
 
     Returns:
         ``atoms`` itself.
@@ -285,19 +271,19 @@ def uq_to_atoms(atoms: ase.Atoms, compute_missing: bool = True) -> ase.Atoms:
     calc = atoms.calc
     if not isinstance(calc, UQCalculator):
         raise ValueError(f"uq_to_atoms needs atoms with a UQCalculator attached, got {type(calc).__name__}")
-    calc.get_property("energy", atoms)  # recomputes the means if atoms changed since the last call
+    calc.get_property(ENERGY, atoms)  # recomputes the means if atoms changed since the last call
     if compute_missing:
-        calc.get_property("atom_force_std", atoms)  # with it every other force-uncertainty key
-    for key in _INFO_KEYS:  # an earlier copy that the calculator has not computed for these atoms goes
+        calc.get_property(ATOM_FORCE_STD, atoms)  # with it every other force-uncertainty key
+    for key in INFO_KEYS:  # an earlier copy that the calculator has not computed for these atoms goes
         atoms.info.pop(key, None)
         if key in calc.results:
             atoms.info[key] = calc.results[key]
-    for key in (*_ARRAY_KEYS, "forces_samples"):
+    for key in (*ARRAY_KEYS, FORCES_SAMPLES):
         atoms.arrays.pop(key, None)
-    for key in _ARRAY_KEYS:
+    for key in ARRAY_KEYS:
         if key in calc.results:
             atoms.arrays[key] = np.asarray(calc.results[key])
-    if "forces_samples" in calc.results:
-        samples = calc.results["forces_samples"]
-        atoms.arrays["forces_samples"] = samples.transpose(1, 0, 2).reshape(len(atoms), -1)
+    if FORCES_SAMPLES in calc.results:
+        samples = calc.results[FORCES_SAMPLES]
+        atoms.arrays[FORCES_SAMPLES] = samples.transpose(1, 0, 2).reshape(len(atoms), -1)
     return atoms

@@ -13,15 +13,17 @@ method shares) plus a ``compare`` section::
 A budget applies its ``overrides`` to every run and may select (a list of names) or replace (a mapping) the
 regimes, splits and methods; ``--regimes`` / ``--splits`` / ``--methods`` run a part of the study.
 
-Methods that would train a MAP phase of their own (SG-MCMC with ``init`` or ``prior.center`` ``map``, VI without
-``init``) start from the study's ``map`` run of the same regime and split instead, which is trained first: one MAP
-fit per split, and the cost column counts it in (``map_seconds``). A deep ensemble whose members train as the
-``map`` run does (same sections, no bootstrap) takes that run's model as its member 0, which it would be
-trained into again (same seed, data and settings); its cost column counts the MAP run's time in for it.
+A method that would train a MAP model of its own which the study's ``map`` run of the same regime and split
+can stand in for says so (its ``map_start``, :class:`~mlip_uq.inference.MapStart`: SG-MCMC and VI with ``init`` or
+``prior.center`` ``map`` take the MAP run's posterior file for those options; a deep ensemble whose members train
+as the ``map`` run does takes its model as member 0); the MAP run is then trained first (one MAP fit per split)
+and the cost column counts it in (``map_seconds``). What a run folder holds (its posterior file, its validation
+curves) is asked of its method (``artifacts``): this module knows no method's folder layout.
 
 Every (regime, split, method) run goes to ``OUT/<regime>/<split>/<method>/`` through
 :func:`mlip_uq.train.train`; a finished run (its ``compare.json`` exists) is reused, so a killed study resumes,
-and a trained one (``train_seconds.json``) is only evaluated again (delete ``compare.json`` to re-evaluate).
+and a trained one (``train_seconds.json``) is only evaluated again (delete ``compare.json`` to re-evaluate; a
+row of another :data:`ROW_VERSION` is evaluated again).
 Each run is evaluated on its test set before and after recalibration on its validation set; the training
 wall-clock, the inference time per test structure and the plateau of every validation-loss curve of the run
 (:func:`plateau`: MAP, ensemble members, MAP phases) are recorded. The study writes ``results.json``,
@@ -37,18 +39,26 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import yaml
 
-from .config import FROM_MAP, ConfigError, apply_override, dump_config, load_config, merge_sections, read_config_file
+from .config import (
+    BASE_DEFAULTS,
+    ConfigError,
+    apply_override,
+    dump_config,
+    load_config,
+    merge_sections,
+    read_config_file,
+)
 from .data import FrameStore
 from .datasets import is_dataset_path
 from .evaluate import Predictions, metrics_and_plots, predict_graphs
 from .files import atomic_write, write_json
-from .inference.common import save_checkpoint
+from .inference import Artifacts, MapStart, MethodModule, load_method
 from .inference.trainer import MAPSettings
 from .posterior import load_posterior
 from .train import train
@@ -150,7 +160,7 @@ def compare(config_path, out_dir, budget: Optional[str] = None, regimes: Optiona
     runs = [run for run in every if all(names is None or name in names for name, names in zip(run, selection))]
     # split by split, the study's MAP run first where another method starts from it
     pairs = list(dict.fromkeys(run[:2] for run in every))
-    runs = set(runs) | {(r, s, MAP) for r, s, m in runs if _starts_from_map(study, m)}
+    runs = set(runs) | {(r, s, MAP) for r, s, m in runs if map_start(study, r, s, m)}
     runs = sorted(runs, key=lambda run: (pairs.index(run[:2]), run[2] != MAP, every.index(run)))
     started = time.perf_counter()
     for i, (regime, split, method) in enumerate(runs, start=1):
@@ -169,64 +179,35 @@ def compare(config_path, out_dir, budget: Optional[str] = None, regimes: Optiona
     return results
 
 
-#: The method name whose run the other methods of a split start from (:func:`_starts_from_map`).
+#: The method name whose run the other methods of a split start from (:func:`map_start`).
 MAP = "map"
+#: The version of the rows in ``compare.json``: a row of another version (or none: written before versions, e.g.
+#: without the epistemic OOD scores) is evaluated again from its trained run.
+ROW_VERSION = 2
 
 
-def _starts_from_map(study: Dict, method: str) -> bool:
-    """Whether ``method`` would train a MAP phase of its own (SG-MCMC with ``init`` or ``prior.center``
-    ``map``; VI with either ``map`` or without ``init``) or a member that is the MAP model
-    (:func:`_member_zero_is_map`), and so starts from the study's ``map`` run."""
+def method_of(config: Dict[str, Any]) -> MethodModule:
+    """The method module (:class:`~mlip_uq.inference.MethodModule`) of a run configuration."""
+    return load_method(config.get("method", BASE_DEFAULTS["method"]))
+
+
+def map_start(study: Dict, regime: str, split: str, method: str) -> Optional[MapStart]:
+    """How run ``method`` of (``regime``, ``split``) starts from the study's ``map`` run of the same regime and
+    split, as its method says (``map_start`` of :class:`~mlip_uq.inference.MethodModule`); None: it does not (or
+    it is that run, or the study has none)."""
     if method == MAP or MAP not in study["methods"]:
-        return False
-    spec = study["methods"][method]
-    if spec.get("method") == "ensemble":
-        return _member_zero_is_map(study, method)
-    return spec.get("method") in ("sgmcmc", "vi") and bool(_map_starts(spec.get("method"), spec.get(spec["method"])))
+        return None
+    config = run_config(study, regime, split, method)
+    return method_of(config).map_start(config, run_config(study, regime, split, MAP))
 
 
-def _member_zero_is_map(study: Dict, method: str) -> bool:
-    """Whether member 0 of the ensemble ``method`` is trained exactly as the study's ``map`` run: member k has
-    the seed ``seed + k`` and the ``training`` settings, so it is when the two methods' sections differ only by
-    ``method`` and ``ensemble`` and the members are not bootstrapped."""
-    def shared(spec: Dict) -> Dict:
-        return {k: v for k, v in spec.items() if k not in ("method", "ensemble")}
-
-    spec = study["methods"][method]
-    return (not (spec.get("ensemble") or {}).get("bootstrap", False)
-            and shared(spec) == shared(study["methods"][MAP]))
-
-
-def _member_zero_from_map_run(map_dir: Path, run_dir: Path) -> None:
-    """Make the study's finished MAP run in ``map_dir`` member 0 of the ensemble run in ``run_dir``: its best
-    state as the member's ``final.pt`` (a finished member, kept when the ensemble is resumed) and its
-    validation curve as the member's ``logs/metrics.csv`` (the run's :func:`plateaus`)."""
-    member = run_dir / "members" / "0"
-    (member / "logs").mkdir(parents=True, exist_ok=True)
-    save_checkpoint(load_posterior(map_dir / "posterior.h5").state_dict(0), member / "final.pt")
-    with atomic_write(member / "logs" / "metrics.csv") as tmp:
-        tmp.write_text((map_dir / "logs" / "metrics.csv").read_text())
-
-
-def _map_starts(method: str, section: Optional[Dict]) -> List[str]:
-    """The options of a method section (``init``, ``prior.center``) that ask for a MAP fit of the run's own."""
-    section = section or {}
-    starts = [key for key, value in (("init", section.get("init")),
-                                     ("center", (section.get("prior") or {}).get("center"))) if value == FROM_MAP]
-    if method == "vi" and not section.get("init"):  # VI without init fits its means' MAP phase
-        starts.append("init")
-    return starts
-
-
-def _start_from_map_run(config: Dict, map_dir: Path) -> None:
-    """Point the MAP start of an SG-MCMC or VI run ``config`` at the study's finished MAP run in ``map_dir``."""
-    start = str(map_dir / "posterior.h5")
-    section = config.setdefault(config["method"], {})
-    for key in _map_starts(config["method"], section):
-        if key == "init":
-            section["init"] = start
-        else:
-            section.setdefault("prior", {})["center"] = start
+def _set_option(config: Dict, dotted: str, value: Any) -> None:
+    """Set the dotted key ``dotted`` (``sgmcmc.prior.center``) of ``config`` in place."""
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
 
 
 def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Dict:
@@ -234,32 +215,31 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
     summary_path = run_dir / "compare.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        if "ood_auroc_epistemic" in row:  # rows written before the epistemic score are evaluated again (training
-            # reused)
+        if row.get("row_version") == ROW_VERSION:  # else evaluated again, the training reused
             return row
     config = run_config(study, regime, split, method)
     config["data"]["store"] = str(run_dir.parents[2] / "data.h5")  # neighbour lists built once for the study
     map_seconds = 0.0
-    from_map = _starts_from_map(study, method)
-    member_zero = from_map and config["method"] == "ensemble"
-    if from_map:
+    from_map = map_start(study, regime, split, method)
+    if from_map is not None:
         map_dir = run_dir.parent / MAP
-        if not member_zero:
-            _start_from_map_run(config, map_dir)
+        map_run: Artifacts = method_of(run_config(study, regime, split, MAP)).artifacts(map_dir)
+        for key in from_map.options:
+            _set_option(config, key, str(map_run.posterior))
         map_seconds = json.loads((map_dir / "train_seconds.json").read_text())["train_seconds"]
     timing = run_dir / "train_seconds.json"  # written once training finished: evaluation may be redone alone
     if not timing.is_file():
-        start = time.perf_counter()
-        if member_zero:  # the MAP model as member 0, the other members trained
+        began = time.perf_counter()
+        if from_map is not None and from_map.plant is not None:  # the MAP run planted as a finished part
             shutil.rmtree(run_dir, ignore_errors=True)  # a run killed before it finished is redone
-            _member_zero_from_map_run(map_dir, run_dir)
+            from_map.plant(map_run, run_dir)
             dump_config(load_config(config), run_dir / "config.yaml")
             train(config, out_dir=run_dir, resume=True)
         else:
             train(config, out_dir=run_dir, overwrite=True)  # a run killed before it finished is redone
-        write_json({"train_seconds": time.perf_counter() - start}, timing)
+        write_json({"train_seconds": time.perf_counter() - began}, timing)
     train_seconds = json.loads(timing.read_text())["train_seconds"]
-    posterior = load_posterior(run_dir / "posterior.h5")
+    posterior = load_posterior(method_of(config).artifacts(run_dir).posterior)
     splits = json.loads((run_dir / "splits.json").read_text())
     store = FrameStore.open(config["data"]["store"])
     dtype = getattr(torch, posterior.config.dtype)
@@ -269,7 +249,8 @@ def _run(study: Dict, regime: str, split: str, method: str, run_dir: Path) -> Di
     start = time.perf_counter()
     test = predict_graphs(posterior, test_graphs, batch).with_calibration({})
     infer_seconds = (time.perf_counter() - start) / max(1, len(test_graphs))
-    row = {"regime": regime, "split": split, "method": method, "n_train": len(splits["train"]),
+    row = {"row_version": ROW_VERSION, "regime": regime, "split": split, "method": method,
+           "n_train": len(splits["train"]),
            "n_test": len(splits["test"]), "n_samples": posterior.n_samples, "train_seconds": train_seconds,
            "map_seconds": map_seconds, "inference_seconds_per_structure": infer_seconds, "plateau": plateaus(run_dir),
            "before": metrics_and_plots(test)}
@@ -307,13 +288,13 @@ def ood_scores(in_distribution: Predictions, ood: Predictions) -> Dict[str, floa
 
 
 def plateaus(run_dir: Path) -> Dict[str, Dict]:
-    """:func:`plateau` of every validation-loss curve of a run (``logs/metrics.csv`` of the MAP model, of each
-    ensemble member, of a MAP phase), by the curve's folder relative to ``run_dir``; the stopping rules are
-    the run's ``training`` settings (``config.yaml``)."""
-    training = yaml.safe_load((run_dir / "config.yaml").read_text()).get("training") or {}
-    settings = MAPSettings.from_dict(training)
-    return {str(path.parent.parent.relative_to(run_dir)): plateau(path, settings.min_lr, settings.patience)
-            for path in sorted(run_dir.rglob("logs/metrics.csv"))}
+    """:func:`plateau` of every validation-loss curve of a run (the MAP model's, each ensemble member's, a MAP
+    phase's: the ``curves`` of its method's :class:`~mlip_uq.inference.Artifacts`), by the curve's name; the
+    stopping rules are the run's ``training`` settings (``config.yaml``)."""
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    settings = MAPSettings.from_dict(config.get("training") or {})
+    return {name: plateau(path, settings.min_lr, settings.patience)
+            for name, path in method_of(config).artifacts(Path(run_dir)).curves.items()}
 
 
 def plateau(metrics_csv: Path, min_lr: float, patience: int) -> Dict:

@@ -271,7 +271,6 @@ def export_posterior(
             ``dtype``, a model that is not a plain NequIP model plus noise, or a package that does not reproduce
             its sample within :data:`VERIFY_RTOL`.
     """
-    from .calculator import _posterior_as
     from .posterior.predict import predict_samples, predictive_moments
     from .uq.calibration import describe
 
@@ -284,7 +283,7 @@ def export_posterior(
         posterior = load_posterior(posterior)
     else:
         source = None
-    posterior = _posterior_as(posterior, dtype or posterior.config.dtype).to("cpu")
+    posterior = posterior.as_dtype(dtype or posterior.config.dtype).to("cpu")
     config = posterior.config
     exact, why = mean_model_exactness(posterior)
     if mean == "require" and not exact:

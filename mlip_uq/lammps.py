@@ -62,6 +62,7 @@ import ase
 import numpy as np
 from ase.data import atomic_masses, atomic_numbers
 
+from .result_keys import ATOM_FORCE_STD, ATOM_FORCE_STD_EPISTEMIC, ENERGY, FORCES, STRESS
 from .uq.signals import SIGNALS, check_signal, signal_from_results
 
 log = logging.getLogger(__name__)
@@ -305,11 +306,11 @@ class _Bridge:
             self.result.evaluations += 1
         self.last_step = step
         calc.keep_trunk_graph = check  # this evaluation's per-sample forces (if a check) come from the same pass
-        forces = calc.get_property("forces", atoms)
-        energy = float(calc.get_property("energy", atoms))
+        forces = calc.get_property(FORCES, atoms)
+        energy = float(calc.get_property(ENERGY, atoms))
         virial = np.zeros(6)
         if atoms.pbc.any():
-            s = calc.get_property("stress", atoms)
+            s = calc.get_property(STRESS, atoms)
             virial = -atoms.get_volume() * np.array([s[0], s[1], s[2], s[5], s[4], s[3]])
         fext[order] = forces
         self.lmp.fix_external_set_energy_global(FIX_ID, energy)
@@ -317,8 +318,8 @@ class _Bridge:
         self.result.steps_done = step
         if not check:
             return
-        std = np.asarray(calc.get_property("atom_force_std", atoms))
-        epi = np.asarray(calc.get_property("atom_force_std_epistemic", atoms))
+        std = np.asarray(calc.get_property(ATOM_FORCE_STD, atoms))
+        epi = np.asarray(calc.get_property(ATOM_FORCE_STD_EPISTEMIC, atoms))
         for name, values in ((STD_PROPERTY, std), (EPISTEMIC_PROPERTY, epi)):
             target = self.lmp.numpy.extract_atom(f"d_{name}")
             target[order] = values
@@ -327,7 +328,7 @@ class _Bridge:
         self.result.checks.append((step, float(std.max()), float(epi.max())))
         if self.rule is None or self.fired:
             return
-        measured = signal_from_results({"atom_force_std": std, "atom_force_std_epistemic": epi}, self.signal)
+        measured = signal_from_results({ATOM_FORCE_STD: std, ATOM_FORCE_STD_EPISTEMIC: epi}, self.signal)
         self.streak = self.streak + 1 if self.rule.check(measured, forces) else 0
         if self.streak >= int(getattr(self.rule, "consecutive", 1)):
             self.fired = True

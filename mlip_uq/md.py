@@ -53,6 +53,15 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 
 from .calculator import uq_to_atoms
+from .result_keys import (
+    ATOM_FORCE_STD,
+    ATOM_FORCE_STD_EPISTEMIC,
+    ENERGIES_STD,
+    ENERGY,
+    ENERGY_STD,
+    ENERGY_STD_EPISTEMIC,
+    FORCES,
+)
 from .uq.plots import new_figure as _new_figure
 from .uq.plots import save_figure as _save
 from .uq.signals import SIGNALS, check_signal, signal_from_results
@@ -120,7 +129,7 @@ class ForceStdRule:
         return self.measure(atom_force_std, forces) > self.threshold
 
     def describe(self) -> str:
-        name = {"total": "atom_force_std", "epistemic": "atom_force_std_epistemic", "bald": "bald"}[self.signal]
+        name = {"total": ATOM_FORCE_STD, "epistemic": ATOM_FORCE_STD_EPISTEMIC, "bald": "bald"}[self.signal]
         quantity = f"max_i {name}_i / (|F_i| + {self.eps:g} eV/Å)" if self.relative else f"max {name}"
         unit = "" if self.relative else f" {SIGNALS[self.signal]}"
         return f"{quantity} > {self.threshold:g}{unit} for {self.consecutive} consecutive check(s)"
@@ -168,17 +177,17 @@ def _dynamics(atoms: ase.Atoms, ensemble: str, timestep_fs: float, temperature_K
 def _record(step: int, atoms: ase.Atoms, timestep_fs: float, check: bool) -> Dict:
     """The step's record; ``check`` computes the force uncertainty (per-sample forces) for it."""
     calc = atoms.calc
-    energies_std = calc.get_property("energies_std", atoms)
-    force_std = calc.get_property("atom_force_std", atoms) if check else np.full(1, np.nan)
-    epistemic = calc.get_property("atom_force_std_epistemic", atoms) if check else np.full(1, np.nan)
+    energies_std = calc.get_property(ENERGIES_STD, atoms)
+    force_std = calc.get_property(ATOM_FORCE_STD, atoms) if check else np.full(1, np.nan)
+    epistemic = calc.get_property(ATOM_FORCE_STD_EPISTEMIC, atoms) if check else np.full(1, np.nan)
     return {
         "step": step,
         "time_fs": step * timestep_fs,
-        "energy": float(calc.get_property("energy", atoms)),
+        "energy": float(calc.get_property(ENERGY, atoms)),
         "kinetic_energy": float(atoms.get_kinetic_energy()),
         "temperature_K": float(atoms.get_temperature()),
-        "energy_std": float(calc.get_property("energy_std", atoms)),
-        "energy_std_epistemic": float(calc.get_property("energy_std_epistemic", atoms)),
+        "energy_std": float(calc.get_property(ENERGY_STD, atoms)),
+        "energy_std_epistemic": float(calc.get_property(ENERGY_STD_EPISTEMIC, atoms)),
         "max_atom_energy_std": float(np.max(energies_std)),
         "mean_atom_energy_std": float(np.mean(energies_std)),
         "max_atom_force_std": float(np.max(force_std)),
@@ -284,7 +293,7 @@ def run_md(
             if stop_rule is not None and check:
                 results = atoms.calc.results
                 signal = signal_from_results(results, getattr(stop_rule, "signal", "total"))
-                streak = streak + 1 if stop_rule.check(signal, results["forces"]) else 0
+                streak = streak + 1 if stop_rule.check(signal, results[FORCES]) else 0
                 fires = streak >= needed
             if step % int(log_every) == 0 or step == steps or fires:
                 result.records.append(record)

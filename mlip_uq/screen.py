@@ -23,6 +23,7 @@ import ase.io
 import numpy as np
 
 from .files import atomic_write
+from .result_keys import ATOM_FORCE_STD, ATOM_FORCE_STD_EPISTEMIC, ENERGY, ENERGY_STD
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,13 @@ def screen_trajectory(
     for i, frame in enumerate(frames):
         atoms = ase.Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
         atoms.calc = calc
-        std = np.asarray(calc.get_property("atom_force_std", atoms))
-        epi = np.asarray(calc.get_property("atom_force_std_epistemic", atoms))
+        std = np.asarray(calc.get_property(ATOM_FORCE_STD, atoms))
+        epi = np.asarray(calc.get_property(ATOM_FORCE_STD_EPISTEMIC, atoms))
         step = frame.info.get("timestep", frame.info.get("step", i))
         rows.append({"frame": i, "step": int(step), "n_atoms": len(atoms), "max_atom_force_std": float(std.max()),
                      "mean_atom_force_std": float(std.mean()), "max_atom_force_std_epistemic": float(epi.max()),
-                     "argmax_atom": int(std.argmax()), "energy_std": float(calc.get_property("energy_std", atoms)),
-                     "energy": float(calc.get_property("energy", atoms))})
+                     "argmax_atom": int(std.argmax()), "energy_std": float(calc.get_property(ENERGY_STD, atoms)),
+                     "energy": float(calc.get_property(ENERGY, atoms))})
     if out is not None:
         with atomic_write(out) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, COLUMNS)

@@ -21,7 +21,6 @@ Needs ``pytest`` (a test dependency): import this module from tests only.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict
 
 import ase
@@ -35,17 +34,6 @@ from .posterior.predict import predict_samples, predictive_moments
 
 #: (rtol, atol relative to the largest |force|) of each dtype
 TOLERANCES: Dict[str, tuple] = {"float64": (1e-10, 1e-12), "float32": (1e-4, 1e-5)}
-
-
-def posterior_as(posterior: Posterior, dtype: str) -> Posterior:
-    """``posterior`` with its architecture and floating-point tensors in ``dtype`` (``float32``, ``float64``)."""
-    torch_dtype = getattr(torch, dtype)
-
-    def cast(tensors):
-        return {n: t.to(torch_dtype) if t.is_floating_point() else t for n, t in tensors.items()}
-
-    return posterior.replace(config=dataclasses.replace(posterior.config, dtype=dtype), shared=cast(posterior.shared),
-                             samples=cast(posterior.samples), weights=posterior.weights)
 
 
 def contract_atoms(type_names, seed: int = 0) -> ase.Atoms:
@@ -67,7 +55,7 @@ class PosteriorContract:
 
     @pytest.fixture
     def posterior(self, contract_posterior, dtype) -> Posterior:
-        return posterior_as(contract_posterior, dtype)
+        return contract_posterior.as_dtype(dtype)
 
     @pytest.fixture
     def batch(self, posterior):

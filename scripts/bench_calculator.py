@@ -115,6 +115,7 @@ class Setup:
         from ase.calculators.calculator import all_changes
 
         from mlip_uq.posterior.predict import SamplePass, predictive_moments
+        from mlip_uq.result_keys import ATOM_FORCE_STD, FORCES
 
         if path == "nequip_one":
             self.nequip[0].calculate(atoms, ["energy", "forces", "stress"], all_changes)
@@ -123,15 +124,15 @@ class Setup:
                 calc.calculate(atoms, ["energy", "forces", "stress"], all_changes)
         elif path.startswith("partial_samples"):
             calc = self.partial
-            evaluation = SamplePass(calc.posterior, calc._graph(atoms))
+            evaluation = SamplePass(calc.posterior, calc.graph(atoms))
             predictive_moments(evaluation.predictions(per_sample=True, batched=path.endswith("batched")))
         else:
             kind, asked = path.split("_")
             calc = getattr(self, kind)
             calc.keep_trunk_graph = asked == "std"  # as run_md sets it: kept only for a step that checks
-            calc.calculate(atoms, ["forces"], all_changes)  # what an ASE dynamics step asks
+            calc.calculate(atoms, [FORCES], all_changes)  # what an ASE dynamics step asks
             if asked == "std":
-                calc.get_property("atom_force_std")  # what run_md asks at an uncertainty check
+                calc.get_property(ATOM_FORCE_STD)  # what run_md asks at an uncertainty check
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -341,7 +342,7 @@ def main(argv=None) -> None:
         setup = Setup(k, args.device)
         for n_atoms in args.atoms:
             times = time_cell(setup, n_atoms, args.rounds)
-            graph = setup.full._graph(make_cell(REPEATS[n_atoms]))
+            graph = setup.full.graph(make_cell(REPEATS[n_atoms]))
             rows.append({"atoms": n_atoms, "k": k, "times": times, "memory": {},
                          "edges": int(graph["edge_index"].shape[1])})
             med = {p: 1e3 * statistics.median(t) for p, t in times.items()}

@@ -40,12 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from _harness import update_section
 from nequip.utils.global_state import set_global_state
 
-from mlip_uq.config import load_config, settings_from
-from mlip_uq.data import LabelKeys, atoms_to_graph, read_frames
+from mlip_uq.config import RunConfig, load_config
+from mlip_uq.data import atoms_to_graph, read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import write_json
 from mlip_uq.posterior import load_posterior
@@ -64,11 +63,11 @@ PARALLEL_CHAINS = ["sgmcmc.n_processes=2"]
 
 def method_config(data: str, method: str, noise: str) -> dict:
     """The run configuration of ``method``: its own method section on the MAP configuration's data and model."""
-    base = load_config(BASE[data])
+    base = load_config(BASE[data]).to_dict()
     if method == "map":
         config = copy.deepcopy(base)
     else:
-        config = load_config(ROOT / "configs" / f"{data}_{method}.yaml")
+        config = load_config(ROOT / "configs" / f"{data}_{method}.yaml").to_dict()
         config["data"] = copy.deepcopy(base["data"])
         config["model"] = {**config.get("model", {}), **base["model"]}
         if method in WITH_TRAINING:
@@ -86,11 +85,10 @@ def timed_train(config: dict, out: Path, overrides=()) -> float:
     return (out / "metrics.json").stat().st_mtime - (out / "config.yaml").stat().st_mtime
 
 
-def unused_high_energy(config: dict, data, n: int) -> list:
+def unused_high_energy(config: RunConfig, data, n: int) -> list:
     """The ``n`` structures of the run's data file with the highest energy per atom among those it neither trained
     nor validated on: a property-range shift from the training data."""
-    keys = settings_from(LabelKeys, config["data"]["keys"], "data.keys")
-    frames = read_frames(config["data"]["path"], keys=keys, type_names=data.type_names)
+    frames = read_frames(config.data.path, keys=config.data.keys, type_names=data.type_names)
     used = set(data.indices["train"]) | set(data.indices["val"])
     pool = [i for i in range(len(frames)) if i not in used]
     per_atom = np.array([frames[i].get_potential_energy() / len(frames[i]) for i in pool])
@@ -102,10 +100,10 @@ def evaluate(out: Path, ood_path: Path | None, ood_top_energy: int | None = None
     cached = out / "bench.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    config = yaml.safe_load((out / "config.yaml").read_text())
+    config = load_config(out / "config.yaml")
     data = prepare_data(config, out)
     posterior = load_posterior(out / "posterior.h5")
-    batch = config.get("evaluate", {}).get("batch_size", 16)
+    batch = config.evaluate.batch_size
     val = predict_graphs(posterior, data.val, batch).with_calibration({})
     test = predict_graphs(posterior, data.test, batch).with_calibration({})
     calibration = val.fitted_calibration()

@@ -49,18 +49,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from _harness import update_section
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq import __version__
 from mlip_uq.compare import ood_scores, plateaus
-from mlip_uq.config import dump_config, load_config
+from mlip_uq.config import RunConfig, dump_config, load_config
 from mlip_uq.data import atoms_to_graph, read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import load_checkpoint, write_json
 from mlip_uq.inference.noise import fit_posterior_noise_on_validation
-from mlip_uq.inference.sgmcmc import SGMCMCSettings
 from mlip_uq.inference.starts import DRAWS, between_start_share, member_epoch_seconds, pool_starts
 from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.train import prepare_data, train
@@ -80,12 +78,12 @@ SYSTEMS = {
 }
 
 
-def system_config(path: Path, system: str) -> dict:
-    """The configuration at ``path`` with the system's data section."""
+def system_config(path: Path, system: str, store: Path) -> RunConfig:
+    """The configuration at ``path`` with the system's data section and the frame store ``store``."""
     config = load_config(path)
     if SYSTEMS[system]["data"] is not None:
-        config["data"] = load_config(SYSTEMS[system]["data"])["data"]
-    return config
+        config = config.with_values({"data": load_config(SYSTEMS[system]["data"]).to_dict()["data"]})
+    return config.with_values({"data.store": str(store)})
 SHORT_MIN_LR = 1e-3
 SHORT_LABEL = f", fits to lr {SHORT_MIN_LR:g}"
 HEADING = "## SG-MCMC over several basins vs a deep ensemble: {words} (scripts/bench_starts.py)"
@@ -104,9 +102,8 @@ def run(config, out: Path) -> float:
 def recipe_run(runs: Path, ensemble_dir: Path, system: str) -> Path:
     """The 5-start recipe, its starts' MAP fits the ensemble's members (final state and validation curve)."""
     out = runs / "sgmcmc_starts"
-    config = system_config(RECIPE, system)
-    config["data"]["store"] = str(ensemble_dir / "data.h5")
-    for s in range(config["sgmcmc"]["n_starts"]):
+    config = system_config(RECIPE, system, ensemble_dir / "data.h5")
+    for s in range(config.settings.n_starts):
         member, start = ensemble_dir / "members" / str(s), out / "starts" / "members" / str(s)
         if not (start / "final.pt").is_file():
             (start / "logs").mkdir(parents=True, exist_ok=True)
@@ -121,9 +118,7 @@ def recipe_run(runs: Path, ensemble_dir: Path, system: str) -> Path:
 def short_fits_run(runs: Path, ensemble_dir: Path, system: str) -> Path:
     """The recipe with its own, shorter MAP fits (the plateau schedule's floor at 1e-3 instead of 1e-4), so that
     five starts with their sampling cost about one ensemble's gradient steps."""
-    config = system_config(RECIPE, system)
-    config["data"]["store"] = str(ensemble_dir / "data.h5")
-    config["training"]["min_lr"] = SHORT_MIN_LR
+    config = system_config(RECIPE, system, ensemble_dir / "data.h5").with_values({"training.min_lr": SHORT_MIN_LR})
     out = runs / "sgmcmc_starts_short_fits"
     run(config, out)
     return out
@@ -131,13 +126,13 @@ def short_fits_run(runs: Path, ensemble_dir: Path, system: str) -> Path:
 
 def cyclical_run(runs: Path, ensemble_dir: Path, system: str) -> Path:
     """One chain from a fresh initialisation with cyclical steps peaking at the MAP rate (η/α = training.lr)."""
-    config = system_config(RECIPE, system)
-    config["data"]["store"] = str(ensemble_dir / "data.h5")
-    section = config["sgmcmc"]
-    peak = section["friction"] * config["training"]["lr"]
-    config["sgmcmc"] = {**{k: section[k] for k in ("friction", "batch_size")}, "n_starts": 1, "init": None,
-                        "prior": {"scale": 1.0}, "lr": peak, "burnin_steps": 2000, "preheat_steps": 0,
-                        "cycle_steps": 1000, "exploration_fraction": 0.8, "thinning": 50, "n_samples": 16}
+    recipe = system_config(RECIPE, system, ensemble_dir / "data.h5")
+    settings = recipe.settings
+    config = recipe.to_dict()
+    config["sgmcmc"] = {"friction": settings.friction, "batch_size": settings.batch_size, "n_starts": 1, "init": None,
+                        "prior": {"scale": 1.0}, "lr": settings.friction * settings.training.lr,
+                        "burnin_steps": 2000, "preheat_steps": 0, "cycle_steps": 1000, "exploration_fraction": 0.8,
+                        "thinning": 50, "n_samples": 16}
     config.pop("training")
     out = runs / "sgmcmc_cyclical"
     run(config, out)
@@ -193,11 +188,11 @@ def evaluate(posterior: Posterior, data, ood_graphs, batch: int = 16) -> dict:
             "calibration": calibration, "n_samples": posterior.n_samples, **ood_scores(test, ood)}
 
 
-def ood_set(system: str, config: dict, data, posterior: Posterior):
+def ood_set(system: str, config: RunConfig, data, posterior: Posterior):
     """The system's out-of-distribution graphs (module docstring)."""
     source = SYSTEMS[system]["ood"]
     if isinstance(source, int):  # the highest-energy structures of the data file not trained or validated on
-        frames = read_frames(config["data"]["path"], type_names=posterior.config.type_names)
+        frames = read_frames(config.data.path, type_names=posterior.config.type_names)
         used = set(data.indices["train"]) | set(data.indices["val"])
         pool = [i for i in range(len(frames)) if i not in used]
         per_atom = np.array([frames[i].get_potential_energy() / len(frames[i]) for i in pool])
@@ -210,11 +205,11 @@ def ood_set(system: str, config: dict, data, posterior: Posterior):
 
 def rows(runs: Path, system: str) -> list:
     ensemble_dir = runs / "ensemble"
-    run(system_config(ENSEMBLE, system), ensemble_dir)
+    run(system_config(ENSEMBLE, system, ensemble_dir / "data.h5"), ensemble_dir)
     recipe = recipe_run(runs, ensemble_dir, system)
     cyclical = cyclical_run(runs, ensemble_dir, system)
     short = short_fits_run(runs, ensemble_dir, system)
-    config = yaml.safe_load((recipe / "config.yaml").read_text())
+    config = load_config(recipe / "config.yaml")
     data = prepare_data(config, recipe)
     ensemble = load_posterior(ensemble_dir / "posterior.h5")
     ood_graphs = ood_set(system, config, data, ensemble)
@@ -244,7 +239,7 @@ def rows(runs: Path, system: str) -> list:
                 pooled = load_posterior(recipe / "posterior.h5")
             else:
                 pooled = fit_posterior_noise_on_validation(pool_starts(parts[:k]), data.val,
-                                                           config["sgmcmc"]["batch_size"])
+                                                           config.settings.batch_size)
             share = between_start_share(pooled, data.val) if k > 1 else None
             share_ood = between_start_share(pooled, ood_graphs[::3]) if k > 1 else None
             row(f"SG-MCMC, {k} start{'s' * (k > 1)}{label}", pooled,
@@ -255,7 +250,7 @@ def rows(runs: Path, system: str) -> list:
 
     start_rows(recipe, ensemble_dir / "members", "", range(1, 6))
     # the per-start sampling length: the 5-start posterior of each start's first d draws (a chain stopped there)
-    local = SGMCMCSettings.from_dict(config)
+    local = config.settings
     parts = [load_posterior(recipe / "starts" / str(s) / DRAWS) for s in range(5)]
     for d in (1, 2, 4):
         first = [p.replace(samples={n: t[:d] for n, t in p.samples.items()},
@@ -267,14 +262,14 @@ def rows(runs: Path, system: str) -> list:
             {"n_starts": 5, "label": f", first {d} draws", "draws_per_start": d})
     start_rows(short, short / "starts" / "members", SHORT_LABEL, (4, 5))
     cyc = load_posterior(cyclical / "posterior.h5")
-    cycle_config = yaml.safe_load((cyclical / "config.yaml").read_text())
-    schedule = SGMCMCSettings.from_dict(cycle_config).schedule()
+    cycle_config = load_config(cyclical / "config.yaml")
+    schedule = cycle_config.settings.schedule()
     labels = [i // schedule.per_cycle for i in range(cyc.n_samples)]  # the draws of one cycle, in order
     share = between_start_share(cyc.replace(hyperparameters={**cyc.hyperparameters, "sample_starts": labels}),
                                 data.val)
     row("cyclical SG-MCMC, fresh start", cyc, json.loads((cyclical / "train_seconds.json").read_text())["train_seconds"],
         chain_steps(cyclical), {"between_start": share, "cycle_steps": schedule.cycle_steps,
-                                "draws_per_cycle": schedule.per_cycle, "peak_lr": cycle_config["sgmcmc"]["lr"],
+                                "draws_per_cycle": schedule.per_cycle, "peak_lr": cycle_config.settings.lr,
                                 **trace_points(cyclical, schedule)})
     return out
 

@@ -29,6 +29,7 @@ most own time) to the section.
 import argparse
 import contextlib
 import cProfile
+import dataclasses
 import io
 import logging
 import platform
@@ -223,8 +224,8 @@ def main() -> None:
         overrides = [f"model.dtype={dtype}", f"data.store={args.runs / (args.data + '.h5')}"]
         cfg = load_config(CONFIGS[args.data], overrides + (TIO2_BENCH if args.data == "tio2" else []))
         data = prepare_data(cfg, args.runs)
-        settings = MAPSettings.from_dict({**cfg["training"], "max_epochs": args.epochs, "max_time_minutes": None,
-                                          "accelerator": "cpu", "devices": 1})
+        settings = dataclasses.replace(cfg.settings.training, max_epochs=args.epochs, max_time_minutes=None,
+                                       accelerator="cpu", devices=1)
         runs[dtype] = (model_config_from_data(cfg, data), data, settings)
     times = {dtype: {"ours": [], "plain": [], "sgmcmc": []} for dtype in args.dtypes}
     for r in range(args.rounds):  # dtypes and loops interleaved: a load change on the machine hits all alike

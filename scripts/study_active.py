@@ -55,11 +55,13 @@ from _harness import update_section
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq.active import ActiveLoop, load_active_config, run_active
+from mlip_uq.active.config import ActiveConfig
 from mlip_uq.active.explore import pool_uncertainty
 from mlip_uq.data import read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import atomic_write, write_json
 from mlip_uq.posterior import load_posterior
+from mlip_uq.stability import bond_fragments, unphysical
 from mlip_uq.uq.plots import new_figure, save_figure
 from mlip_uq.uq.signals import atom_signal
 
@@ -119,8 +121,8 @@ def pool_path(args) -> Path:
 
 def test_size(args) -> int:
     """How many test structures the study's runs have: ``--test``, or fewer where the test source has fewer."""
-    section = study_config(args, {}, {}, seed=0)["test"]
-    return min(args.test, len(read_frames(section["path"], index=section.get("index", ":"), require=())))
+    section = study_config(args, {}, NEVER, seed=0).test
+    return min(args.test, len(read_frames(section.path, index=section.index, require=())))
 
 
 def arms(args, threshold: float):
@@ -135,9 +137,13 @@ def arms(args, threshold: float):
     }
 
 
-def study_config(args, explore, rule, seed: int):
+#: a rule that never fires (the configurations that only train, or that are read for their other sections)
+NEVER = {"kind": "force_std", "threshold": 1e6}
+
+
+def study_config(args, explore, rule, seed: int) -> ActiveConfig:
     """The system's configuration with the study's CPU settings, one arm's explorer and rule, and ``seed``."""
-    cfg = load_active_config(SYSTEMS[args.system]["config"])
+    cfg = load_active_config(SYSTEMS[args.system]["config"]).to_dict()
     cfg["seed"] = seed
     cfg["train"]["seed"] = seed
     cfg["test"] = dict(SYSTEMS[args.system].get("test", cfg["test"]), n=args.test)
@@ -159,15 +165,14 @@ def study_config(args, explore, rule, seed: int):
         cfg["train"].pop("sgmcmc", None)
         cfg["train"].update(method="ensemble", ensemble={"n_members": 4}, training=dict(ENSEMBLE_TRAINING))
         cfg["update"] = {"max_epochs": args.update_epochs, "lr": args.update_lr, "retrain": args.retrain}
-    return cfg
+    return load_active_config(cfg)
 
 
 def initial_model(args, runs, seed: int) -> ActiveLoop:
     """The seed's first fit (what every arm of the seed starts from), without exploration calls; its explorer is
     the pool arms' (same candidates)."""
     out = runs / "initial" / f"seed{seed}"
-    cfg = study_config(args, pool_explore(args), {"kind": "top_k"}, seed)
-    cfg["budget"]["max_calls"] = 0
+    cfg = study_config(args, pool_explore(args), {"kind": "top_k"}, seed).with_values({"budget.max_calls": 0})
     loop = ActiveLoop(cfg, out, resume=(out / "state.json").is_file())
     loop.run()  # labels the initial and test sets, fits, stops: budget of 0 calls used
     return loop
@@ -211,17 +216,16 @@ def control(args, runs):
     if path.is_file():
         return json.loads(path.read_text())
     start = time.perf_counter()
-    cfg = study_config(args, {}, {"kind": "force_std", "threshold": 1e6}, seed=0)
-    cfg["budget"]["max_calls"] = 0
+    cfg = study_config(args, {}, NEVER, seed=0).with_values({"budget.max_calls": 0})
     loop = ActiveLoop(cfg, out, resume=(out / "state.json").is_file())
     loop.run()  # labels the initial and test sets, fits, stops: budget of 0 calls used
-    train, val = loop._training_sets()
-    metadata = {"energy_references": loop._data()[0].energy_references}
+    train, val = loop.training_sets()
+    metadata = {"energy_references": loop.energy_references()}
     history = [dict(loop.state.history[0])]
     for k in range(1, args.calls + 1):
         loop.updater.settle_steps = 40 + k % 2
         posterior = load_posterior(loop.updater.fit(train, val, k, False, metadata))
-        metrics = metrics_and_plots(predict_graphs(posterior, loop._test()))
+        metrics = metrics_and_plots(predict_graphs(posterior, loop.test_graphs()))
         history.append({"update": k, "calls_initial": history[0]["calls_initial"], "calls_explore": k,
                         "forces_mae": metrics["forces_mae"], "energy_mae": metrics["energy_mae"]})
         logging.info("control update %d: test forces MAE %.4f eV/Å", k, metrics["forces_mae"])
@@ -270,22 +274,6 @@ def fraction(x: float) -> str:
     return "never" if not np.isfinite(x) else f"{x:.2f}"
 
 
-def fragments(atoms) -> int:
-    """Connected fragments of the bond graph (bonded: within 1.3x the sum of the covalent radii)."""
-    from ase.data import covalent_radii
-    from scipy.sparse.csgraph import connected_components
-
-    radii = covalent_radii[atoms.numbers]
-    return connected_components(atoms.get_all_distances() < 1.3 * (radii[:, None] + radii[None, :]), directed=False)[0]
-
-
-def unphysical(atoms, initial_fragments: int) -> bool:
-    """Two atoms closer than 0.6 Å, or more fragments than at the start."""
-    d = atoms.get_all_distances()
-    np.fill_diagonal(d, np.inf)
-    return bool(d.min() < 0.6) or fragments(atoms) > initial_fragments
-
-
 def divergence(args, runs, threshold: float):
     """The stop rule at high temperature: ``args.divergence`` MD trajectories of the initial model (seed 0's first
     fit) at ``args.hot_k`` K, with and without the force-std stop rule at ``threshold`` eV/Å, and how many
@@ -298,11 +286,11 @@ def divergence(args, runs, threshold: float):
         return json.loads(path.read_text())
     out = runs / "divergence"
     posterior = initial_model(args, runs, seed=0).posterior()
-    starts = ase.io.read(study_config(args, {}, {}, seed=0)["explore"]["starts"]["path"], index=":")
+    starts = ase.io.read(study_config(args, {}, NEVER, seed=0).explore.starts.path, index=":")
     result = {"temperature_K": args.hot_k, "steps": args.hot_steps, "threshold": threshold, "runs": []}
     for i in range(args.divergence):
         atoms0 = starts[(i * 37) % len(starts)]
-        components = fragments(atoms0)
+        components = bond_fragments(atoms0)
         for with_rule in (False, True):
             atoms = atoms0.copy()
             atoms.calc = None

@@ -1,6 +1,11 @@
 """Shared test fixtures: paths to the data files the repository ships in data/ (every test runs from them
 alone), small model configurations and posteriors."""
 
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
 import json
 import os
 import signal
@@ -8,13 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from nequip.utils.global_state import set_global_state
 
-from mlip_uq.model import ModelConfig, build_model
-from mlip_uq.posterior import Posterior
+if TYPE_CHECKING:  # imported where used: the xdist controller imports neither (pytest_configure)
+    from mlip_uq.model import ModelConfig
+    from mlip_uq.posterior import Posterior
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_TIO2 = REPO_ROOT / "data" / "tio2_aenet_subset_1000.extxyz"
@@ -23,13 +28,139 @@ BUNDLED_TIO2 = REPO_ROOT / "data" / "tio2_aenet_subset_1000.extxyz"
 BUNDLED_ETHANOL_TRAIN = REPO_ROOT / "data" / "rmd17_ethanol_train_01_200.extxyz"
 BUNDLED_ETHANOL_TEST = REPO_ROOT / "data" / "rmd17_ethanol_test_01_50.extxyz"
 
-# nequip models are built under its global state (default dtype float64)
-set_global_state()
 
-# a pytest-xdist worker (``make test`` runs two, one per core) computes with one thread: the tiny models of the
-# tests gain nothing from intra-op threads, and two workers with two threads each would oversubscribe the cores
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+def pytest_configure(config):
+    """Before the tests are collected: nequip's global state (default dtype float64), under which nequip models
+    are built; a pytest-xdist worker (``make test`` runs two, one per core) computes with one thread: the tiny
+    models of the tests gain nothing from intra-op threads, and two workers with two threads each would
+    oversubscribe the cores. The xdist controller, which only hands out the test files, does without (and
+    without importing torch, nequip and the package, ~5 s before the workers start)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import torch
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+# loading a nequip package (mlip_uq.export: each export checks every package it writes, and tests load them again)
+# imports the package's own copy of nequip, whose version module scans every installed distribution at import
+# (importlib.metadata.packages_distributions, ~0.5 s per package): the installed distributions do not change during
+# a test session, so the scan is done once (each caller gets its own copy of the mapping)
+_packages_distributions = functools.lru_cache(maxsize=1)(importlib.metadata.packages_distributions)
+importlib.metadata.packages_distributions = lambda: dict(_packages_distributions())
+
+
+def _bundled_frames_once(read_frames):
+    """``read_frames`` that reads and validates each file of data/ once per session (per set of arguments) and
+    hands out copies: every run of a test (``train``, ``evaluate``, the active-learning loop) reads the whole bundled
+    file, e.g. the 1,000 TiO2 structures (~1.5 s, most of it the minimum-distance check), for a few of them. Other
+    files are read every time; the tests of ``read_frames`` itself (tests/unit/test_data_frames.py) call it directly."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    read, bundled = {}, (REPO_ROOT / "data").resolve()
+
+    def copy(atoms):
+        new = atoms.copy()
+        new.calc = SinglePointCalculator(new, **{k: v.copy() if hasattr(v, "copy") else v
+                                                 for k, v in atoms.calc.results.items()})
+        return new
+
+    @functools.wraps(read_frames)
+    def cached(path, *args, **kwargs):
+        file = Path(path).resolve()
+        if file.parent != bundled or not file.is_file():
+            return read_frames(path, *args, **kwargs)
+        key = (str(file), file.stat().st_mtime_ns, repr(args), repr(sorted(kwargs.items())))
+        if key not in read:
+            read[key] = read_frames(path, *args, **kwargs)
+        return [copy(atoms) for atoms in read[key]]
+
+    return cached
+
+
+def _copy_model(model):
+    """``copy.deepcopy(model)`` in a tenth of the time: the code e3nn generates for each tensor product and linear
+    map (``torch.fx.GraphModule``s without parameters or buffers: pure functions of their inputs, the weights
+    among them) is shared with ``model`` instead of being pickled and traced again, which is what e3nn's
+    ``CodeGenMixin.__getstate__``/``__setstate__`` do on a deep copy. Every parameter and buffer is copied."""
+    import copy
+
+    import torch
+
+    try:
+        from e3nn.util.codegen._mixin import CodeGenMixin
+    except ImportError:  # another e3nn layout: a plain deep copy
+        return copy.deepcopy(model)
+    memo = {id(m): m for m in model.modules() if isinstance(m, torch.fx.GraphModule)
+            and next(m.parameters(), None) is None and next(m.buffers(), None) is None}
+    pickled = CodeGenMixin.__getstate__, CodeGenMixin.__setstate__
+
+    def plain_state(self):
+        base = super(CodeGenMixin, self)
+        return base.__getstate__() if hasattr(base, "__getstate__") else self.__dict__
+
+    def plain_set_state(self, state):
+        base = super(CodeGenMixin, self)
+        base.__setstate__(state) if hasattr(base, "__setstate__") else self.__dict__.update(state)
+
+    CodeGenMixin.__getstate__, CodeGenMixin.__setstate__ = plain_state, plain_set_state
+    try:
+        return copy.deepcopy(model, memo)
+    finally:
+        CodeGenMixin.__getstate__, CodeGenMixin.__setstate__ = pickled
+
+
+def _built_once(builder):
+    """The model builder behind :func:`mlip_uq.model.build_model` that builds each architecture and seed once per
+    session and hands out copies (:func:`_copy_model`: equal in every tensor, sharing no tensor). Building a nequip
+    model (~0.3 s: e3nn generates and optimises the code of its tensor products) is most of a tiny test run's
+    cost, and a run builds the same model several times (training, noise fit, predictions); a copy takes ~0.01 s.
+    The build is deterministic in its arguments (nequip seeds it in an isolated RNG state), so a copy is the model
+    a build would give. The modules whose tests are about building (tests/unit/test_model.py: a seed gives the same
+    parameters; tests/unit/test_dropout.py) build every model afresh (``FRESH_MODELS``)."""
+    built = {}
+
+    @functools.wraps(builder)
+    def cached(**kwargs):
+        if _FRESH_MODELS[0]:
+            return builder(**kwargs)
+        key = json.dumps(kwargs, sort_keys=True)
+        if key not in built:
+            built[key] = builder(**kwargs)
+        return _copy_model(built[key])
+
+    return cached
+
+
+_FRESH_MODELS = [False]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _read_and_build_once():
+    """For the session (in each pytest-xdist worker; not in the controller, which runs no test and so need not
+    import these modules): the bundled data files read once (:func:`_bundled_frames_once`) and each model built
+    once (:func:`_built_once`)."""
+    readers = [importlib.import_module(name) for name in ("mlip_uq.train", "mlip_uq.evaluate", "mlip_uq.active.sources")
+               if importlib.util.find_spec(name)]  # the modules that read a run's data files
+    patched = [(module, "read_frames", _bundled_frames_once) for module in readers if hasattr(module, "read_frames")]
+    patched.append((importlib.import_module("mlip_uq.model.build"), "_uq_nequip", _built_once))
+    originals = [(module, name, getattr(module, name)) for module, name, _ in patched]
+    for module, name, wrap in patched:
+        setattr(module, name, wrap(getattr(module, name)))
+    yield
+    for module, name, original in originals:
+        setattr(module, name, original)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_models(request):
+    """Build every model afresh in a test module that sets ``FRESH_MODELS = True`` (see :func:`_built_once`)."""
+    _FRESH_MODELS[0] = bool(getattr(request.module, "FRESH_MODELS", False))
+    yield
+    _FRESH_MODELS[0] = False
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +247,8 @@ TINY_MODEL = {"r_max": 3.5, "num_layers": 1, "l_max": 1, "num_features": 4, "rad
 
 def tiny_model_config(type_names, **overrides) -> ModelConfig:
     """A :data:`TINY_MODEL` architecture for ``type_names``, with ``overrides`` (any ModelConfig option)."""
+    from mlip_uq.model import ModelConfig
+
     return ModelConfig(type_names=list(type_names), **{**TINY_MODEL, **overrides})
 
 
@@ -128,6 +261,8 @@ def untrained_state_dict(config: ModelConfig, seed: int) -> dict:
     Building a nequip model takes ~0.3 s (e3nn generates the code of its tensor products), and the unit tests ask
     for the same few architectures and seeds hundreds of times: each is built once per session (the build is
     deterministic in its configuration and seed)."""
+    from mlip_uq.model import ModelConfig, build_model
+
     values = {**config.to_dict(), "seed": int(seed)}
     key = json.dumps(values, sort_keys=True)
     if key not in _UNTRAINED_STATES:
@@ -137,6 +272,8 @@ def untrained_state_dict(config: ModelConfig, seed: int) -> dict:
 
 def seeded_posterior(config: ModelConfig, seeds=(0, 1, 2), **kwargs) -> Posterior:
     """A posterior of untrained members of ``config``, one per seed (``kwargs``: method, metadata, ...)."""
+    from mlip_uq.posterior import Posterior
+
     return Posterior.from_state_dicts(config, [untrained_state_dict(config, s) for s in seeds], **kwargs)
 
 

@@ -5,11 +5,13 @@
 posterior updates), :mod:`~mlip_uq.active.loop` (the loop, ``mlip-uq active``).
 """
 
+from .config import ActiveConfig
 from .loop import ActiveLoop, load_active_config, run_active, summarize
 from .oracle import Oracle, OracleResult, oracle_from_config
 from .rules import CalibratedRule, RandomRule, ThresholdRule, TopKRule, rule_from_config
 
 __all__ = [
+    "ActiveConfig",
     "ActiveLoop",
     "CalibratedRule",
     "Oracle",

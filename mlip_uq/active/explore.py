@@ -6,37 +6,41 @@
 - :class:`PoolExplorer` (``explore.kind: pool``, :class:`PoolOptions`) — a fixed pool of candidates, ranked in
   batches by :func:`pool_uncertainty` (the posterior's forces, per-atom force std and its epistemic part).
 
-An explorer is given the loop (:class:`~mlip_uq.active.loop.ActiveLoop`) in :meth:`Explorer.step`: it asks the
-loop for the calculator or posterior, labels through ``loop.call`` and commits through ``loop.journal``. A new
-MD option is a field of :class:`MDOptions` (its default is the configuration's) and, if ``run_md`` takes it, an
-entry of :meth:`MDOptions.md_kwargs`.
+An explorer is given a small :class:`ExploreContext` in :meth:`Explorer.step`, built by the loop for every
+step: the rule, getters of the current posterior and its calculator, ``call`` (label through the loop),
+``commit`` (journal a decision write-ahead), ``save``, ``timed`` and the calls left in the budget; it knows
+nothing else of the loop. It owns its state (the walkers, the pool's progress): :meth:`Explorer.state_dict` is
+saved with the loop state (its ``explorer`` entry) at every save and commit, :meth:`Explorer.load_state_dict`
+restores it on resume. A new MD option is a field of :class:`MDOptions` (its default is the configuration's)
+and, if ``run_md`` takes it, an entry of :meth:`MDOptions.md_kwargs`.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import ase
 import numpy as np
+from ase.calculators.calculator import Calculator
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from nequip.data import AtomicDataDict
 
-from ..config import ConfigError
 from ..data import FrameStore, collate
 from ..files import atomic_write
 from ..md import RECORD_KEYS, run_md
 from ..posterior import Posterior
 from ..posterior.predict import predict_samples, predictive_moments
+from ..result_keys import ATOM_FORCE_STD, FORCES
+from ..settings import ConfigError
 from ..uq.signals import signal_from_results
-from .oracle import FAILED, LABELLED
-from .rules import rule_input
-from .state import LoopState, atoms_from_dict, atoms_to_dict, bare_atoms
-
-if TYPE_CHECKING:
-    from .loop import ActiveLoop
+from .oracle import FAILED, LABELLED, OracleResult
+from .rules import Rule, rule_input
+from .sources import SourceOptions
+from .state import atoms_from_dict, atoms_to_dict, bare_atoms
 
 
 @dataclass
@@ -125,29 +129,31 @@ def next_walker(walkers: Sequence[Walker], after: int) -> Optional[Walker]:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class MDOptions:
     """Options of MD exploration (``explore`` with ``kind: md``).
 
     Args:
-        starts: ``{path, index, n, max_atoms}``: the walkers' starting structures (default path: the initial set's).
+        starts: the walkers' starting structures (``{path, index, n, max_atoms}``; default: the first structure
+            of the initial set's file).
         steps: MD steps per walker.
         chunk_steps: MD steps per chunk (the unit of work between two saved states).
         min_gap: at least this many steps between two reference calls of a walker.
         timestep_fs: MD time step (fs).
-        temperature_K: thermostat (and initial velocity) temperature (K).
+        temperature_K: thermostat (and initial velocity) temperature (K); a list gives walker i the temperature
+            ``temperature_K[i % len(temperature_K)]`` (e.g. ``[600, 1200]``: every other walker hot).
         ensemble: ``langevin``, ``nvt`` or ``nve`` (as :func:`mlip_uq.md.run_md`).
         uq_every: check the force uncertainty, and test the rule, every this many MD steps (from each chunk's
             first step; :func:`mlip_uq.md.run_md`); the steps between checks cost one model's forces. It must
             divide ``chunk_steps``. A ``random`` rule's probability is then per check, not per step.
     """
 
-    starts: Dict = field(default_factory=lambda: {"path": None, "index": "0"})
+    starts: SourceOptions = field(default_factory=lambda: SourceOptions(index="0"))
     steps: int = 1000
     chunk_steps: int = 200
     min_gap: int = 10
     timestep_fs: float = 0.5
-    temperature_K: float = 300.0
+    temperature_K: Union[float, List[float]] = 300.0
     ensemble: str = "langevin"
     uq_every: int = 1
 
@@ -155,24 +161,34 @@ class MDOptions:
         if self.uq_every < 1 or self.chunk_steps % self.uq_every:
             raise ConfigError(f"explore.uq_every={self.uq_every!r}: expected a positive integer that divides "
                               f"explore.chunk_steps ({self.chunk_steps})")
+        temperatures = self.temperature_K if isinstance(self.temperature_K, list) else [self.temperature_K]
+        if not temperatures or any(isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0
+                                   for t in temperatures):
+            raise ConfigError(f"explore.temperature_K={self.temperature_K!r}: expected a positive number (K) or "
+                              f"a non-empty list of them")
 
-    def md_kwargs(self) -> Dict:
-        """The options passed on to :func:`mlip_uq.md.run_md` for every chunk."""
-        return {"timestep_fs": float(self.timestep_fs), "temperature_K": float(self.temperature_K),
+    def walker_temperature(self, walker: int) -> float:
+        """The thermostat temperature (K) of walker ``walker``."""
+        temperatures = self.temperature_K if isinstance(self.temperature_K, list) else [self.temperature_K]
+        return float(temperatures[walker % len(temperatures)])
+
+    def md_kwargs(self, walker: int) -> Dict:
+        """The options passed on to :func:`mlip_uq.md.run_md` for every chunk of walker ``walker``."""
+        return {"timestep_fs": float(self.timestep_fs), "temperature_K": self.walker_temperature(walker),
                 "ensemble": self.ensemble, "uq_every": int(self.uq_every)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class PoolOptions:
     """Options of pool exploration (``explore`` with ``kind: pool``).
 
     Args:
-        pool: ``{path, index, n, max_atoms}``: the candidate structures.
+        pool: the candidate structures (``{path, index, n, max_atoms}``; ``path`` required).
         batch: candidates selected (and labelled) per batch.
         batch_size: structures per prediction batch when ranking the pool.
     """
 
-    pool: Dict = field(default_factory=lambda: {"path": None, "index": ":", "n": None})
+    pool: SourceOptions = field(default_factory=SourceOptions)
     batch: int = 5
     batch_size: int = 16
 
@@ -181,8 +197,37 @@ class PoolOptions:
 EXPLORER_OPTIONS = {"md": MDOptions, "pool": PoolOptions}
 
 
+@dataclass(frozen=True)
+class ExploreContext:
+    """What an explorer may use of the loop in one :meth:`Explorer.step` (the loop builds one per step).
+
+    Attributes:
+        rule: the loop's rule (:mod:`mlip_uq.active.rules`; its state is saved with the loop state).
+        posterior: returns the current posterior (loaded on first use after each update).
+        calculator: returns an ASE calculator of the current posterior.
+        call: ``call(atoms) -> OracleResult``: label a structure with the reference, through the loop (a call
+            counts against the budget; a composition the reference rejected before is not called again).
+        commit: ``commit(source, result, **values)``: journal the decision on ``result`` write-ahead (its
+            labelled structure, if any, goes into the store; the explorer's :meth:`~Explorer.state_dict` as it
+            is now goes into the state); ``source`` names the candidate (e.g. ``md walker 0``), ``values`` are
+            the decision log's numbers (``rule``, ``step``, the rule's values).
+        save: write the loop state, with the explorer's state as it is now.
+        timed: ``with timed():`` adds the block's wall time to the exploration time (the model's predictions).
+        calls_left: reference calls left in the exploration budget (None: no limit).
+    """
+
+    rule: Rule
+    posterior: Callable[[], Posterior]
+    calculator: Callable[[], Calculator]
+    call: Callable[[ase.Atoms], OracleResult]
+    commit: Callable[..., None]
+    save: Callable[[], None]
+    timed: Callable[[], ContextManager[None]]
+    calls_left: Optional[int] = None
+
+
 class Explorer:
-    """Where the loop's candidates come from.
+    """Where the loop's candidates come from; it owns its state (:meth:`state_dict`, saved with the loop's).
 
     Attributes:
         kind: ``md`` or ``pool`` (``explore.kind``).
@@ -193,30 +238,42 @@ class Explorer:
     frames: List[ase.Atoms]
 
     def check_rule(self, rule) -> None:
-        """Raise a :class:`~mlip_uq.config.ConfigError` for a rule this explorer cannot use."""
+        """Raise a :class:`~mlip_uq.settings.ConfigError` for a rule this explorer cannot use."""
 
-    def new_state(self, state: LoopState) -> None:
-        """Fill in this explorer's part of a new loop state."""
+    def state_dict(self) -> Dict:
+        """JSON-serialisable state (a copy; saved as the ``explorer`` entry of the loop state)."""
+        raise NotImplementedError
 
-    def resume(self, state: LoopState) -> None:
-        """Repair what a kill left behind in this explorer's files."""
+    def load_state_dict(self, state: Dict) -> None:
+        """Restore :meth:`state_dict` (a resumed run)."""
+        raise NotImplementedError
 
-    def batch_open(self, state: LoopState) -> bool:
+    def resume(self) -> None:
+        """Repair what a kill left behind in this explorer's files (after :meth:`load_state_dict`)."""
+
+    def batch_open(self) -> bool:
         """True while a selected batch is still being labelled (updates wait until it is done)."""
         return False
 
-    def stop_reason(self, state: LoopState) -> Optional[str]:
+    def stop_reason(self) -> Optional[str]:
         """Why exploration is over (None: it goes on)."""
         raise NotImplementedError
 
-    def step(self, loop: "ActiveLoop") -> None:
-        """Explore until one decision is committed or the explorer's state has advanced (and is saved)."""
+    def step(self, context: ExploreContext) -> Optional[str]:
+        """Explore until one decision is committed or the explorer's state has advanced (and is saved).
+
+        Returns:
+            Why exploration is over when the step found that out (the loop records it), else None.
+        """
         raise NotImplementedError
 
 
 class MDExplorer(Explorer):
     """MD walkers, one chunk per step, round robin; a structure where the rule fires is labelled and the walker
     goes on from it (a failed reference call sends the walker back to its start with fresh velocities).
+
+    State (:meth:`state_dict`): ``walkers`` (:class:`Walker` fields), ``current_walker`` (the walker of the last
+    chunk, -1: none yet) and ``md_steps`` (MD steps run by all walkers).
 
     Args:
         options: the MD options.
@@ -229,6 +286,8 @@ class MDExplorer(Explorer):
 
     def __init__(self, options: MDOptions, starts: List[ase.Atoms], seed: int, out: Path):
         self.options, self.frames, self.seed, self.out = options, starts, seed, Path(out)
+        self.walkers = [Walker.new(i, a, options.walker_temperature(i), seed) for i, a in enumerate(starts)]
+        self.current_walker, self.md_steps = -1, 0
 
     def check_rule(self, rule) -> None:
         if rule.kind == "top_k":
@@ -236,20 +295,26 @@ class MDExplorer(Explorer):
                               "or random")
         if rule.kind == "random" and rule.probability is None:
             raise ConfigError("rule random during MD needs rule.probability (the chance of a call per MD step)")
+        if rule.kind == "interval" and (rule.every % self.options.uq_every or rule.every < self.options.min_gap):
+            raise ConfigError(f"rule.every={rule.every}: expected a multiple of explore.uq_every "
+                              f"({self.options.uq_every}) and at least explore.min_gap ({self.options.min_gap})")
 
-    def new_state(self, state: LoopState) -> None:
-        state.walkers = [Walker.new(i, a, float(self.options.temperature_K), self.seed).__dict__
-                         for i, a in enumerate(self.frames)]
+    def state_dict(self) -> Dict:
+        return {"walkers": [asdict(w) for w in self.walkers], "current_walker": self.current_walker,
+                "md_steps": self.md_steps}
 
-    def stop_reason(self, state: LoopState) -> Optional[str]:
-        return "every MD walker finished its steps" if all(w["done"] for w in state.walkers) else None
+    def load_state_dict(self, state: Dict) -> None:
+        self.walkers = [Walker(**copy.deepcopy(w)) for w in state["walkers"]]
+        self.current_walker, self.md_steps = int(state["current_walker"]), int(state["md_steps"])
 
-    def step(self, loop: "ActiveLoop") -> None:
+    def stop_reason(self) -> Optional[str]:
+        return "every MD walker finished its steps" if all(w.done for w in self.walkers) else None
+
+    def step(self, context: ExploreContext) -> Optional[str]:
         """Run one chunk of the next walker; label the structure where the rule fires."""
-        state, journal, rule, options = loop.state, loop.journal, loop.rule, self.options
-        walkers = [Walker(**w) for w in state.walkers]
-        walker = next_walker(walkers, state.current_walker)
-        state.current_walker = walker.index
+        rule, options = context.rule, self.options
+        walker = next_walker(self.walkers, self.current_walker)
+        self.current_walker = walker.index
         total = int(options.steps)
         steps = min(int(options.chunk_steps), total - walker.steps_done)
         atoms = walker.current()
@@ -261,52 +326,53 @@ class MDExplorer(Explorer):
             # not within min_gap steps of the walker's last call (consecutive MD frames are nearly the same)
             if step == 0 or (walker.last_call >= 0 and before + step - walker.last_call < min_gap):
                 return False
+            if not rule.due(before + step):  # a clock rule's steps
+                return False
             results = current.calc.results
             fired.update(step=int(step), atoms=atoms_to_dict(current, momenta=True),
-                         forces=np.array(results["forces"]), std=np.array(results["atom_force_std"]),
+                         forces=np.array(results[FORCES]), std=np.array(results[ATOM_FORCE_STD]),
                          signal=signal_from_results(results, rule.signal))
             return True
 
-        with journal.timed("explore"):
-            result = run_md(atoms, loop.calculator(), steps=steps, out_dir=None, stop_rule=rule,
+        with context.timed():
+            result = run_md(atoms, context.calculator(), steps=steps, out_dir=None, stop_rule=rule,
                             on_uncertain=on_uncertain, seed=walker.chunk_seed(self.seed), progress=False,
-                            **options.md_kwargs())
+                            **options.md_kwargs(walker.index))
         walker.chunks += 1
         done = fired["step"] if fired else result.steps_done
         self._append_trace(self._trace_path(walker.index),
                            [{**r, "step": before + r["step"]} for r in result.records if 0 < r["step"] <= done])
         walker.steps_done += done
-        state.md_steps += done
+        self.md_steps += done
         if not fired:
             walker.atoms = atoms_to_dict(atoms, momenta=True)
             walker.done = walker.steps_done >= total
-            self._set_walkers(state, walkers, walker)
-            journal.save()
-            return
+            context.save()
+            return None
         current = atoms_from_dict(fired["atoms"])
-        values = {"rule": rule.kind, "step": walker.steps_done, "md_steps": state.md_steps,
+        values = {"rule": rule.kind, "step": walker.steps_done, "md_steps": self.md_steps,
                   **rule.values(fired["signal"], fired["forces"])}
-        labelled = loop.call(current, "explore")
+        labelled = context.call(current)
         walker.last_call = walker.steps_done
         if labelled.outcome == LABELLED:
             rule.observe(fired["forces"], labelled.atoms.get_forces(), fired["std"])
             walker.atoms = fired["atoms"]  # go on from the labelled structure, with the updated model
         elif labelled.outcome == FAILED:
             walker.restarts += 1  # a structure the reference cannot converge: back to the start
-            walker.reset(float(options.temperature_K), self.seed)
+            walker.reset(options.walker_temperature(walker.index), self.seed)
         else:
             walker.done = True  # every structure of this walker has the rejected composition
         walker.done = walker.done or walker.steps_done >= total
-        self._set_walkers(state, walkers, walker)
-        journal.commit(loop.record("explore", f"md walker {walker.index}", labelled, **values), labelled.atoms)
+        context.commit(f"md walker {walker.index}", labelled, **values)
+        return None
 
-    def resume(self, state: LoopState) -> None:
+    def resume(self) -> None:
         """Drop trace rows beyond the saved walker states (written by a chunk that a kill cut short)."""
-        for walker in state.walkers:
-            path = self._trace_path(walker["index"])
+        for walker in self.walkers:
+            path = self._trace_path(walker.index)
             if path.is_file():
                 with open(path, newline="") as handle:
-                    rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= walker["steps_done"]]
+                    rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= walker.steps_done]
                 with atomic_write(path) as tmp:
                     tmp.unlink()
                     self._append_trace(tmp, rows)
@@ -325,14 +391,13 @@ class MDExplorer(Explorer):
                 writer.writeheader()
             writer.writerows(rows)
 
-    @staticmethod
-    def _set_walkers(state: LoopState, walkers: List[Walker], changed: Walker) -> None:
-        state.walkers = [(changed if w.index == changed.index else w).__dict__ for w in walkers]
-
 
 class PoolExplorer(Explorer):
     """A pool of candidates: the rule selects a batch by the current posterior's uncertainty, the batch is
     labelled one candidate per step, then the posterior is updated and the next batch selected.
+
+    State (:meth:`state_dict`): ``used`` (candidates labelled), ``batch`` (the selected batch still to label)
+    and ``round`` (batches selected).
 
     Args:
         options: the pool options.
@@ -348,55 +413,65 @@ class PoolExplorer(Explorer):
                  type_names: List[str], r_max: float, dtype):
         self.options, self.frames, self.indices, self.out = options, frames, indices, Path(out)
         self.type_names, self.r_max, self.dtype = type_names, r_max, dtype
+        self.used: List[int] = []
+        self.batch: List[int] = []
+        self.round = 0
         self._graphs: Optional[List] = None
 
-    def batch_open(self, state: LoopState) -> bool:
-        return bool(state.pool["batch"])
+    def check_rule(self, rule) -> None:
+        if rule.kind == "interval":
+            raise ConfigError("rule interval relabels every n MD steps; with explore.kind pool use top_k, "
+                              "force_std, calibrated or random")
 
-    def stop_reason(self, state: LoopState) -> Optional[str]:
-        if not state.pool["batch"] and len(state.pool["used"]) >= len(self.frames):
-            return "pool exhausted"
-        return None
+    def state_dict(self) -> Dict:
+        return {"used": list(self.used), "batch": list(self.batch), "round": self.round}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.used, self.batch = [int(i) for i in state["used"]], [int(i) for i in state["batch"]]
+        self.round = int(state["round"])
+
+    def batch_open(self) -> bool:
+        return bool(self.batch)
+
+    def stop_reason(self) -> Optional[str]:
+        return "pool exhausted" if not self.batch and len(self.used) >= len(self.frames) else None
 
     def graphs(self) -> List:
         """The candidates' graphs (``pool.h5``, built once)."""
         if self._graphs is None:
             store = FrameStore.for_frames(self.out / "pool.h5", self.frames, self.type_names, self.r_max,
-                                          source=self.options.pool["path"])
+                                          source=self.options.pool.path)
             self._graphs = store.graphs(dtype=self.dtype)
         return self._graphs
 
-    def step(self, loop: "ActiveLoop") -> None:
+    def step(self, context: ExploreContext) -> Optional[str]:
         """Select a batch from the pool (when none is pending), then label its next candidate."""
-        state, journal, rule = loop.state, loop.journal, loop.rule
-        pool = state.pool
-        if not pool["batch"]:
-            used = set(pool["used"])
+        rule = context.rule
+        if not self.batch:
+            used = set(self.used)
             remaining = [i for i in range(len(self.frames)) if i not in used]
-            budget = loop.cfg["budget"].get("max_calls")
             k = int(self.options.batch)
-            if budget is not None:
-                k = min(k, budget - state.calls["explore"])
+            if context.calls_left is not None:
+                k = min(k, context.calls_left)
             graphs = self.graphs()
-            with journal.timed("explore"):
-                forces, stds, epistemic = pool_uncertainty(loop.posterior(), [graphs[i] for i in remaining],
+            with context.timed():
+                forces, stds, epistemic = pool_uncertainty(context.posterior(), [graphs[i] for i in remaining],
                                                            int(self.options.batch_size))
             picks = rule.select([rule_input(rule, *pair) for pair in zip(stds, epistemic)], forces, k)
             if not picks:
-                state.stop_reason = "no pool candidate fires the rule"
-                journal.save()
-                return
-            pool["batch"] = [remaining[j] for j in picks]
-            pool["round"] += 1
-            journal.save()
-        i = pool["batch"][0]
-        with journal.timed("explore"):
-            forces, stds, epistemic = pool_uncertainty(loop.posterior(), [self.graphs()[i]])
-        values = {"rule": rule.kind, "step": pool["round"],
+                return "no pool candidate fires the rule"
+            self.batch = [remaining[j] for j in picks]
+            self.round += 1
+            context.save()
+        i = self.batch[0]
+        with context.timed():
+            forces, stds, epistemic = pool_uncertainty(context.posterior(), [self.graphs()[i]])
+        values = {"rule": rule.kind, "step": self.round,
                   **rule.values(rule_input(rule, stds[0], epistemic[0]), forces[0])}
-        result = loop.call(self.frames[i], "explore")
+        result = context.call(self.frames[i])
         if result.outcome == LABELLED:
             rule.observe(forces[0], result.atoms.get_forces(), stds[0])
-        pool["used"].append(i)
-        pool["batch"].pop(0)
-        journal.commit(loop.record("explore", f"pool[{self.indices[i]}]", result, **values), result.atoms)
+        self.used.append(i)
+        self.batch.pop(0)
+        context.commit(f"pool[{self.indices[i]}]", result, **values)
+        return None

@@ -22,8 +22,9 @@
 
 The configuration is :mod:`mlip_uq.active.config`, the state and its write-ahead commits
 :mod:`mlip_uq.active.state` (:class:`~mlip_uq.active.state.LoopState`, :class:`~mlip_uq.active.state.Journal`),
-the explorers :mod:`mlip_uq.active.explore` (MD and pool behind one interface), the posterior updates
-:mod:`mlip_uq.active.update`; this module is the loop itself.
+the explorers :mod:`mlip_uq.active.explore` (MD and pool behind one interface; each step is given an
+:class:`~mlip_uq.active.explore.ExploreContext`, not the loop, and the explorer's ``state_dict`` is the state's
+``explorer`` entry), the posterior updates :mod:`mlip_uq.active.update`; this module is the loop itself.
 
 Files in the output folder: ``state.json`` (loop state, atomic), ``decisions.jsonl`` (every decision: step,
 uncertainty, rule, call time, outcome), ``labelled.h5`` (FrameStore of every labelled structure, in order),
@@ -57,20 +58,20 @@ from ase.data import atomic_numbers
 from nequip.data import AtomicDataDict
 
 from ..calculator import UQCalculator
-from ..config import ConfigError, check_resumed_config, dump_config, settings_from
+from ..config import ConfigError, check_resumed_config, dump_config
 from ..data import FrameStore, frames_fingerprint
 from ..data.splits import validation_picks
 from ..evaluate import metrics_and_plots, predict_graphs
 from ..files import atomic_write, write_json
-from ..model import ModelConfig
 from ..posterior import load_posterior
-from ..train import method_settings, model_config_from_data, prepare_data
-from .config import EXPLORER_OPTIONS, load_active_config, pick_structures, train_config
-from .explore import Explorer, MDExplorer, PoolExplorer, pool_uncertainty
+from ..train import model_config_from_data, prepare_data
+from .config import ActiveConfig, load_active_config
+from .explore import ExploreContext, Explorer, MDExplorer, MDOptions, PoolExplorer, pool_uncertainty
 from .oracle import LABELLED, REJECTED, Oracle, OracleResult, oracle_from_config
-from .rules import CalibratedRule, rule_from_config
+from .rules import CalibratedRule
+from .sources import pick_structures
 from .state import Journal, LoopState, composition_key
-from .update import Updater, update_options
+from .update import Updater
 
 __all__ = ["ActiveLoop", "load_active_config", "run_active", "summarize"]
 
@@ -84,35 +85,34 @@ class ActiveLoop:
     """One active-learning run in ``out``; see the module docstring.
 
     Args:
-        cfg: a configuration from :func:`load_active_config`.
+        cfg: a configuration from :func:`load_active_config` (a path or mapping is loaded by it).
         out: output folder.
         resume: continue the run in ``out``; without it, ``out`` must not hold a run.
-        oracle: the reference calculator; default the one of ``cfg["oracle"]``.
+        oracle: the reference calculator; default the one of ``cfg.oracle``.
     """
 
-    def __init__(self, cfg: Dict, out: Path, resume: bool = False, oracle: Optional[Oracle] = None):
+    def __init__(self, cfg: ActiveConfig, out: Path, resume: bool = False, oracle: Optional[Oracle] = None):
+        cfg = cfg if isinstance(cfg, ActiveConfig) else load_active_config(cfg)
         self.cfg, self.out = cfg, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.seed = int(cfg["seed"])
+        self.seed = cfg.seed
         self._check_run(resume)
-        self.oracle = oracle or oracle_from_config(cfg["oracle"])
-        self.rule = rule_from_config(cfg["rule"], seed=self.seed)
-        self.train_cfg = train_config(cfg, self.out)
-        self.settings = method_settings(self.train_cfg)
-        self.update_options = update_options(self.train_cfg["method"], self.settings, cfg["update"])
-        self.initial_frames, initial_indices = pick_structures(cfg["initial"], self.seed,
-                                                               labelled=cfg["initial"]["labels"] == "file")
+        self.oracle = oracle or oracle_from_config(cfg.oracle)
+        self.rule = cfg.rule.build(seed=self.seed)
+        self.initial_frames, initial_indices = pick_structures(cfg.initial, self.seed,
+                                                               labelled=cfg.initial.labels == "file")
         self.explorer = self._explorer(initial_indices)
         self.explorer.check_rule(self.rule)
         if (self.out / "state.json").is_file():
             self.state = LoopState.read(self.out / "state.json")
             if self.state.phase == "done":  # resumed after its end, e.g. with a larger budget
                 self.state.phase, self.state.stop_reason = "explore", None
+            self.explorer.load_state_dict(self.state.explorer)
         else:
-            self.state = LoopState(initial={"indices": initial_indices, "next": 0}, rule=self.rule.state_dict())
-            self.explorer.new_state(self.state)
+            self.state = LoopState(initial={"indices": initial_indices, "next": 0}, rule=self.rule.state_dict(),
+                                   explorer=self.explorer.state_dict())
         self.rule.load_state_dict(self.state.rule)
-        self.journal = Journal(self.out, self.state, self.rule, self.type_names, self.r_max)
+        self.journal = Journal(self.out, self.state, self.rule, self.type_names, self.r_max, self.explorer)
         self._posterior = self._calculator = self._prepared = self._test_graphs = self.updater = None
 
     # ------------------------------------------------------------------ setup
@@ -129,27 +129,24 @@ class ActiveLoop:
         dump_config(self.cfg, saved)
 
     def _explorer(self, initial_indices: List[int]) -> Explorer:
-        """The explorer of ``cfg["explore"]``; also sets the element names, cutoff and dtype of the stores."""
-        cfg, explore = self.cfg, dict(self.cfg["explore"])
-        kind = explore.pop("kind")
-        options = settings_from(EXPLORER_OPTIONS[kind], explore, "explore")
-        if kind == "md":
-            starts = {**options.starts, "path": options.starts.get("path") or cfg["initial"]["path"]}
-            frames, indices = pick_structures(starts, self.seed)[0], []
+        """The explorer of ``cfg.explore``; also sets the element names, cutoff and dtype of the stores and the
+        training configuration of the loop's posterior (``train_cfg``, ``settings``, ``update_options``)."""
+        cfg, options = self.cfg, self.cfg.explore
+        if isinstance(options, MDOptions):
+            frames, indices = pick_structures(options.starts, self.seed)[0], []
         else:
-            pool = options.pool
-            if not pool.get("path"):
-                raise ConfigError("explore.pool.path is required with explore.kind pool")
-            same = pool["path"] == cfg["initial"]["path"] and pool.get("index", ":") == cfg["initial"].get("index", ":")
+            pool, initial = options.pool, cfg.initial
+            same = pool.path == initial.path and pool.index == initial.index
             frames, indices = pick_structures(pool, self.seed + 1, exclude=initial_indices if same else ())
-        model = self.train_cfg["model"]
+        model = cfg.train.model
         structures = self.initial_frames + frames
-        self.type_names = model.get("type_names") or sorted(
+        self.type_names = model.type_names or sorted(
             {s for a in structures for s in a.get_chemical_symbols()}, key=lambda s: atomic_numbers[s])
-        model["type_names"] = self.type_names
-        self.r_max = float(model.get("r_max", ModelConfig.r_max))
-        self.dtype = getattr(torch, model.get("dtype", ModelConfig.dtype))
-        if kind == "md":
+        self.train_cfg = cfg.train_config(self.out, self.type_names)
+        self.settings, self.update_options = self.train_cfg.settings, cfg.update
+        self.r_max = float(model.config.r_max)
+        self.dtype = getattr(torch, model.config.dtype)
+        if isinstance(options, MDOptions):
             return MDExplorer(options, frames, self.seed, self.out)
         return PoolExplorer(options, frames, indices, self.out, self.type_names, self.r_max, self.dtype)
 
@@ -179,15 +176,26 @@ class ActiveLoop:
         log.log(level, "%s %s%s: %s in %.3f s%s", phase, source, uncertainty, result.outcome, result.seconds, detail)
         return record
 
+    def explore_context(self) -> ExploreContext:
+        """What the explorer's next step may use of the loop (:class:`~mlip_uq.active.explore.ExploreContext`)."""
+        max_calls = self.cfg.budget.max_calls
+        return ExploreContext(
+            rule=self.rule, posterior=self.posterior, calculator=self.calculator,
+            call=lambda atoms: self.call(atoms, "explore"),
+            commit=lambda source, result, **values: self.journal.commit(
+                self.record("explore", source, result, **values), result.atoms),
+            save=self.journal.save, timed=lambda: self.journal.timed("explore"),
+            calls_left=None if max_calls is None else max_calls - self.state.calls["explore"])
+
     # ------------------------------------------------------------------ data
     def _test(self) -> List:
         """Test graphs, labelled by the oracle once (``test.h5``); [] without a test section."""
-        if not self.cfg["test"]:
+        if self.cfg.test is None:
             return []
         if self._test_graphs is None:
             path = self.out / "test.h5"
             if not path.is_file():
-                frames, _ = pick_structures(self.cfg["test"], self.seed + 2)
+                frames, _ = pick_structures(self.cfg.test, self.seed + 2)
                 labelled = []
                 for i, atoms in enumerate(frames):
                     result = self.call(atoms, "test")
@@ -197,7 +205,7 @@ class ActiveLoop:
                         log.warning("test structure %d: %s (%s)", i, result.outcome, result.message)
                 if not labelled:
                     raise RuntimeError("no test structure could be labelled by the oracle")
-                FrameStore.create(path, labelled, self.type_names, self.r_max, source=self.cfg["test"]["path"])
+                FrameStore.create(path, labelled, self.type_names, self.r_max, source=self.cfg.test.path)
                 self.journal.save()
                 log.info("test set: %d structures labelled by %s", len(labelled), self.oracle.name)
             self._test_graphs = FrameStore.open(path).graphs(dtype=self.dtype)
@@ -216,8 +224,8 @@ class ActiveLoop:
             prepared = prepare_data(self.train_cfg, work)
             model_config = model_config_from_data(self.train_cfg, prepared)
             self._prepared = (prepared, model_config)
-            self.updater = Updater(self.train_cfg["method"], model_config, self.settings, self.update_options, work,
-                                   self.train_cfg)
+            self.updater = Updater(self.train_cfg.method, model_config, self.settings, self.update_options, work,
+                                   self.train_cfg.to_dict())
         return self._prepared
 
     def _training_sets(self):
@@ -230,6 +238,19 @@ class ActiveLoop:
         to_val = validation_picks(len(graphs), len(prepared.val) / (len(prepared.train) + len(prepared.val)))
         return (prepared.train + [g for g, v in zip(graphs, to_val) if not v],
                 prepared.val + [g for g, v in zip(graphs, to_val) if v])
+
+    def training_sets(self) -> tuple[List, List]:
+        """(train, val): the lists of graphs the next posterior fit or update trains and validates on (the initial
+        split plus the structures labelled since, as the loop's own fits take them)."""
+        return self._training_sets()
+
+    def test_graphs(self) -> List:
+        """The test set's graphs (``test.h5``, labelled by the oracle on first use); [] without a ``test`` section."""
+        return self._test()
+
+    def energy_references(self) -> Dict[str, float]:
+        """Per-element reference energies (eV) of the initial data, as the loop's fits record them."""
+        return dict(self._data()[0].energy_references)
 
     def posterior(self):
         """The current posterior (loaded once per update)."""
@@ -256,7 +277,7 @@ class ActiveLoop:
             return
         atoms = self.initial_frames[i]
         initial["next"] = i + 1
-        if self.cfg["initial"]["labels"] == "file":
+        if self.cfg.initial.labels == "file":
             result = OracleResult(LABELLED, 0.0, atoms=atoms, called=False)
         else:
             result = self.call(atoms, "initial")
@@ -284,7 +305,7 @@ class ActiveLoop:
         metrics = {}
         if self._test():
             with self.journal.timed("evaluate"):
-                pred = predict_graphs(self.posterior(), self._test(), self.train_cfg["evaluate"]["batch_size"])
+                pred = predict_graphs(self.posterior(), self._test(), self.train_cfg.evaluate.batch_size)
                 metrics = {k: v for k, v in metrics_and_plots(pred).items() if k in HISTORY_METRICS}
         entry = {"update": index, "n_labelled": state.n_labelled, "n_train": len(train) + len(val),
                  "n_val": len(val), "calls_initial": state.calls["initial"], "calls_explore": state.calls["explore"],
@@ -317,18 +338,18 @@ class ActiveLoop:
                      self.rule.prior_scale, len(graphs))
 
     def _stop_reason(self) -> Optional[str]:
-        budget, history = self.cfg["budget"], self.state.history
-        target = budget.get("target_forces_mae")
+        budget, history = self.cfg.budget, self.state.history
+        target = budget.target_forces_mae
         if target is not None and history and history[-1].get("forces_mae", np.inf) <= target:
             return f"target reached: test forces MAE {history[-1]['forces_mae']:.4g} <= {target} eV/Å"
-        if budget.get("max_calls") is not None and self.state.calls["explore"] >= budget["max_calls"]:
+        if budget.max_calls is not None and self.state.calls["explore"] >= budget.max_calls:
             return f"budget used: {self.state.calls['explore']} reference calls"
-        return self.explorer.stop_reason(self.state)
+        return self.explorer.stop_reason()
 
     def run(self) -> Dict:
         """Run (or resume) the loop to its end; returns the summary (also written to ``summary.json``)."""
         state = self.state
-        self.explorer.resume(state)
+        self.explorer.resume()
         if state.pending is not None:
             log.info("finishing decision %d, interrupted by the last run", state.pending["record"]["decision"])
             self.journal.finish_pending()
@@ -336,7 +357,7 @@ class ActiveLoop:
         while state.phase == "initial":
             self._initial_step()
         while state.phase == "explore":
-            if state.update["count"] == 0 or (state.update["pending"] and not self.explorer.batch_open(state)):
+            if state.update["count"] == 0 or (state.update["pending"] and not self.explorer.batch_open()):
                 self._fit()
             reason = state.stop_reason or self._stop_reason()
             if reason and not state.update["pending"]:
@@ -344,7 +365,10 @@ class ActiveLoop:
                 self.journal.save()
                 log.info("active learning stops: %s", reason)
                 break
-            self.explorer.step(self)
+            reason = self.explorer.step(self.explore_context())
+            if reason:  # the explorer found out that exploration is over
+                state.stop_reason = reason
+                self.journal.save()
         summary = summarize(state)
         write_json(summary, self.out / "summary.json")
         return summary
@@ -380,11 +404,11 @@ def summarize(state: LoopState) -> Dict:
 
 def run_active(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = False,
                oracle: Optional[Oracle] = None) -> Path:
-    """Run an active-learning configuration (path or dict); returns the output folder (default
+    """Run an active-learning configuration (path, dict or :class:`~mlip_uq.active.config.ActiveConfig`); returns the output folder (default
     ``runs/<name>``). With ``resume`` the run in ``out_dir`` continues where it stopped (the budget may be
     changed, nothing else). ``oracle`` replaces the configuration's reference calculator (e.g. an
     :class:`~mlip_uq.active.oracle.Oracle` around an ASE calculator object)."""
     cfg = load_active_config(config, overrides)
-    out = Path(out_dir or Path("runs") / cfg["name"])
+    out = Path(out_dir or Path("runs") / cfg.name)
     ActiveLoop(cfg, out, resume=resume, oracle=oracle).run()
     return out

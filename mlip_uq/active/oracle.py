@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import importlib
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Type
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import ase
 import numpy as np
@@ -30,6 +30,7 @@ from ase.calculators.calculator import Calculator, CalculatorSetupError
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
 
+from ..settings import ConfigError, section_mapping, settings_from
 from .state import bare_atoms
 
 LABELLED, FAILED, REJECTED = "labelled", "failed", "rejected"
@@ -135,28 +136,49 @@ def _import_factory(spec: str, options: Dict) -> Callable[[], Calculator]:
 TBLITE_ELEMENTS = tuple(chemical_symbols[1:87])
 
 
-def oracle_from_config(section: Dict) -> Oracle:
-    """An :class:`Oracle` from a configuration section.
+@dataclass(frozen=True)
+class OracleOptions:
+    """The ``oracle`` section.
 
     Args:
-        section: ``calculator`` (``tblite`` or ``package.module:ClassName``), optional ``elements`` (list of
-            supported element symbols; default H–Rn for tblite, no check otherwise), and keyword arguments of
-            the calculator (for tblite: ``method`` = ``GFN2-xTB`` | ``GFN1-xTB``, ``accuracy``,
-            ``max_iterations``, ``electronic_temperature`` in K, ...).
+        calculator: ``tblite`` or ``package.module:ClassName`` (any ASE calculator).
+        elements: element symbols the calculator supports; None: H–Rn for tblite, no check otherwise.
+        options: the calculator's keyword arguments, passed as given (for tblite: ``method`` = ``GFN2-xTB`` |
+            ``GFN1-xTB``, ``accuracy``, ``max_iterations``, ``electronic_temperature`` in K, ...).
+    """
+
+    calculator: str
+    elements: Optional[List[str]] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, section: Any) -> "OracleOptions":
+        """The options of a section ``{calculator, elements, <keyword arguments of the calculator>}``.
+
+        Raises:
+            ConfigError: no calculator, or a ``calculator`` or ``elements`` of the wrong type.
+        """
+        values = dict(section_mapping(section, "oracle"))
+        if not values.get("calculator"):
+            raise ConfigError("oracle.calculator is required: 'tblite' or 'package.module:ClassName'")
+        named = {key: values.pop(key) for key in ("calculator", "elements") if key in values}
+        return settings_from(cls, {**named, "options": values}, "oracle")
+
+
+def oracle_from_config(section: Any) -> Oracle:
+    """An :class:`Oracle` from a configuration section (a mapping, see :class:`OracleOptions`, or the options).
 
     Raises:
-        ValueError: no or an unknown calculator.
+        ConfigError: no calculator (or a mistyped one).
+        ValueError: the calculator cannot be imported (tblite not installed, no such class).
     """
-    options = dict(section)
-    spec = options.pop("calculator", None)
-    if not spec:
-        raise ValueError("oracle.calculator is required: 'tblite' or 'package.module:ClassName'")
-    elements = options.pop("elements", None)
+    options = section if isinstance(section, OracleOptions) else OracleOptions.from_dict(section)
+    spec, elements = options.calculator, options.elements
     if spec == "tblite":
-        factory = _tblite_factory(options)
+        factory = _tblite_factory(dict(options.options))
         elements = TBLITE_ELEMENTS if elements is None else elements
-        name = f"tblite {options.get('method', 'GFN2-xTB')}"
+        name = f"tblite {options.options.get('method', 'GFN2-xTB')}"
     else:
-        factory = _import_factory(spec, options)
+        factory = _import_factory(spec, dict(options.options))
         name = spec
     return Oracle(factory, name=name, elements=elements)

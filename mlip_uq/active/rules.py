@@ -25,6 +25,10 @@ Default signal ``epistemic``.
 takes ``k`` candidates uniformly at random. Its random state is saved with the loop state. Its signal is only
 logged (default ``epistemic``).
 
+``interval`` — :class:`IntervalRule`: the other baseline, relabelling on a clock: fires at every ``every``-th MD
+step of a walker (walker steps ``every``, 2 ``every``, ...; MD only), whatever the uncertainty. It is a pure
+function of the walker's step count, so a resumed walker fires at the same steps. Its signal is only logged.
+
 ``calibrated`` — :class:`CalibratedRule`: fires when the probability that an atom's force error exceeds
 ``tolerance`` is above ``probability``; the uncertainty scale behind that probability is learned on the fly
 from the residuals of the reference calls made so far (estimator in the class docstring). An error probability
@@ -36,13 +40,14 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from scipy import stats
 
-from ..config import ConfigError
 from ..md import ForceStdRule
+from ..settings import ConfigError, check_type, section_mapping
 from ..uq.signals import atom_signal, check_signal
 
 
@@ -78,6 +83,11 @@ class Rule:
         accepts."""
         firing = [i for i, (a, f) in enumerate(zip(atom_force_std, forces)) if self.check(a, f)]
         return sorted(firing, key=lambda i: -self.score(atom_force_std[i], forces[i]))[:k]
+
+    def due(self, walker_step: int) -> bool:
+        """Whether the MD walker may call at its step ``walker_step`` (steps counted along the walker); every
+        step but for a clock rule."""
+        return True
 
     def observe(self, forces_pred: np.ndarray, forces_true: np.ndarray, atom_force_std: np.ndarray) -> None:
         """Learn from a reference call: predicted and reference forces (N, 3) eV/Å and the prediction's
@@ -183,6 +193,34 @@ class RandomRule(Rule):
     def load_state_dict(self, state: Dict) -> None:
         if state:
             self.rng.bit_generator.state = state["bit_generator"]
+
+
+class IntervalRule(Rule):
+    """Relabelling every ``every`` MD steps of a walker, the fixed-interval baseline (MD only).
+
+    :meth:`check` is true at every uncertainty check and :meth:`due` only at walker steps that are positive
+    multiples of ``every``, so the MD explorer calls at exactly those steps (``every`` must be a multiple of
+    ``explore.uq_every`` and at least ``explore.min_gap``, checked by the explorer).
+
+    Args:
+        every: MD steps between two calls of a walker.
+    """
+
+    kind = "interval"
+
+    def __init__(self, every: int, signal: str = "epistemic"):
+        if isinstance(every, bool) or int(every) != every or every < 1:
+            raise ConfigError(f"rule.every={every!r}: expected a positive integer (MD steps)")
+        self.every, self.signal = int(every), check_signal(signal)
+
+    def check(self, atom_force_std, forces) -> bool:
+        return True
+
+    def due(self, walker_step: int) -> bool:
+        return walker_step > 0 and walker_step % self.every == 0
+
+    def describe(self) -> str:
+        return f"every {self.every} MD steps"
 
 
 class CalibratedRule(Rule):
@@ -300,34 +338,71 @@ class CalibratedRule(Rule):
             self.prior_scale = state["prior_scale"]
 
 
-RULES = {cls.kind: cls for cls in (ThresholdRule, TopKRule, RandomRule, CalibratedRule)}
+RULES = {cls.kind: cls for cls in (ThresholdRule, TopKRule, RandomRule, IntervalRule, CalibratedRule)}
 
 
-def rule_from_config(section: Dict, seed: int = 0) -> Rule:
-    """A rule from a configuration section ``{kind: force_std | top_k | random | calibrated, <options>}``.
+@dataclass(frozen=True)
+class RuleOptions:
+    """The ``rule`` section: a kind of :data:`RULES` and the keyword arguments of its class, checked against the
+    class's signature (names, required options, types; the rule's own range checks) when the configuration is
+    loaded; :meth:`build` makes the rule (whose state then changes as the loop runs).
+
+    Args:
+        kind: ``force_std``, ``top_k``, ``random``, ``interval`` or ``calibrated``.
+        options: the rule's keyword arguments as given (e.g. ``threshold``, ``signal``).
+    """
+
+    kind: str
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, section: Any) -> "RuleOptions":
+        """The options of a section ``{kind: ..., <options>}``.
+
+        Raises:
+            ConfigError: unknown kind, an unknown or missing option, a value of the wrong type or out of range
+                (the error names the option, its value and what is expected).
+        """
+        options = dict(section_mapping(section, "rule"))
+        kind = options.pop("kind", None)
+        if kind not in RULES:
+            raise ConfigError(f"rule.kind {kind!r} unknown; choose from {sorted(RULES)}")
+        rule = RULES[kind]
+        params = {n: p for n, p in inspect.signature(rule.__init__).parameters.items()
+                  if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        unknown = set(options) - set(params)
+        if unknown:
+            raise ConfigError(f"unknown rule option(s) {sorted(unknown)} for kind {kind}; known: {sorted(params)}")
+        missing = [n for n, p in params.items() if p.default is p.empty and n not in options]
+        if missing:
+            raise ConfigError(f"rule kind {kind} needs rule.{missing[0]}")
+        hints = typing.get_type_hints(rule.__init__)
+        for name, value in options.items():
+            if name in hints:
+                check_type(value, hints[name], f"rule.{name}")
+        checked = cls(kind, options)
+        checked.build()  # the rule's own checks (ranges, the signal's name)
+        return checked
+
+    def build(self, seed: int = 0) -> Rule:
+        """A new rule of these options; ``seed``: a random rule's generator (unless ``rule.seed`` is given)."""
+        options = dict(self.options)
+        if self.kind == "random":
+            options.setdefault("seed", seed)
+        try:
+            return RULES[self.kind](**options)
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(str(error) if str(error).startswith("rule.") else f"rule: {error}") from error
+
+
+def rule_from_config(section: Any, seed: int = 0) -> Rule:
+    """A rule from a configuration section ``{kind: force_std | top_k | random | interval | calibrated, <options>}``
+    (or its :class:`RuleOptions`).
 
     Raises:
-        ConfigError: unknown kind, an unknown or missing option, or a number option that is not a number (the
-            error names the option and its value).
+        ConfigError: as :meth:`RuleOptions.from_dict`.
     """
-    options = dict(section)
-    kind = options.pop("kind", None)
-    if kind not in RULES:
-        raise ConfigError(f"rule.kind {kind!r} unknown; choose from {sorted(RULES)}")
-    if kind == "random":
-        options.setdefault("seed", seed)
-    cls = RULES[kind]
-    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
-              if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    unknown = set(options) - set(params)
-    if unknown:
-        raise ConfigError(f"unknown rule option(s) {sorted(unknown)} for kind {kind}; known: {sorted(params)}")
-    missing = [n for n, p in params.items() if p.default is p.empty and n not in options]
-    if missing:
-        raise ConfigError(f"rule kind {kind} needs rule.{missing[0]}")
-    hints = typing.get_type_hints(cls.__init__)
-    for name, value in options.items():
-        number = hints.get(name) in (int, float)
-        if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"rule.{name}={value!r}: expected a number")
-    return cls(**options)
+    options = section if isinstance(section, RuleOptions) else RuleOptions.from_dict(section)
+    return options.build(seed)

@@ -148,10 +148,8 @@ class LoopState:
         pending: the decision being committed (``{record, frame}``), or None.
         update: ``{count, pending, started}``: posterior fits done, one due, the due one begun.
         posterior: the current posterior file, relative to the output folder.
-        walkers: the MD walkers (:class:`~mlip_uq.active.explore.Walker` fields); [] for a pool.
-        current_walker: the walker of the last MD chunk (-1: none yet).
-        md_steps: MD steps run by all walkers.
-        pool: ``{used, batch, round}``: pool candidates labelled, the selected batch still to label, batches.
+        explorer: the explorer's state (its :meth:`~mlip_uq.active.explore.Explorer.state_dict`, opaque here:
+            MD walkers, or the pool's candidates used and batch to label).
         rule: the rule's state (:meth:`state_dict`).
         rejected: compositions the reference rejected, with its message.
         history: one entry per posterior fit (counts, test metrics, calibration).
@@ -160,7 +158,7 @@ class LoopState:
     """
 
     format: str = FORMAT
-    version: int = 1
+    version: int = 2
     phase: str = "initial"
     n_decisions: int = 0
     n_labelled: int = 0
@@ -170,10 +168,7 @@ class LoopState:
     pending: Optional[Dict] = None
     update: Dict[str, Any] = field(default_factory=lambda: {"count": 0, "pending": False, "started": False})
     posterior: Optional[str] = None
-    walkers: List[Dict] = field(default_factory=list)
-    current_walker: int = -1
-    md_steps: int = 0
-    pool: Dict[str, Any] = field(default_factory=lambda: {"used": [], "batch": [], "round": 0})
+    explorer: Dict[str, Any] = field(default_factory=dict)
     rule: Dict = field(default_factory=dict)
     rejected: Dict[str, str] = field(default_factory=dict)
     history: List[Dict] = field(default_factory=list)
@@ -190,10 +185,20 @@ class LoopState:
         values = read_json(path)
         if values.get("format") != FORMAT:
             raise ValueError(f"{path} is not the state of an active-learning loop")
+        if "explorer" not in values:  # version 1: the explorer's fields at the top level
+            old = {key: values.pop(key) for key in ("walkers", "current_walker", "md_steps", "pool") if key in values}
+            values["explorer"] = ({key: old[key] for key in ("walkers", "current_walker", "md_steps")}
+                                  if old.get("walkers") else old["pool"])
+            values["version"] = 2
         return cls(**values)
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
+
+    @property
+    def md_steps(self) -> int:
+        """MD steps run by the explorer's walkers (the ``md_steps`` of its state; 0 for a pool)."""
+        return int(self.explorer.get("md_steps", 0))
 
     @property
     def n_calls(self) -> int:
@@ -220,18 +225,21 @@ class Journal:
         rule: the loop's rule; its state is saved with the loop state.
         type_names: element names of the store.
         r_max: cutoff of the store's neighbour lists (Å).
+        explorer: the loop's explorer; its state is saved with the loop state (None: the state's own).
     """
 
-    def __init__(self, out: Path, state: LoopState, rule, type_names: List[str], r_max: float):
-        self.out, self.state, self.rule = Path(out), state, rule
+    def __init__(self, out: Path, state: LoopState, rule, type_names: List[str], r_max: float, explorer=None):
+        self.out, self.state, self.rule, self.explorer = Path(out), state, rule, explorer
         self.state_path, self.store_path = self.out / "state.json", self.out / "labelled.h5"
         self.type_names, self.r_max = type_names, r_max
         self.log = DecisionLog(self.out / "decisions.jsonl", state.n_decisions)
         self._t0, self._total0 = time.perf_counter(), state.timings["total"]
 
     def save(self) -> None:
-        """Write the state (with the rule's state and the total wall time) atomically."""
+        """Write the state (with the rule's and the explorer's state and the total wall time) atomically."""
         self.state.rule = self.rule.state_dict()
+        if self.explorer is not None:
+            self.state.explorer = self.explorer.state_dict()
         self.state.timings["total"] = self._total0 + (time.perf_counter() - self._t0)
         write_json(self.state.to_dict(), self.state_path)
 

@@ -1,7 +1,8 @@
 """Posterior updates of the active-learning loop: the first fit, then warm starts on the grown training set.
 
 The loop updates the posterior through the method protocol of :mod:`mlip_uq.inference`: a method that can be
-updated exports ``UpdateSettings`` (the ``update`` section) and ``update(context, options, index)``. Today:
+updated has the capability :class:`~mlip_uq.inference.UpdatableMethod` (``UpdateSettings``, the ``update``
+section, and ``update(context, options, index)``). Today:
 
 - SG-MCMC (:func:`mlip_uq.inference.sgmcmc.update`): the first fit is ``run_sgmcmc``; each update continues
   every chain from its state (``settle_steps`` re-equilibration steps at the target temperature, frozen
@@ -23,15 +24,16 @@ from typing import Any, Dict, List, Optional
 from nequip.data import AtomicDataDict
 
 from ..config import ConfigError
-from ..inference import METHODS, FitContext, load_method
+from ..inference import METHODS, FitContext, UpdatableMethod, is_updatable, load_method
 from ..model import ModelConfig
 
 Graphs = List[AtomicDataDict.Type]
 
 
 def updatable_methods() -> List[str]:
-    """The methods of :data:`mlip_uq.inference.METHODS` whose modules export ``update``."""
-    return [name for name in METHODS if hasattr(load_method(name), "update")]
+    """The methods of :data:`mlip_uq.inference.METHODS` with the update capability
+    (:class:`~mlip_uq.inference.UpdatableMethod`)."""
+    return [name for name in METHODS if is_updatable(load_method(name))]
 
 
 def update_options(method: str, settings: Any, values: Optional[Dict]) -> Any:
@@ -41,7 +43,7 @@ def update_options(method: str, settings: Any, values: Optional[Dict]) -> Any:
         ConfigError: the method has no active-learning update, or an option is unknown or mistyped.
     """
     module = load_method(method)
-    if not hasattr(module, "update"):
+    if not is_updatable(module):
         raise ConfigError(f"active learning updates {' or '.join(updatable_methods())} posteriors; "
                           f"train.method is {method!r}")
     return module.UpdateSettings.from_dict(dict(values or {}), settings)
@@ -51,7 +53,7 @@ class Updater:
     """The posterior updates of one loop: method ``method`` in ``work/``.
 
     Args:
-        method: the training method (an entry of :data:`mlip_uq.inference.METHODS` with ``update``).
+        method: the training method (an entry of :data:`mlip_uq.inference.METHODS` with the update capability).
         config: the model architecture.
         settings: the method's ``Settings``.
         options: the method's ``UpdateSettings`` (:func:`update_options`).
@@ -61,7 +63,10 @@ class Updater:
 
     def __init__(self, method: str, config: ModelConfig, settings: Any, options: Any, work: Path,
                  run_config: Optional[Dict] = None):
-        self.module = load_method(method)
+        module = load_method(method)
+        if not is_updatable(module):
+            raise ConfigError(f"method {method!r} has no active-learning update")
+        self.module: UpdatableMethod = module
         self.config, self.settings, self.options, self.work = config, settings, options, Path(work)
         self.run_config = dict(run_config or {})
 

@@ -3,16 +3,20 @@
 Every function returns ``{"train", "val", "test"}`` -> sorted int64 frame indices, disjoint and covering all
 frames. Fractions are of all frames; ``val`` is always drawn at random (with ``seed``) from the frames not in
 ``test``, so out-of-distribution splits hold out exactly the named part as ``test``.
+
+The ``data.split`` section of a run configuration is one of the option types at the end, one per ``kind``
+(:data:`SPLITS`); each splits frames with its function (:meth:`RandomSplit.split`).
 """
 
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Union
 
 import ase
 import numpy as np
 from scipy.cluster.vq import kmeans2
 
 from .frames import DataError, neighbor_pairs
-from .references import composition_counts
+from .references import composition_counts, referenced_energy_per_atom
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -173,3 +177,89 @@ def _descriptor(frames: Sequence[ase.Atoms], r_max: float, n_bins: int) -> np.nd
     features = np.hstack([counts / counts.sum(axis=1, keepdims=True), histograms.reshape(len(frames), -1)])
     spread = features.std(axis=0)
     return (features - features.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+
+
+@dataclass(frozen=True)
+class RandomSplit:
+    """``data.split`` of kind ``random``: :func:`random_split`.
+
+    Args:
+        val_fraction: fraction of frames in ``val``.
+        test_fraction: fraction of frames in ``test`` (0 with a separate test file).
+    """
+
+    kind: ClassVar[str] = "random"
+    val_fraction: float
+    test_fraction: float
+
+    def split(self, frames: Sequence[ase.Atoms], seed: int, references: Dict[str, float]) -> dict[str, np.ndarray]:
+        """The split of ``frames`` (``references``: element energies in eV, read by the kinds that need them)."""
+        return random_split(len(frames), self.val_fraction, self.test_fraction, seed)
+
+
+@dataclass(frozen=True)
+class PropertyRangeSplit:
+    """``data.split`` of kind ``property_range``: :func:`property_range_split` on the referenced energy per atom
+    (eV/atom, comparable across compositions), the highest in ``test``.
+
+    Args:
+        val_fraction: fraction of frames in ``val``.
+        test_fraction: fraction of frames in ``test`` (0 with a separate test file).
+    """
+
+    kind: ClassVar[str] = "property_range"
+    val_fraction: float
+    test_fraction: float
+
+    def split(self, frames: Sequence[ase.Atoms], seed: int, references: Dict[str, float]) -> dict[str, np.ndarray]:
+        return property_range_split(referenced_energy_per_atom(frames, references), self.test_fraction,
+                                    self.val_fraction, seed)
+
+
+@dataclass(frozen=True)
+class CompositionSplit:
+    """``data.split`` of kind ``composition``: :func:`cluster_split` by reduced formula (its arguments)."""
+
+    kind: ClassVar[str] = "composition"
+    test_clusters: Optional[List[str]] = None
+    test_fraction: float = 0.2
+    n_clusters: int = 10
+    val_fraction: float = 0.1
+    r_max: float = 5.0
+    n_bins: int = 10
+
+    def split(self, frames: Sequence[ase.Atoms], seed: int, references: Dict[str, float]) -> dict[str, np.ndarray]:
+        return cluster_split(frames, by=self.kind, test_clusters=self.test_clusters, test_fraction=self.test_fraction,
+                             n_clusters=self.n_clusters, val_fraction=self.val_fraction, seed=seed, r_max=self.r_max,
+                             n_bins=self.n_bins)
+
+
+@dataclass(frozen=True)
+class KMeansSplit(CompositionSplit):
+    """``data.split`` of kind ``kmeans``: :func:`cluster_split` by k-means clusters of a structure descriptor."""
+
+    kind: ClassVar[str] = "kmeans"
+
+
+@dataclass(frozen=True)
+class CellSizeSplit:
+    """``data.split`` of kind ``cell_size``: :func:`cell_size_split`, the cells above ``max_train_atoms`` atoms in
+    ``test``.
+
+    Args:
+        max_train_atoms: largest number of atoms of a frame outside ``test``.
+        val_fraction: fraction of all frames in ``val``.
+    """
+
+    kind: ClassVar[str] = "cell_size"
+    max_train_atoms: int
+    val_fraction: float = 0.1
+
+    def split(self, frames: Sequence[ase.Atoms], seed: int, references: Dict[str, float]) -> dict[str, np.ndarray]:
+        return cell_size_split(frames, self.max_train_atoms, self.val_fraction, seed)
+
+
+#: the option type of each ``data.split.kind``
+SPLITS = {cls.kind: cls for cls in (RandomSplit, PropertyRangeSplit, CompositionSplit, KMeansSplit, CellSizeSplit)}
+#: a ``data.split`` section
+Split = Union[RandomSplit, PropertyRangeSplit, CompositionSplit, KMeansSplit, CellSizeSplit]

@@ -13,16 +13,18 @@ Prediction, calibration, the calculator and the posterior file need nothing drop
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, Tuple
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..config import ConfigError, settings_from
 from ..model import ModelConfig, build_model
 from ..model.build import draw_keep, dropout_sites
 from ..posterior import Posterior
+from ..settings import ConfigError, settings_from
+from . import Artifacts, FitContext, MapStart
 from .noise import fit_posterior_noise_on_validation
-from .trainer import MAPSettings, fit_map
+from .trainer import MAPSettings, fit_map, training_curves
 
 
 @dataclass
@@ -94,7 +96,7 @@ def dropout_posterior(config: ModelConfig, state: Dict[str, torch.Tensor], setti
     return Posterior(config, shared, samples, method="dropout", **metadata)
 
 
-def fit(context) -> Posterior:
+def fit(context: FitContext[DropoutSettings]) -> Posterior:
     """Method ``dropout``: MAP training with dropout active (:func:`~mlip_uq.inference.trainer.fit_map`), then
     the MC-dropout posterior of the trained model, written to ``posterior.h5``."""
     config, settings = context.model_config, context.settings
@@ -108,3 +110,13 @@ def fit(context) -> Posterior:
                                                       per_sample=False)
     posterior.save(context.posterior_path)
     return posterior
+
+
+def artifacts(out_dir: Path) -> Artifacts:
+    """The posterior file and the validation curve of the model trained with dropout (``.``)."""
+    return Artifacts(Path(out_dir) / "posterior.h5", training_curves(out_dir, "."))
+
+
+def map_start(config: Mapping[str, Any], map_config: Mapping[str, Any]) -> Optional[MapStart]:
+    """None: the model is trained with dropout, which a MAP run is not."""
+    return None

@@ -21,18 +21,19 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 from nequip.data import AtomicDataDict
 
-from ..config import ConfigError, settings_from
-from ..files import load_checkpoint
+from ..files import atomic_write, load_checkpoint
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, load_posterior
-from .common import fit_map_once, run_in_processes
+from ..settings import ConfigError, settings_from
+from . import Artifacts, FitContext, MapStart, trains_map_alike
+from .common import fit_map_once, run_in_processes, save_checkpoint
 from .noise import fit_posterior_noise_on_validation
-from .trainer import MAPSettings
+from .trainer import MAPSettings, training_curves
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,10 @@ class EnsembleSettings:
     def __post_init__(self):
         for name in ("n_members", "n_processes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ensemble.{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"ensemble.{name} must be at least 1, got {getattr(self, name)}")
         if self.n_processes > 1 and self.training.accelerator not in ("auto", "cpu"):
-            raise ValueError(f"ensemble.n_processes > 1 trains members in CPU processes; training.accelerator "
-                             f"is {self.training.accelerator!r}")
+            raise ConfigError(f"ensemble.n_processes > 1 trains members in CPU processes; training.accelerator "
+                              f"is {self.training.accelerator!r}")
 
     @classmethod
     def from_dict(cls, config: Dict) -> "EnsembleSettings":
@@ -204,7 +205,7 @@ def fit_ensemble(
     return posterior
 
 
-def fit(context) -> Posterior:
+def fit(context: FitContext[EnsembleSettings]) -> Posterior:
     """Method ``ensemble``: :func:`fit_ensemble` on the context's data, written to ``posterior.h5``."""
     posterior = fit_ensemble(context.model_config, context.train, context.val, context.settings, context.out_dir,
                              resume=context.resume, metadata=context.metadata)
@@ -212,7 +213,35 @@ def fit(context) -> Posterior:
     return posterior
 
 
-def update(context, options: UpdateSettings, index: int) -> Path:
+def artifacts(out_dir: Path) -> Artifacts:
+    """The posterior file and every member's validation curve (``members/<k>``)."""
+    return Artifacts(Path(out_dir) / "posterior.h5", training_curves(out_dir, "members/*"))
+
+
+def map_start(config: Mapping[str, Any], map_config: Mapping[str, Any]) -> Optional[MapStart]:
+    """Member 0 is the MAP run's model when it would be trained into it again: member k has the seed
+    ``seed + k`` and the ``training`` settings, so it is when the runs share the sections a MAP fit reads
+    (:func:`~mlip_uq.inference.trains_map_alike`) and the members are not bootstrapped. Then the MAP run is
+    planted as the finished member 0 (:func:`plant_member_zero`)."""
+    section = config.get("ensemble") or {}
+    if section.get("bootstrap", False) or not trains_map_alike(config, map_config):
+        return None
+    return MapStart(plant=plant_member_zero)
+
+
+def plant_member_zero(map_run: Artifacts, out_dir: Path) -> None:
+    """Make a finished MAP run member 0 of the ensemble run in ``out_dir``: its model as the member's
+    ``final.pt`` (a finished member, kept when the ensemble is resumed) and its validation curve (``.``) as the
+    member's ``logs/metrics.csv``."""
+    member = Path(out_dir) / "members" / "0"
+    (member / "logs").mkdir(parents=True, exist_ok=True)
+    save_checkpoint(load_posterior(map_run.posterior).state_dict(0), member / "final.pt")
+    if "." in map_run.curves:
+        with atomic_write(member / "logs" / "metrics.csv") as tmp:
+            tmp.write_text(map_run.curves["."].read_text())
+
+
+def update(context: FitContext[EnsembleSettings], options: UpdateSettings, index: int) -> Path:
     """Fit ``index`` of an active-learning loop, in ``out_dir/round<index>/``: the first (``index`` 0) as
     :func:`fit`, then fine-tuning every member from round ``index - 1`` for ``options.max_epochs`` epochs,
     starting at the learning rate ``options.lr`` (with ``options.retrain``: every fit as the first).

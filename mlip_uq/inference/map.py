@@ -7,11 +7,13 @@ trainer (:func:`~mlip_uq.inference.trainer.fit_map`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Tuple
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from ..model import build_model
 from ..posterior import Posterior
-from .trainer import MAPSettings, fit_map
+from . import Artifacts, FitContext, MapStart
+from .trainer import MAPSettings, fit_map, training_curves
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Settings:
         return cls(MAPSettings.from_dict(config.get("training")))
 
 
-def fit(context) -> Posterior:
+def fit(context: FitContext[Settings]) -> Posterior:
     """Method ``map``: one model trained by :func:`~mlip_uq.inference.trainer.fit_map` (its best validation
     state), as a posterior with one sample, written to ``posterior.h5``; the hyperparameters record the
     ``training`` section as given."""
@@ -42,3 +44,13 @@ def fit(context) -> Posterior:
                                            hyperparameters=context.config.get("training", {}), **context.metadata)
     posterior.save(context.posterior_path)
     return posterior
+
+
+def artifacts(out_dir: Path) -> Artifacts:
+    """The posterior file and the model's validation curve (``.``)."""
+    return Artifacts(Path(out_dir) / "posterior.h5", training_curves(out_dir, "."))
+
+
+def map_start(config: Mapping[str, Any], map_config: Mapping[str, Any]) -> Optional[MapStart]:
+    """None: a MAP run is its one MAP model (a study's MAP run is one)."""
+    return None

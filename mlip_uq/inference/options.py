@@ -4,9 +4,9 @@ and the checks that span configuration sections (dropout)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-from ..config import ConfigError, check_type, settings_from
+from ..settings import FROM_MAP, ConfigError, check_type, section_mapping, settings_from
 
 
 @dataclass
@@ -53,15 +53,6 @@ def likelihood_options(values: Any, section: str) -> Dict[str, Any]:
     return values
 
 
-def section_mapping(values: Any, section: str) -> Dict[str, Any]:
-    """``values`` (None: empty) as a dict, or a :class:`~mlip_uq.config.ConfigError` naming ``section``."""
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{section}={values!r}: expected a mapping of options")
-    return values
-
-
 def check_stochastic(spec: Any, key: str) -> None:
     """Check the form of a ``stochastic`` option: ``all``, ``{last_layers: N}`` or ``{patterns: [...]}``.
 
@@ -70,7 +61,7 @@ def check_stochastic(spec: Any, key: str) -> None:
         >>> check_stochastic({"last_layer": 2}, "sgmcmc.stochastic")
         Traceback (most recent call last):
         ...
-        mlip_uq.config.ConfigError: sgmcmc.stochastic={'last_layer': 2}: expected 'all', {last_layers: N} or {patterns: [...]}
+        mlip_uq.settings.ConfigError: sgmcmc.stochastic={'last_layer': 2}: expected 'all', {last_layers: N} or {patterns: [...]}
     """
     if spec == "all":
         return
@@ -90,3 +81,17 @@ def check_no_dropout(model: Dict, method: str) -> None:
     """
     if float(model.get("dropout", 0.0)) > 0:
         raise ConfigError(f"model.dropout is for methods dropout, map and ensemble, not {method}")
+
+
+def map_options(config: Mapping[str, Any], section: str) -> Tuple[str, ...]:
+    """The options ``<section>.init`` and ``<section>.prior.center`` of a run configuration that ask for the MAP
+    model the run trains first (:data:`~mlip_uq.config.FROM_MAP`), as dotted keys.
+
+    Example:
+        >>> map_options({"vi": {"init": "map", "prior": {"center": "map"}}}, "vi")
+        ('vi.init', 'vi.prior.center')
+    """
+    values = section_mapping(config.get(section), section)
+    prior = values.get("prior") if isinstance(values.get("prior"), dict) else {}
+    return tuple(key for key, value in ((f"{section}.init", values.get("init")),
+                                        (f"{section}.prior.center", prior.get("center"))) if value == FROM_MAP)

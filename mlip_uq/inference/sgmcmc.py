@@ -32,8 +32,8 @@ old ones ("rounds"); it is idempotent, so a killed continuation is resumed by ca
 
 The step plan is :mod:`~mlip_uq.inference.schedule`, a chain and its files :mod:`~mlip_uq.inference.chains`, the
 diagnostics output :func:`~mlip_uq.inference.diagnostics.write_diagnostics`. As a method of the table in
-:mod:`mlip_uq.inference` this module exports ``Settings`` (:class:`SGMCMCSettings`), :func:`fit` and
-:func:`update`.
+:mod:`mlip_uq.inference` this module exports ``Settings`` (:class:`SGMCMCSettings`), :func:`fit`,
+:func:`artifacts`, :func:`map_start` and :func:`update`.
 """
 
 from __future__ import annotations
@@ -45,25 +45,26 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, Dict, List, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from nequip.data import AtomicDataDict
 
-from ..config import FROM_MAP, ConfigError, settings_from
 from ..files import atomic_write
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior
-from .chains import Job, assemble_posterior, chain_samples, run_chain, write_chain_samples
+from ..settings import FROM_MAP, ConfigError, settings_from
+from . import Artifacts, FitContext, MapStart, trains_map_alike
+from .chains import Job, NoDrawsError, assemble_posterior, chain_samples, run_chain, write_chain_samples
 from .common import fit_map_once, resolve_device
 from .diagnostics import write_diagnostics
 from .loss import LossWeights
 from .noise import fit_posterior_noise_on_validation
-from .options import PriorSettings, check_no_dropout, likelihood_options
+from .options import PriorSettings, check_no_dropout, likelihood_options, map_options
 from .priors import pretrained_weights, prior_from_spec, select_stochastic
 from .schedule import Schedule
-from .starts import run_starts, update_starts, write_start_summary
-from .trainer import MAPSettings
+from .starts import STARTS, run_starts, update_starts, write_start_summary
+from .trainer import MAPSettings, training_curves
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,11 @@ class SGMCMCSettings:
         for name in ("batch_size", "n_samples", "thinning", "n_chains", "n_starts", "n_processes",
                      "checkpoint_every", "trace_every"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"sgmcmc.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"sgmcmc.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.burnin_steps < 1 or self.preheat_steps < 0:
-            raise ValueError("sgmcmc.burnin_steps must be >= 1 and sgmcmc.preheat_steps >= 0")
+            raise ConfigError("sgmcmc.burnin_steps must be >= 1 and sgmcmc.preheat_steps >= 0")
         if self.accelerator not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"sgmcmc.accelerator must be auto, cpu or cuda, got {self.accelerator!r}")
+            raise ConfigError(f"sgmcmc.accelerator must be auto, cpu or cuda, got {self.accelerator!r}")
         if self.n_starts > 1 and self.init not in (None, FROM_MAP):
             raise ConfigError(f"sgmcmc.n_starts={self.n_starts} with sgmcmc.init={self.init!r}: every start would "
                               "begin at the same weights and sample one basin; use init: map (a MAP fit per start) "
@@ -185,9 +186,9 @@ class SGMCMCSettings:
                               "MAP fit; it needs sgmcmc.init: map")
         if self.cycle_steps is not None:
             if not 0 <= self.exploration_fraction < 1:
-                raise ValueError(f"sgmcmc.exploration_fraction must be in [0, 1), got {self.exploration_fraction}")
+                raise ConfigError(f"sgmcmc.exploration_fraction must be in [0, 1), got {self.exploration_fraction}")
             if self.schedule().per_cycle < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"sgmcmc.cycle_steps={self.cycle_steps} leaves no room for a sample: the sampling part of a "
                     f"cycle ({self.cycle_steps - self.schedule().exploration_steps} steps) is shorter than "
                     f"thinning={self.thinning}"
@@ -304,7 +305,7 @@ def _run_job(job: Job) -> Posterior:
         Fabric(accelerator=accelerator, devices=n_processes, strategy="ddp_spawn").launch(_fabric_worker, job)
     posterior = assemble_posterior(job)
     if posterior is None:
-        raise RuntimeError(f"no SG-MCMC sample was drawn; see the traces in {job.work}")
+        raise NoDrawsError(f"no SG-MCMC sample was drawn; see the traces in {job.work}")
     write_diagnostics(posterior, job.work)
     return posterior
 
@@ -359,7 +360,7 @@ def _run_chains(job: Job, rank: int, world: int, device: torch.device) -> None:
 Settings = SGMCMCSettings
 
 
-def fit(context) -> Posterior:
+def fit(context: FitContext[SGMCMCSettings]) -> Posterior:
     """Method ``sgmcmc``: :func:`run_sgmcmc` on ``context.train`` (the sampler has no early stopping), then the
     noise stds of the draws fitted to the validation graphs (``sgmcmc.noise_from_validation``); ``posterior.h5``
     is written once, with the final posterior (the draws so far live in each chain's
@@ -393,6 +394,21 @@ def fit(context) -> Posterior:
     return posterior
 
 
+def artifacts(out_dir: Path) -> Artifacts:
+    """The posterior file and the validation curves of the MAP fits (``map``, ``starts/members/<s>``)."""
+    return Artifacts(Path(out_dir) / "posterior.h5", training_curves(out_dir, "map", f"{STARTS}/members/*"))
+
+
+def map_start(config: Mapping[str, Any], map_config: Mapping[str, Any]) -> Optional[MapStart]:
+    """With one start, ``sgmcmc.init`` and ``sgmcmc.prior.center`` ``map`` take the MAP run's posterior file
+    when the runs share the sections a MAP fit reads (:func:`~mlip_uq.inference.trains_map_alike`); several
+    starts have a MAP fit each (None)."""
+    options = map_options(config, "sgmcmc")
+    if not options or (config.get("sgmcmc") or {}).get("n_starts", 1) != 1 or not trains_map_alike(config, map_config):
+        return None
+    return MapStart(options=options)
+
+
 @dataclass
 class UpdateSettings:
     """Active-learning updates of an SG-MCMC posterior (the ``update`` section).
@@ -413,7 +429,7 @@ class UpdateSettings:
         return options
 
 
-def update(context, options: UpdateSettings, index: int) -> Path:
+def update(context: FitContext[SGMCMCSettings], options: UpdateSettings, index: int) -> Path:
     """Fit ``index`` of an active-learning loop on ``train + val`` (sampling has no early stopping): the first
     (``index`` 0) is :func:`run_sgmcmc`, later ones continue every chain with :func:`continue_sgmcmc`. Both are
     checkpointed: a killed update is finished by calling it again. Returns ``out_dir/posterior.h5``.

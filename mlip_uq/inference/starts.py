@@ -34,24 +34,31 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from nequip.data import AtomicDataDict
 
-from ..config import FROM_MAP
 from ..data import collate
 from ..files import write_json
 from ..model import ModelConfig
 from ..posterior import Posterior, load_posterior
 from ..posterior.predict import predict_samples
+from ..settings import FROM_MAP
+from . import FitContext
+from .chains import NoDrawsError
 from .common import run_in_processes
+
+if TYPE_CHECKING:
+    from .sgmcmc import SGMCMCSettings
 
 log = logging.getLogger(__name__)
 
 STARTS = "starts"
 DRAWS = "draws.h5"  # a start's draws, with the noise as sampled (the pooled posterior's noise is fitted after)
+#: marker file of a start whose continuation diverged (it is left out of the pooled posterior)
+DIVERGED = "diverged.json"
 
 
 def pool_starts(parts: Sequence[Posterior], hyperparameters: Optional[Dict] = None) -> Posterior:
@@ -142,7 +149,7 @@ class _StartJob:
 
     index: int
     config: ModelConfig
-    settings: object  # SGMCMCSettings of this start (its init and prior centre filled in)
+    settings: SGMCMCSettings  # this start's (its init and prior centre filled in)
     out_dir: Path
 
 
@@ -165,7 +172,8 @@ def _sample_start(job: _StartJob, train, metadata: Dict, resume: bool) -> None:
                 "sampling_seconds": seconds, "finished": True}, record)
 
 
-def _start_jobs(context, settings, fit: bool = True) -> Tuple[List[_StartJob], List[float]]:
+def _start_jobs(context: FitContext[SGMCMCSettings], settings: SGMCMCSettings,
+                fit: bool = True) -> Tuple[List[_StartJob], List[float]]:
     """Each start's sampling job, after the starts' MAP fits (``init: map``; run here when ``fit``, resumable;
     without ``fit`` they must be done); and the fits' training seconds."""
     from .ensemble import EnsembleSettings, fit_ensemble
@@ -197,14 +205,19 @@ def _start_jobs(context, settings, fit: bool = True) -> Tuple[List[_StartJob], L
     return jobs, fit_seconds
 
 
-def _pooled(jobs: List[_StartJob], settings) -> Posterior:
-    parts = [load_posterior(job.out_dir / DRAWS) for job in jobs]
+def _pooled(jobs: List[_StartJob], settings: SGMCMCSettings) -> Posterior:
+    """The draws of every start that has not diverged, pooled (equal weight per start)."""
+    live = [job for job in jobs if not (job.out_dir / DIVERGED).is_file()]
+    if not live:
+        raise NoDrawsError(f"every start diverged; see {DIVERGED} in {jobs[0].out_dir.parent}/<start>/")
+    parts = [load_posterior(job.out_dir / DRAWS) for job in live]
     hyper = {**parts[0].hyperparameters, "n_starts": settings.n_starts, "init": settings.init,
              "prior_center": settings.prior.center}
     return pool_starts(parts, hyper)
 
 
-def run_starts(context, settings, sample_on=None) -> Posterior:
+def run_starts(context: FitContext[SGMCMCSettings], settings: SGMCMCSettings,
+               sample_on: Optional[Sequence[AtomicDataDict.Type]] = None) -> Posterior:
     """Method ``sgmcmc`` with ``n_starts > 1`` (module docstring); returns the pooled posterior (noise not yet
     fitted on the validation set: :func:`~mlip_uq.inference.sgmcmc.fit` does that).
 
@@ -226,14 +239,26 @@ def run_starts(context, settings, sample_on=None) -> Posterior:
 
 def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_samples: int) -> None:
     """Warm-start every chain of start ``job.index`` on ``train`` (:func:`~mlip_uq.inference.sgmcmc.
-    continue_sgmcmc`, idempotent) and write its new draws."""
+    continue_sgmcmc`, idempotent) and write its new draws. A start whose chains all diverge gets a ``DIVERGED``
+    marker and is left out of the pooled posterior from then on (the other starts go on)."""
     from .sgmcmc import continue_sgmcmc
 
-    continue_sgmcmc(job.config, train, job.settings, job.out_dir, n_steps=n_steps, n_samples=n_samples,
-                    metadata=metadata).save(job.out_dir / DRAWS)
+    marker = job.out_dir / DIVERGED
+    if marker.is_file():  # it stays out of the posterior
+        return
+    try:
+        posterior = continue_sgmcmc(job.config, train, job.settings, job.out_dir, n_steps=n_steps,
+                                    n_samples=n_samples, metadata=metadata)
+    except NoDrawsError as error:
+        log.warning("start %d diverged on the grown training set (%d structures): left out of the posterior "
+                    "from now on", job.index, len(train))
+        write_json({"num_data": len(train), "error": str(error)}, marker)
+        return
+    posterior.save(job.out_dir / DRAWS)
 
 
-def update_starts(context, settings, n_steps: int, n_samples: int, index: int) -> Posterior:
+def update_starts(context: FitContext[SGMCMCSettings], settings: SGMCMCSettings, n_steps: int, n_samples: int,
+                  index: int) -> Posterior:
     """Fit ``index`` of an active-learning loop with several starts: the first as :func:`run_starts` (MAP fits
     on ``context.train`` early-stopped on ``context.val``, then every chain on both), later ones continue every
     start's chains on the grown ``train + val`` (:func:`~mlip_uq.inference.sgmcmc.continue_sgmcmc`: ``n_steps``

@@ -25,9 +25,9 @@ from nequip.data import AtomicDataDict
 from nequip.nn import GraphModel
 from torch.utils.data import DataLoader
 
-from ..config import settings_from
 from ..data import collate
 from ..files import appending_csv, load_checkpoint
+from ..settings import ConfigError, settings_from
 from ..uq.plots import training_curve_plot
 from .loss import LossWeights, loss_terms, profile_neg_log_likelihood, squared_error_sums, weighted_loss
 from .noise import fit_noise_on_validation
@@ -83,7 +83,7 @@ class MAPSettings:
 
     def __post_init__(self):
         if not self.checkpoint_seconds >= 0:
-            raise ValueError(f"training.checkpoint_seconds must be >= 0 (0: every epoch), got {self.checkpoint_seconds}")
+            raise ConfigError(f"training.checkpoint_seconds must be >= 0 (0: every epoch), got {self.checkpoint_seconds}")
 
     @classmethod
     def from_dict(cls, values: Dict) -> "MAPSettings":
@@ -251,6 +251,18 @@ def fit_map(
         fit_noise_on_validation(model, list(val_loader))
         state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
     return state
+
+
+def training_curves(run_dir: Path, *fits: str) -> Dict[str, Path]:
+    """The validation curves (``logs/metrics.csv`` of :func:`fit_map`) of the fits in the folders of ``run_dir``
+    that match the glob patterns ``fits`` (``.``: the run folder itself) and have one, by folder relative to
+    ``run_dir``: what a method's ``artifacts`` lists (:class:`~mlip_uq.inference.Artifacts`)."""
+    run_dir = Path(run_dir)
+    curves = {}
+    for pattern in fits:
+        for path in sorted(run_dir.glob(f"{pattern}/logs/metrics.csv")):
+            curves[str(path.parent.parent.relative_to(run_dir))] = path
+    return curves
 
 
 class _MetricsRows(L.Callback):

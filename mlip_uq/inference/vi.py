@@ -14,8 +14,8 @@ The core is model-agnostic and written init/step/sample style: :func:`init_vi` m
 (means, raw scales ρ, Adam state, RNG; the scales one number or per parameter, e.g. the mean-field Laplace
 scales of :func:`fisher_scales`), :func:`vi_step` takes one optimiser step on any ``nn.Module`` whose
 ``forward`` takes the batch and any per-datum NLL function, :func:`sample_gaussian` draws K parameter sets.
-:func:`fit` is the driver for the NequIP model (method ``vi``): means from a MAP model (a file, or a MAP phase
-run by ``fit_map``), minibatches that are a pure function of (seed, step), checkpoints with ``--resume``, a
+:func:`fit` is the driver for the NequIP model (method ``vi``): means from a fresh initialisation or a MAP model
+(a file, or a MAP phase run by ``fit_map``: ``init: map``), minibatches that are a pure function of (seed, step), checkpoints with ``--resume``, a
 trace.
 
 The posterior file stores the K draws used for evaluation as ordinary samples and the fitted Gaussian itself in
@@ -28,27 +28,28 @@ import csv
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import h5py
 import numpy as np
 import torch
 from nequip.data import AtomicDataDict
 
-from ..config import ConfigError, settings_from
 from ..files import appending_csv, load_checkpoint, write_json
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior, PosteriorFileError, load_posterior
 from ..posterior.io import save_posterior
+from ..settings import FROM_MAP, ConfigError, settings_from
+from . import Artifacts, FitContext, MapStart, trains_map_alike
 from .common import fit_map_once, minibatch, resolve_device, save_checkpoint
 from .diagnostics import trace_drift
 from .loss import LossWeights, neg_log_likelihood
 from .noise import fit_posterior_noise_on_validation
-from .options import PriorSettings, check_no_dropout, likelihood_options
+from .options import PriorSettings, check_no_dropout, likelihood_options, map_options
 from .priors import GaussianPrior, pretrained_weights, prior_from_spec, select_stochastic
-from .trainer import MAPSettings
+from .trainer import MAPSettings, training_curves
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,10 @@ class VISettings:
         n_samples: number K of draws stored as the posterior's samples for evaluation.
         stochastic: which parameters are variational: ``all``, ``{last_layers: N}`` or ``{patterns: [...]}``.
         init: a posterior file or checkpoint holding MAP weights for the means (and the fixed parameters),
-            matched as SG-MCMC's ``init``; None: a MAP phase run by ``fit_map`` with the ``training`` settings.
-        prior: ``{scale: s, layer_scales: {layer: s}, center: null | path}`` as for SG-MCMC.
+            matched as SG-MCMC's ``init``; ``map``: a MAP phase trained first in the same run by ``fit_map`` with
+            the ``training`` settings (:data:`~mlip_uq.config.FROM_MAP`); None: a fresh initialisation (the run's
+            seed), as SG-MCMC's.
+        prior: ``{scale: s, layer_scales: {layer: s}, center: null | path | map}`` as for SG-MCMC.
         likelihood_weights: ``{energy, forces, stress}``, the power likelihood of SG-MCMC's option; all 1: the
             ELBO of the likelihood itself.
         noise_from_validation: fit every stored draw's learned noise stds on the validation split, each draw's
@@ -86,7 +89,8 @@ class VISettings:
         checkpoint_every: steps between checkpoints.
         trace_every: steps between trace rows.
         accelerator: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        training: the MAP phase's settings (the ``training`` section) when ``init`` is None; else None.
+        training: the MAP phase's settings (the ``training`` section) when ``init`` or ``prior.center`` is
+            ``map``; else None.
     """
 
     lr: float = 1e-3
@@ -110,10 +114,14 @@ class VISettings:
 
     PATHS: ClassVar[Tuple[str, ...]] = ("vi.init", "vi.prior.center")
 
+    def uses_map(self) -> bool:
+        """Whether the run starts by training its own MAP model (``init`` or ``prior.center`` is ``map``)."""
+        return FROM_MAP in (self.init, self.prior.center)
+
     @classmethod
     def from_dict(cls, config: Dict) -> "VISettings":
         """From a run configuration: the ``vi`` section (``prior``, ``stochastic`` parsed) and, when
-        ``vi.init`` is not set, ``training`` for the MAP phase that initialises the means.
+        ``vi.init`` or ``vi.prior.center`` is ``map``, ``training`` for the MAP phase.
 
         Raises:
             ConfigError: a mistyped option; ``model.dropout``; ``vi.noise`` (the noise is the model's).
@@ -124,20 +132,20 @@ class VISettings:
         if "training" in values:
             raise ConfigError("the MAP phase's settings go in the training section, not vi.training")
         settings = settings_from(cls, values, "vi")
-        if not settings.init:
+        if settings.uses_map():
             settings.training = MAPSettings.from_dict(config.get("training"))
         return settings
 
     def __post_init__(self):
         if self.accelerator not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"vi.accelerator must be auto, cpu or cuda, got {self.accelerator!r}")
+            raise ConfigError(f"vi.accelerator must be auto, cpu or cuda, got {self.accelerator!r}")
         if self.init_scale != FISHER and not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
-            raise ValueError(f"vi.init_scale must be a number > 0 or {FISHER!r}, got {self.init_scale!r}")
+            raise ConfigError(f"vi.init_scale must be a number > 0 or {FISHER!r}, got {self.init_scale!r}")
         if self.scale_lr is not None and self.scale_lr <= 0:
-            raise ValueError(f"vi.scale_lr must be > 0 or null (the means' lr), got {self.scale_lr}")
+            raise ConfigError(f"vi.scale_lr must be > 0 or null (the means' lr), got {self.scale_lr}")
         if self.mc_samples < 1 or self.n_samples < 1 or self.kl_weight < 0 or self.fisher_structures < 1:
-            raise ValueError(f"vi: mc_samples, n_samples and fisher_structures must be >= 1, kl_weight >= 0; got "
-                             f"{self.mc_samples}, {self.n_samples}, {self.fisher_structures}, {self.kl_weight}")
+            raise ConfigError(f"vi: mc_samples, n_samples and fisher_structures must be >= 1, kl_weight >= 0; got "
+                              f"{self.mc_samples}, {self.n_samples}, {self.fisher_structures}, {self.kl_weight}")
 
 
 def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
@@ -327,10 +335,10 @@ _TRACE_FIELDS = ["step", "neg_elbo", "nll", "kl", "median_scale"]
 Settings = VISettings
 
 
-def fit(context) -> Posterior:
+def fit(context: FitContext[VISettings]) -> Posterior:
     """Method ``vi``: fit the mean-field Gaussian of the stochastic parameters and write ``posterior.h5``.
 
-    Files in ``context.out_dir``: ``map/`` (the MAP phase, when ``settings.init`` is None), ``vi/vi.ckpt``
+    Files in ``context.out_dir``: ``map/`` (the MAP phase, with ``init`` or ``prior.center`` ``map``), ``vi/vi.ckpt``
     (checkpoint), ``vi/trace.csv``, ``vi/convergence.json`` (:func:`report_convergence`), ``posterior.h5``.
     With ``context.resume`` the fit continues from ``vi/vi.ckpt`` (and a finished or checkpointed MAP phase).
     N = ``len(context.train)`` in the KL weight; the validation graphs are used by the MAP phase only.
@@ -343,7 +351,15 @@ def fit(context) -> Posterior:
     out_dir = Path(context.out_dir)
     work = out_dir / "vi"
     work.mkdir(parents=True, exist_ok=True)
-    model = build_model(config)
+    model = build_model(config)  # a fresh initialisation (seed config.seed) unless init is set
+    if settings.uses_map():
+        if settings.training is None:
+            raise ValueError("vi.init or vi.prior.center is map: the MAP phase needs the training settings")
+        fit_map_once(build_model(config), train, context.val, settings.training, out_dir / "map", seed=config.seed,
+                     resume=context.resume)
+        start = str(out_dir / "map" / "final.pt")
+        init, center = (start if value == FROM_MAP else value for value in (settings.init, settings.prior.center))
+        settings = replace(settings, init=init, prior=replace(settings.prior, center=center))
     if settings.init:
         shapes = {n: t.shape for n, t in model.state_dict().items()}
         start = pretrained_weights(settings.init, list(shapes), shapes)
@@ -351,11 +367,6 @@ def fit(context) -> Posterior:
         if missing:
             raise ValueError(f"vi.init {settings.init} has no value for {missing}")
         model.load_state_dict(start)
-    else:
-        if settings.training is None:
-            raise ValueError("vi.init is not set: the MAP phase needs the training settings")
-        model.load_state_dict(fit_map_once(model, train, context.val, settings.training, out_dir / "map",
-                                           seed=config.seed, resume=context.resume))
     stochastic = select_stochastic(model, settings.stochastic)
     prior = prior_from_spec(settings.prior, model, stochastic)
     device = resolve_device(settings.accelerator)
@@ -386,6 +397,18 @@ def fit(context) -> Posterior:
     save_vi_posterior(posterior, {n: t.cpu() for n, t in state.means.items()}, {n: t.cpu() for n, t in scales.items()},
                       context.posterior_path)
     return posterior
+
+
+def artifacts(out_dir: Path) -> Artifacts:
+    """The posterior file and the validation curve of the MAP phase (``map``)."""
+    return Artifacts(Path(out_dir) / "posterior.h5", training_curves(out_dir, "map"))
+
+
+def map_start(config: Mapping[str, Any], map_config: Mapping[str, Any]) -> Optional[MapStart]:
+    """``vi.init`` and ``vi.prior.center`` ``map`` take the MAP run's posterior file when the runs share the
+    sections a MAP fit reads (:func:`~mlip_uq.inference.trains_map_alike`)."""
+    options = map_options(config, "vi")
+    return MapStart(options=options) if options and trains_map_alike(config, map_config) else None
 
 
 # The median σ is a smooth trace (a row differs from the last by Adam's small moves), so its rows are not the

@@ -8,6 +8,7 @@ Bayesian model) and *stochastic* tensors, stored with a leading sample axis of l
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -153,6 +154,29 @@ class Posterior:
         if "samples" in changes and "weights" not in changes:
             changes["weights"] = None  # new samples: equal weights unless given
         return Posterior(**{name: changes.get(name, getattr(self, name)) for name in fields})
+
+    def as_dtype(self, dtype: str) -> "Posterior":
+        """This posterior with its architecture and floating-point tensors in ``dtype``: itself where ``dtype`` is
+        already its own, else a new posterior (tensors cast, on the same device; weights and metadata kept).
+
+        Args:
+            dtype: ``"float32"`` or ``"float64"``.
+
+        Raises:
+            ValueError: another ``dtype``.
+        """
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if dtype == self.config.dtype:
+            return self
+        torch_dtype = getattr(torch, dtype)
+
+        def cast(tensors):
+            return {n: t.to(torch_dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+
+        other = self.replace(config=dataclasses.replace(self.config, dtype=dtype), shared=cast(self.shared),
+                             samples=cast(self.samples), weights=self.weights)
+        return other.to(self.device)
 
     def with_calibration(self, calibration: Dict[str, float]) -> "Posterior":
         """A copy sharing the tensors, with other recalibration factors."""

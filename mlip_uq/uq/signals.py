@@ -28,6 +28,8 @@ from typing import Mapping, Tuple
 
 import numpy as np
 
+from ..result_keys import ATOM_FORCE_STD, ATOM_FORCE_STD_EPISTEMIC
+
 #: the signal names and their units
 SIGNALS = {"total": "eV/Å", "epistemic": "eV/Å", "bald": "nats"}
 
@@ -70,5 +72,5 @@ def atom_signal(signal: str, atom_force_std: np.ndarray, atom_force_std_epistemi
 def signal_from_results(results: Mapping, signal: str) -> np.ndarray:
     """:func:`atom_signal` of a calculator's results (``atom_force_std`` and, unless ``signal`` is ``total``,
     ``atom_force_std_epistemic``, as :class:`~mlip_uq.calculator.UQCalculator` writes them)."""
-    total = results["atom_force_std"]
-    return atom_signal(signal, total, total if signal == "total" else results["atom_force_std_epistemic"])
+    total = results[ATOM_FORCE_STD]
+    return atom_signal(signal, total, total if signal == "total" else results[ATOM_FORCE_STD_EPISTEMIC])

@@ -70,7 +70,7 @@ def _assert_no_loss_no_duplicate(out):
     assert len(set(positions)) == len(positions)
     state = json.loads((out / "state.json").read_text())
     assert state["n_labelled"] == len(store) and state["pending"] is None
-    for walker in state["walkers"]:  # the MD trace: every step of every walker once, in order
+    for walker in state["explorer"].get("walkers", []):  # the MD trace: every step of every walker once
         with open(out / "md" / f"walker{walker['index']}.csv") as handle:
             steps = [int(row["step"]) for row in csv.DictReader(handle)]
         assert steps == list(range(1, walker["steps_done"] + 1))
@@ -170,6 +170,28 @@ def test_killed_loop_resumes_without_loss_or_duplicate(point, reference, tmp_pat
         torch.testing.assert_close(resumed.samples[key], value, rtol=1e-6, atol=1e-8)
 
 
+def test_interval_rule_calls_every_n_walker_steps_and_resumes_at_the_same_steps(tmp_path, monkeypatch):
+    """The fixed-interval baseline: two walkers (600 K and 1,200 K) call at walker steps 10, 20, 30, ... exactly,
+    and a kill during a reference call resumes at the same steps."""
+    cfg = tiny_config(rule={"kind": "interval", "every": 10}, budget={"max_calls": 4},
+                      explore={"kind": "md", "starts": {"path": str(BUNDLED_ETHANOL_TRAIN), "index": "0:2"},
+                               "steps": 40, "chunk_steps": 20, "min_gap": 5, "temperature_K": [600, 1200]})
+    run_active(cfg, tmp_path / "whole")
+    decisions, _ = _assert_no_loss_no_duplicate(tmp_path / "whole")
+    calls = [(d["source"], d["step"]) for d in decisions if d["phase"] == "explore"]
+    assert calls == [("md walker 0", 10), ("md walker 1", 10), ("md walker 0", 20), ("md walker 1", 20)]
+    _kill_on_call(monkeypatch, Oracle, "label", N_INITIAL + 4 + 3, after=False)  # during the third MD call
+    with pytest.raises(Killed):
+        run_active(cfg, tmp_path / "killed")
+    monkeypatch.undo()
+    run_active(cfg, tmp_path / "killed", resume=True)
+    resumed, _ = _assert_no_loss_no_duplicate(tmp_path / "killed")
+    assert [(d["source"], d["step"]) for d in resumed if d["phase"] == "explore"] == calls
+    with pytest.raises(ValueError, match=r"rule.every=15: expected a multiple of explore.uq_every \(10\)"):
+        run_active(dict(cfg, rule={"kind": "interval", "every": 15},
+                        explore=dict(cfg["explore"], uq_every=10)), tmp_path / "bad")
+
+
 class Scripted(Calculator):
     """GFN2-xTB, except for the calls that ``plan`` (shared by every instance) scripts to fail."""
 
@@ -211,7 +233,8 @@ def test_failures_are_recorded_and_skipped_and_a_rejected_composition_is_never_r
     assert list(summary["rejected_compositions"]) == ["C-H-N"]
     assert len(store) == N_INITIAL + 2 and summary["updates"] == 3
     state = json.loads((out / "state.json").read_text())
-    assert state["walkers"][1]["done"] and state["walkers"][0]["restarts"] == 2
+    walkers = state["explorer"]["walkers"]
+    assert walkers[1]["done"] and walkers[0]["restarts"] == 2
 
 
 def test_a_reached_target_stops_the_loop(tmp_path):

@@ -125,10 +125,12 @@ def test_splits_hold_out_what_they_claim(study, tio2_path):
 def test_finished_runs_are_reused_and_budgets_select(study, tmp_path, monkeypatch):
     path, out = study
     monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    # a row written before the epistemic OOD score is evaluated again, from the trained run
+    # a row of an earlier version (here: one written before row versions, without the epistemic OOD score) is
+    # evaluated again, from the trained run
     summary = out / "full" / "cell_size" / "ensemble" / "compare.json"
     old_row = json.loads(summary.read_text())
-    summary.write_text(json.dumps({k: v for k, v in old_row.items() if k != "ood_auroc_epistemic"}))
+    assert old_row["row_version"] == compare_module.ROW_VERSION
+    summary.write_text(json.dumps({k: v for k, v in old_row.items() if k not in ("row_version", "ood_auroc_epistemic")}))
     results = compare_module.compare(path, out)
     assert len(results["runs"]) == 6
     new_row = json.loads(summary.read_text())

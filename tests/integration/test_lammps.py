@@ -173,14 +173,23 @@ def firing_step(values, threshold, consecutive):
     return None
 
 
+HALT_UQ_EVERY = 5
+
+
+@pytest.fixture(scope="module")
+def free_run(posterior, start):
+    """ASE's run without a stop rule, checked every HALT_UQ_EVERY steps (both signals are in its records): the
+    values the halt tests place their thresholds between, the same for each of them."""
+    return run_md(start.copy(), UQCalculator(posterior, dtype="float64"), steps=STEPS, ensemble="nve",
+                  uq_every=HALT_UQ_EVERY, log_every=HALT_UQ_EVERY, progress=False)
+
+
 @needs_lammps
 @pytest.mark.parametrize("epistemic,consecutive", [(False, 1), (False, 2), (True, 1)])
-def test_halt_fires_at_the_step_the_stop_rule_names(posterior, start, tmp_path, epistemic, consecutive):
-    uq_every = 5
+def test_halt_fires_at_the_step_the_stop_rule_names(posterior, start, free_run, tmp_path, epistemic, consecutive):
+    uq_every = HALT_UQ_EVERY
     key = "max_atom_force_std_epistemic" if epistemic else "max_atom_force_std"
-    free = run_md(start.copy(), UQCalculator(posterior, dtype="float64"), steps=STEPS, ensemble="nve",
-                  uq_every=uq_every, log_every=uq_every, progress=False)
-    checks = [(r["step"], r[key]) for r in free.records if r["step"] % uq_every == 0]
+    checks = [(r["step"], r[key]) for r in free_run.records if r["step"] % uq_every == 0]
     # the threshold (midway between two checked values, 1e-6 eV/Å or more from each) that fires latest in the run
     values = sorted(v for _, v in checks)
     thresholds = [(lo + hi) / 2 for lo, hi in zip(values, values[1:]) if hi - lo > 2e-6]

@@ -21,7 +21,8 @@ READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
 HEADS = {READOUT} | {f"model.func.observation_noise.{q}_log_factor" for q in ("force", "energy", "stress")}
 TRAINING = {"max_epochs": 2, "batch_size": 8, "lr": 0.01, "loss_weights": {"energy": 1.0, "forces": 1.0},
             "accelerator": "cpu"}
-VI = {"steps": 24, "batch_size": 8, "lr": 2e-3, "n_samples": 4, "checkpoint_every": 10, "trace_every": 2}
+VI = {"steps": 24, "batch_size": 8, "lr": 2e-3, "n_samples": 4, "checkpoint_every": 10, "trace_every": 2,
+      "init": "map"}  # a MAP phase first, in map/
 SECTIONS = {
     "ensemble": {"ensemble": {"n_members": 3}},
     "vi": {"vi": VI},
@@ -123,6 +124,15 @@ def test_partially_bayesian_vi_varies_only_the_heads(runs, tio2_path, store, tmp
     start = torch.load(runs["vi"] / "map" / "final.pt", weights_only=True)
     assert torch.equal(post.shared["model.func.layer0_convnet.conv.linear_1.weight"],
                        start["model.func.layer0_convnet.conv.linear_1.weight"])
+
+
+def test_vi_with_init_null_starts_from_a_fresh_initialisation(tio2_path, store, tmp_path):
+    # as SG-MCMC's init: null; the MAP phase is init: map (the module's VI run)
+    cfg = config(tio2_path, store, "vi", vi={**VI, "init": None, "steps": 4})
+    out = train(cfg, out_dir=tmp_path)
+    assert not (out / "map").exists()
+    post = load_posterior(out / "posterior.h5")
+    assert post.hyperparameters["init"] is None and post.hyperparameters["training"] is None
 
 
 def test_mean_variance_ensemble_reports_aleatoric_forces_uncertainty(tio2_path, store, tmp_path):

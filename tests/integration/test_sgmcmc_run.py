@@ -1,6 +1,7 @@
 """``method: sgmcmc`` end to end: phases, several chains, partial posteriors, priors, resume, divergence."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +370,45 @@ def test_active_learning_continues_the_chains_of_every_start(tio2_path, tio2_sto
         assert chain["round"] == 1 and chain["step"] == 45 + 3 + 2 * 3
         assert all(g["num_data"] == len(context.train) + len(context.val) for g in chain["optimizer"]["param_groups"])
     assert not torch.equal(post.samples[READOUT][0], first.samples[READOUT][2])
+
+
+def test_a_start_that_diverges_in_an_update_is_left_out_and_the_others_go_on(tio2_path, tio2_store, starts_run,
+                                                                             tmp_path, monkeypatch):
+    import shutil
+
+    from mlip_uq.data import FrameStore
+    from mlip_uq.inference import FitContext
+    from mlip_uq.inference import sgmcmc as sgmcmc_module
+    from mlip_uq.inference.chains import NoDrawsError
+    from mlip_uq.inference.sgmcmc import SGMCMCSettings, UpdateSettings, update
+    from mlip_uq.inference.starts import DIVERGED
+
+    run = tmp_path / "run"
+    shutil.copytree(starts_run, run)
+    splits = json.loads((run / "splits.json").read_text())
+    store = FrameStore.open(tio2_store)
+    original, continued = sgmcmc_module.continue_sgmcmc, []
+
+    def start0_diverges(config, train, settings, out_dir, **kwargs):
+        continued.append(Path(out_dir).name)
+        if Path(out_dir).name == "0":
+            raise NoDrawsError("every chain diverged")
+        return original(config, train, settings, out_dir, **kwargs)
+
+    monkeypatch.setattr(sgmcmc_module, "continue_sgmcmc", start0_diverges)
+    settings = SGMCMCSettings.from_dict(starts_config(tio2_path, tio2_store))
+    first = load_posterior(run / "posterior.h5")
+    for index, extra in ((1, 4), (2, 6)):
+        context = FitContext(model_config=first.config, train=store.graphs(splits["train"] + splits["test"][:extra]),
+                             val=store.graphs(splits["val"]), settings=settings, out_dir=run)
+        post = load_posterior(update(context, UpdateSettings(settle_steps=3, n_samples=2), index=index))
+        assert post.hyperparameters["sample_starts"] == [0, 0]  # start 1's draws alone (renumbered from 0)
+        assert torch.allclose(post.weights, torch.full((2,), 0.5, dtype=torch.float64))
+    assert continued == ["0", "1", "1"]  # the diverged start is not continued again
+    assert json.loads((run / "starts" / "0" / DIVERGED).read_text())["num_data"] == len(splits["train"]) + 4 + len(
+        splits["val"])
+    (run / "starts" / "1" / DIVERGED).write_text("{}")
+    with pytest.raises(NoDrawsError, match="every start diverged"):
+        context = FitContext(model_config=first.config, train=store.graphs(splits["train"] + splits["test"][:8]),
+                             val=store.graphs(splits["val"]), settings=settings, out_dir=run)
+        update(context, UpdateSettings(settle_steps=3, n_samples=2), index=3)

@@ -126,11 +126,13 @@ def test_last_checkpoint_waits_for_its_interval_and_is_written_when_training_end
         MAPSettings(checkpoint_seconds=-1)
 
 
-def test_resume_refuses_a_changed_configuration(tio2_path, tmp_path):
-    train(small_config(tio2_path, max_epochs=1), out_dir=tmp_path)
-    changed = small_config(tio2_path, max_epochs=1, lr=0.5)
+def test_resume_refuses_a_changed_configuration(trained, tio2_path, tmp_path):
+    import shutil
+
+    run = shutil.copytree(trained, tmp_path / "run")  # the module's run, as it started with small_config(max_epochs=20)
+    changed = small_config(tio2_path, max_epochs=20, lr=0.5)
     with pytest.raises(ValueError, match="differs from the one the run"):
-        train(changed, out_dir=tmp_path, resume=True)
+        train(changed, out_dir=run, resume=True)
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):

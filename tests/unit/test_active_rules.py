@@ -1,10 +1,18 @@
-"""Selection rules: thresholds, top-k, random baseline, and the calibrated rule on a synthetic Gaussian case."""
+"""Selection rules: thresholds, top-k, random and fixed-interval baselines, and the calibrated rule on a synthetic Gaussian case."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from mlip_uq.active.rules import CalibratedRule, RandomRule, ThresholdRule, TopKRule, rule_from_config
+from mlip_uq.active.rules import (
+    CalibratedRule,
+    IntervalRule,
+    RandomRule,
+    ThresholdRule,
+    TopKRule,
+    rule_from_config,
+)
+from mlip_uq.config import ConfigError
 
 
 def _pool(rng, n=20, atoms=5):
@@ -55,6 +63,16 @@ def test_random_rule_fires_at_its_rate_and_its_state_round_trips():
     other = RandomRule(probability=0.1, seed=99)
     other.load_state_dict(state)
     assert [other.check(None, None) for _ in range(50)] == after
+
+
+def test_interval_rule_is_due_at_every_nth_walker_step_only():
+    rule = rule_from_config({"kind": "interval", "every": 25})
+    assert isinstance(rule, IntervalRule) and rule.check(None, None)  # fires at every check it is due
+    assert [step for step in range(0, 101) if rule.due(step)] == [25, 50, 75, 100]
+    assert RandomRule(probability=0.5).due(7)  # the other rules may call at any step
+    for every in (0, -5, 2.5, True):
+        with pytest.raises(ConfigError, match="rule.every"):
+            IntervalRule(every)
 
 
 def _synthetic(rng, n_atoms, true_scale):

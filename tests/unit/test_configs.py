@@ -1,19 +1,20 @@
-"""Every shipped configuration (configs/*.yaml) loads and its settings parse, without training; a configuration
-that names a data set the cache does not hold fails with the command that fetches it."""
+"""Every shipped configuration (configs/*.yaml) loads and its settings parse, without training; a wrong type in
+any section of one is named by the one loader, with its key; a configuration that names a data set the cache
+does not hold fails with the command that fetches it."""
 
+import copy
+import re
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
 
-from mlip_uq.active.config import load_active_config, train_config
-from mlip_uq.active.rules import rule_from_config
-from mlip_uq.active.update import update_options
+from mlip_uq.active.config import ActiveConfig, load_active_config
 from mlip_uq.cli import main
 from mlip_uq.compare import load_compare_config, run_config
-from mlip_uq.config import load_config, read_config_file
+from mlip_uq.config import BASE_SECTIONS, ConfigError, RunConfig, load_config, read_config_file
 from mlip_uq.datasets import DatasetNotFetchedError
-from mlip_uq.train import method_settings
+from mlip_uq.inference import METHODS
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
@@ -29,22 +30,21 @@ def test_the_repository_ships_configurations_of_every_kind():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configuration_loads_and_its_settings_parse(path, fake_data_cache, tmp_path):
-    """Training configurations: ``load_config`` and the method's ``Settings`` (what ``mlip-uq train`` checks
-    before it reads data); active-learning ones: the loader, the rule, the training configuration of the loop's
-    posterior with its method settings and the ``update`` section; comparisons: every run of every budget."""
+    """Training configurations: ``load_config`` (every section, the method's ``Settings`` included: what ``mlip-uq
+    train`` checks before it reads data); active-learning ones: the loader (the rule, the training configuration of
+    the loop's posterior with its method settings, the ``update`` section); comparisons: every run of every
+    budget."""
     what = kind(path)
     if what == "train":
         config = load_config(path)
-        method_settings(config)
-        for key in ("path", "test_path"):
-            if config["data"][key]:
-                assert Path(config["data"][key]).is_absolute()
+        assert isinstance(config, RunConfig) and config.settings is not None
+        for key in (config.data.path, config.data.test_path):
+            assert key is None or Path(key).is_absolute()
     elif what == "active":
         cfg = load_active_config(path)
-        rule_from_config(cfg["rule"], seed=int(cfg["seed"]))
-        train = train_config(cfg, tmp_path)
-        update_options(train["method"], method_settings(train), cfg["update"])
-        assert Path(cfg["initial"]["path"]).is_absolute()
+        assert isinstance(cfg, ActiveConfig) and cfg.rule.build(cfg.seed).kind == cfg.rule.kind
+        assert cfg.train_config(tmp_path).data.path == str(tmp_path / "initial.extxyz")
+        assert Path(cfg.initial.path).is_absolute()
     else:
         raw, _ = read_config_file(path)
         for budget in [None, *raw["compare"].get("budgets", {})]:
@@ -52,17 +52,76 @@ def test_shipped_configuration_loads_and_its_settings_parse(path, fake_data_cach
             for regime in study["regimes"]:
                 for split in study["splits"]:
                     for method in study["methods"]:
-                        method_settings(load_config(run_config(study, regime, split, method)))
+                        load_config(run_config(study, regime, split, method))
+
+
+def _first_leaf(section, key):
+    """The dotted key and value of the first option (depth first) of a section; a list counts as one option."""
+    if not isinstance(section, dict) or not section:
+        return key, section
+    name, value = next(iter(section.items()))
+    return _first_leaf(value, f"{key}.{name}")
+
+
+def _wrong(value):
+    """A value of another type than ``value``'s (a string where a number, flag or list is expected, a number
+    where a string is)."""
+    return 12345 if isinstance(value, str) else "wrong"
+
+
+def _with_wrong_type(raw: dict, section: str):
+    """``raw`` with the first option of ``section`` given a wrong type, and that option's dotted key."""
+    broken = copy.deepcopy(raw)
+    dotted, value = _first_leaf(broken[section], section)
+    *parents, last = dotted.split(".")
+    node = broken
+    for part in parents:
+        node = node[part]
+    node[last] = _wrong(value)
+    return broken, dotted
+
+
+def _cases():
+    """(configuration, section) for every section of every shipped training and active-learning configuration
+    that its loader reads (a training configuration's sections of its method and the base ones)."""
+    for path in CONFIGS:
+        raw, _ = read_config_file(path)
+        what = kind(path)
+        if what == "train":
+            read = set(BASE_SECTIONS) | set(METHODS[raw.get("method", "map")].sections)
+            yield from ((path, s) for s in raw if s in read)
+        elif what == "active":
+            yield from ((path, s) for s in raw)
+            yield from ((path, f"train.{s}") for s in raw["train"] if s != "method")
+
+
+@pytest.mark.parametrize("path, section", list(_cases()), ids=lambda v: v.stem if isinstance(v, Path) else v)
+def test_a_wrong_type_in_any_section_is_named_by_the_loader(path, section, fake_data_cache, monkeypatch):
+    """One place validates settings: a value of the wrong type in any section of a shipped configuration is a
+    :class:`~mlip_uq.settings.ConfigError` of ``load_config`` / ``load_active_config`` that names its key (a key
+    of the loop's training configuration as ``train: key``)."""
+    raw, _ = read_config_file(path)
+    if section.startswith("train."):
+        train, dotted = _with_wrong_type(raw["train"], section.split(".", 1)[1])
+        broken, dotted = {**raw, "train": train}, f"train.{dotted}"
+    else:
+        broken, dotted = _with_wrong_type(raw, section)
+    monkeypatch.chdir(path.parent)  # a mapping's relative paths are the working directory's
+    load = load_config if kind(path) == "train" else load_active_config
+    with pytest.raises(ConfigError) as error:
+        load(broken)
+    named = (dotted, dotted.replace("train.", "train: ", 1))
+    assert any(re.search(rf"(^|[^\w.]){re.escape(key)}\b", str(error.value)) for key in named), str(error.value)
 
 
 def test_configurations_name_their_public_data_sets_in_the_cache(fake_data_cache):
     """The data sets the configurations train on are found in the ``mlip-uq data fetch`` cache."""
-    assert load_config(REPO_ROOT / "configs" / "ethanol_map.yaml")["data"]["path"] == str(
+    assert load_config(REPO_ROOT / "configs" / "ethanol_map.yaml").data.path == str(
         fake_data_cache / "rmd17_ethanol" / "rmd17_ethanol_train_01.extxyz")
-    assert load_config(REPO_ROOT / "configs" / "tio2_map.yaml")["data"]["path"] == str(
+    assert load_config(REPO_ROOT / "configs" / "tio2_map.yaml").data.path == str(
         fake_data_cache / "tio2_aenet" / "tio2_aenet_7815.extxyz")
     active = load_active_config(REPO_ROOT / "configs" / "active_acac_xtb.yaml")
-    assert active["initial"]["path"] == str(fake_data_cache / "botnet_acac" / "train_300K.xyz")
+    assert active.initial.path == str(fake_data_cache / "botnet_acac" / "train_300K.xyz")
 
 
 def test_a_configuration_naming_an_absent_data_set_names_the_fetch_command(tmp_path, monkeypatch, capsys):

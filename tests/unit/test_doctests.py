@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "mlip_uq.files",
+    "mlip_uq.settings",
     "mlip_uq.config",
     "mlip_uq.inference.common",
     "mlip_uq.inference.options",

@@ -16,6 +16,9 @@ from mlip_uq.model.build import dropout_sites
 from mlip_uq.posterior import Posterior, load_posterior
 from mlip_uq.posterior.predict import predict_samples
 
+#: every build here is a real build (not a copy of the session's first build of the same model, tests/conftest.py):
+#: these tests check what building with and without dropout gives
+FRESH_MODELS = True
 TYPES = ["O", "Ti"]
 # float64: masks are checked against weight-row zeroing at tight tolerances
 SIZES = dict(type_names=TYPES, r_max=4.0, num_layers=2, num_features=8, radial_mlp_width=16, readout_hidden_width=8,
@@ -25,7 +28,7 @@ RATE = 0.25
 
 @pytest.fixture(scope="module")
 def batch(tio2_path):
-    frames = read_frames(tio2_path)[:3]
+    frames = read_frames(tio2_path, index=":3")
     return collate([atoms_to_graph(a, TYPES, 4.0) for a in frames])
 
 
@@ -63,7 +66,7 @@ def test_dropout_keeps_parameter_names_and_eval_mode_is_the_mean_network(batch):
 
 
 def test_training_masks_are_per_structure(tio2_path):
-    frame = read_frames(tio2_path)[0]
+    frame = read_frames(tio2_path, index=0)[0]
     twice = collate([atoms_to_graph(frame, TYPES, 4.0)] * 2)
     model = build_model(ModelConfig(**SIZES, dropout=RATE))
     e_eval, _ = outputs(model.eval(), twice)

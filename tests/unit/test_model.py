@@ -12,6 +12,9 @@ from mlip_uq._keys import ENERGY_LOG_SIGMA_KEY, PER_ATOM_LOG_SIGMA_KEY, STRESS_L
 from mlip_uq.data.graph import atoms_to_graph
 from mlip_uq.model import ModelConfig, build_model
 
+#: every build here is a real build (not a copy of the session's first build of the same model, tests/conftest.py):
+#: these tests check the builds themselves, e.g. that a seed gives the same parameters
+FRESH_MODELS = True
 TYPE_NAMES = ["H", "C", "O", "Ti"]
 SHIFTS = {"H": -13.6, "C": -1030.0, "O": -432.5, "Ti": -1604.6}
 

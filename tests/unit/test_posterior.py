@@ -155,3 +155,18 @@ def test_bad_weights_and_sample_counts_are_rejected():
     torch.testing.assert_close(post.weights, torch.tensor([0.25, 0.75], dtype=torch.float64))
     with pytest.raises(IndexError):
         post.state_dict(2)
+
+
+def test_as_dtype_casts_the_tensors_and_keeps_the_rest():
+    post = Posterior.from_state_dicts(CONFIG, state_dicts([0, 1]), method="ensemble", weights=torch.tensor([1.0, 3.0]),
+                                      energy_references={"H": -13.6}, data_fingerprint="abc")
+    own, other = post.config.dtype, {"float32": "float64", "float64": "float32"}[post.config.dtype]
+    assert post.as_dtype(own) is post  # already its dtype
+    cast = post.as_dtype(other)
+    assert cast.config.dtype == other and post.config.dtype == own
+    floating = [t for t in {**cast.shared, **cast.samples}.values() if t.is_floating_point()]
+    assert floating and all(t.dtype == getattr(torch, other) for t in floating)
+    assert (cast.method, cast.energy_references, cast.data_fingerprint) == ("ensemble", {"H": -13.6}, "abc")
+    torch.testing.assert_close(cast.weights, post.weights, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dtype"):
+        post.as_dtype("float16")
