@@ -60,6 +60,7 @@ from mlip_uq.data import read_frames
 from mlip_uq.evaluate import metrics_and_plots, predict_graphs
 from mlip_uq.files import atomic_write, write_json
 from mlip_uq.posterior import load_posterior
+from mlip_uq.stability import bond_fragments, unphysical
 from mlip_uq.uq.plots import new_figure, save_figure
 from mlip_uq.uq.signals import atom_signal
 
@@ -215,13 +216,13 @@ def control(args, runs):
     cfg["budget"]["max_calls"] = 0
     loop = ActiveLoop(cfg, out, resume=(out / "state.json").is_file())
     loop.run()  # labels the initial and test sets, fits, stops: budget of 0 calls used
-    train, val = loop._training_sets()
-    metadata = {"energy_references": loop._data()[0].energy_references}
+    train, val = loop.training_sets()
+    metadata = {"energy_references": loop.energy_references()}
     history = [dict(loop.state.history[0])]
     for k in range(1, args.calls + 1):
         loop.updater.settle_steps = 40 + k % 2
         posterior = load_posterior(loop.updater.fit(train, val, k, False, metadata))
-        metrics = metrics_and_plots(predict_graphs(posterior, loop._test()))
+        metrics = metrics_and_plots(predict_graphs(posterior, loop.test_graphs()))
         history.append({"update": k, "calls_initial": history[0]["calls_initial"], "calls_explore": k,
                         "forces_mae": metrics["forces_mae"], "energy_mae": metrics["energy_mae"]})
         logging.info("control update %d: test forces MAE %.4f eV/Å", k, metrics["forces_mae"])
@@ -270,22 +271,6 @@ def fraction(x: float) -> str:
     return "never" if not np.isfinite(x) else f"{x:.2f}"
 
 
-def fragments(atoms) -> int:
-    """Connected fragments of the bond graph (bonded: within 1.3x the sum of the covalent radii)."""
-    from ase.data import covalent_radii
-    from scipy.sparse.csgraph import connected_components
-
-    radii = covalent_radii[atoms.numbers]
-    return connected_components(atoms.get_all_distances() < 1.3 * (radii[:, None] + radii[None, :]), directed=False)[0]
-
-
-def unphysical(atoms, initial_fragments: int) -> bool:
-    """Two atoms closer than 0.6 Å, or more fragments than at the start."""
-    d = atoms.get_all_distances()
-    np.fill_diagonal(d, np.inf)
-    return bool(d.min() < 0.6) or fragments(atoms) > initial_fragments
-
-
 def divergence(args, runs, threshold: float):
     """The stop rule at high temperature: ``args.divergence`` MD trajectories of the initial model (seed 0's first
     fit) at ``args.hot_k`` K, with and without the force-std stop rule at ``threshold`` eV/Å, and how many
@@ -302,7 +287,7 @@ def divergence(args, runs, threshold: float):
     result = {"temperature_K": args.hot_k, "steps": args.hot_steps, "threshold": threshold, "runs": []}
     for i in range(args.divergence):
         atoms0 = starts[(i * 37) % len(starts)]
-        components = fragments(atoms0)
+        components = bond_fragments(atoms0)
         for with_rule in (False, True):
             atoms = atoms0.copy()
             atoms.calc = None

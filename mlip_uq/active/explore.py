@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import ase
 import numpy as np
@@ -135,7 +135,8 @@ class MDOptions:
         chunk_steps: MD steps per chunk (the unit of work between two saved states).
         min_gap: at least this many steps between two reference calls of a walker.
         timestep_fs: MD time step (fs).
-        temperature_K: thermostat (and initial velocity) temperature (K).
+        temperature_K: thermostat (and initial velocity) temperature (K); a list gives walker i the temperature
+            ``temperature_K[i % len(temperature_K)]`` (e.g. ``[600, 1200]``: every other walker hot).
         ensemble: ``langevin``, ``nvt`` or ``nve`` (as :func:`mlip_uq.md.run_md`).
         uq_every: check the force uncertainty, and test the rule, every this many MD steps (from each chunk's
             first step; :func:`mlip_uq.md.run_md`); the steps between checks cost one model's forces. It must
@@ -147,7 +148,7 @@ class MDOptions:
     chunk_steps: int = 200
     min_gap: int = 10
     timestep_fs: float = 0.5
-    temperature_K: float = 300.0
+    temperature_K: Union[float, List[float]] = 300.0
     ensemble: str = "langevin"
     uq_every: int = 1
 
@@ -155,10 +156,20 @@ class MDOptions:
         if self.uq_every < 1 or self.chunk_steps % self.uq_every:
             raise ConfigError(f"explore.uq_every={self.uq_every!r}: expected a positive integer that divides "
                               f"explore.chunk_steps ({self.chunk_steps})")
+        temperatures = self.temperature_K if isinstance(self.temperature_K, list) else [self.temperature_K]
+        if not temperatures or any(isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0
+                                   for t in temperatures):
+            raise ConfigError(f"explore.temperature_K={self.temperature_K!r}: expected a positive number (K) or "
+                              f"a non-empty list of them")
 
-    def md_kwargs(self) -> Dict:
-        """The options passed on to :func:`mlip_uq.md.run_md` for every chunk."""
-        return {"timestep_fs": float(self.timestep_fs), "temperature_K": float(self.temperature_K),
+    def walker_temperature(self, walker: int) -> float:
+        """The thermostat temperature (K) of walker ``walker``."""
+        temperatures = self.temperature_K if isinstance(self.temperature_K, list) else [self.temperature_K]
+        return float(temperatures[walker % len(temperatures)])
+
+    def md_kwargs(self, walker: int) -> Dict:
+        """The options passed on to :func:`mlip_uq.md.run_md` for every chunk of walker ``walker``."""
+        return {"timestep_fs": float(self.timestep_fs), "temperature_K": self.walker_temperature(walker),
                 "ensemble": self.ensemble, "uq_every": int(self.uq_every)}
 
 
@@ -236,9 +247,12 @@ class MDExplorer(Explorer):
                               "or random")
         if rule.kind == "random" and rule.probability is None:
             raise ConfigError("rule random during MD needs rule.probability (the chance of a call per MD step)")
+        if rule.kind == "interval" and (rule.every % self.options.uq_every or rule.every < self.options.min_gap):
+            raise ConfigError(f"rule.every={rule.every}: expected a multiple of explore.uq_every "
+                              f"({self.options.uq_every}) and at least explore.min_gap ({self.options.min_gap})")
 
     def new_state(self, state: LoopState) -> None:
-        state.walkers = [Walker.new(i, a, float(self.options.temperature_K), self.seed).__dict__
+        state.walkers = [Walker.new(i, a, self.options.walker_temperature(i), self.seed).__dict__
                          for i, a in enumerate(self.frames)]
 
     def stop_reason(self, state: LoopState) -> Optional[str]:
@@ -261,6 +275,8 @@ class MDExplorer(Explorer):
             # not within min_gap steps of the walker's last call (consecutive MD frames are nearly the same)
             if step == 0 or (walker.last_call >= 0 and before + step - walker.last_call < min_gap):
                 return False
+            if not rule.due(before + step):  # a clock rule's steps
+                return False
             results = current.calc.results
             fired.update(step=int(step), atoms=atoms_to_dict(current, momenta=True),
                          forces=np.array(results["forces"]), std=np.array(results["atom_force_std"]),
@@ -270,7 +286,7 @@ class MDExplorer(Explorer):
         with journal.timed("explore"):
             result = run_md(atoms, loop.calculator(), steps=steps, out_dir=None, stop_rule=rule,
                             on_uncertain=on_uncertain, seed=walker.chunk_seed(self.seed), progress=False,
-                            **options.md_kwargs())
+                            **options.md_kwargs(walker.index))
         walker.chunks += 1
         done = fired["step"] if fired else result.steps_done
         self._append_trace(self._trace_path(walker.index),
@@ -293,7 +309,7 @@ class MDExplorer(Explorer):
             walker.atoms = fired["atoms"]  # go on from the labelled structure, with the updated model
         elif labelled.outcome == FAILED:
             walker.restarts += 1  # a structure the reference cannot converge: back to the start
-            walker.reset(float(options.temperature_K), self.seed)
+            walker.reset(options.walker_temperature(walker.index), self.seed)
         else:
             walker.done = True  # every structure of this walker has the rejected composition
         walker.done = walker.done or walker.steps_done >= total
@@ -349,6 +365,11 @@ class PoolExplorer(Explorer):
         self.options, self.frames, self.indices, self.out = options, frames, indices, Path(out)
         self.type_names, self.r_max, self.dtype = type_names, r_max, dtype
         self._graphs: Optional[List] = None
+
+    def check_rule(self, rule) -> None:
+        if rule.kind == "interval":
+            raise ConfigError("rule interval relabels every n MD steps; with explore.kind pool use top_k, "
+                              "force_std, calibrated or random")
 
     def batch_open(self, state: LoopState) -> bool:
         return bool(state.pool["batch"])

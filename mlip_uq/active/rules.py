@@ -25,6 +25,10 @@ Default signal ``epistemic``.
 takes ``k`` candidates uniformly at random. Its random state is saved with the loop state. Its signal is only
 logged (default ``epistemic``).
 
+``interval`` — :class:`IntervalRule`: the other baseline, relabelling on a clock: fires at every ``every``-th MD
+step of a walker (walker steps ``every``, 2 ``every``, ...; MD only), whatever the uncertainty. It is a pure
+function of the walker's step count, so a resumed walker fires at the same steps. Its signal is only logged.
+
 ``calibrated`` — :class:`CalibratedRule`: fires when the probability that an atom's force error exceeds
 ``tolerance`` is above ``probability``; the uncertainty scale behind that probability is learned on the fly
 from the residuals of the reference calls made so far (estimator in the class docstring). An error probability
@@ -78,6 +82,11 @@ class Rule:
         accepts."""
         firing = [i for i, (a, f) in enumerate(zip(atom_force_std, forces)) if self.check(a, f)]
         return sorted(firing, key=lambda i: -self.score(atom_force_std[i], forces[i]))[:k]
+
+    def due(self, walker_step: int) -> bool:
+        """Whether the MD walker may call at its step ``walker_step`` (steps counted along the walker); every
+        step but for a clock rule."""
+        return True
 
     def observe(self, forces_pred: np.ndarray, forces_true: np.ndarray, atom_force_std: np.ndarray) -> None:
         """Learn from a reference call: predicted and reference forces (N, 3) eV/Å and the prediction's
@@ -183,6 +192,34 @@ class RandomRule(Rule):
     def load_state_dict(self, state: Dict) -> None:
         if state:
             self.rng.bit_generator.state = state["bit_generator"]
+
+
+class IntervalRule(Rule):
+    """Relabelling every ``every`` MD steps of a walker, the fixed-interval baseline (MD only).
+
+    :meth:`check` is true at every uncertainty check and :meth:`due` only at walker steps that are positive
+    multiples of ``every``, so the MD explorer calls at exactly those steps (``every`` must be a multiple of
+    ``explore.uq_every`` and at least ``explore.min_gap``, checked by the explorer).
+
+    Args:
+        every: MD steps between two calls of a walker.
+    """
+
+    kind = "interval"
+
+    def __init__(self, every: int, signal: str = "epistemic"):
+        if isinstance(every, bool) or int(every) != every or every < 1:
+            raise ConfigError(f"rule.every={every!r}: expected a positive integer (MD steps)")
+        self.every, self.signal = int(every), check_signal(signal)
+
+    def check(self, atom_force_std, forces) -> bool:
+        return True
+
+    def due(self, walker_step: int) -> bool:
+        return walker_step > 0 and walker_step % self.every == 0
+
+    def describe(self) -> str:
+        return f"every {self.every} MD steps"
 
 
 class CalibratedRule(Rule):
@@ -300,11 +337,11 @@ class CalibratedRule(Rule):
             self.prior_scale = state["prior_scale"]
 
 
-RULES = {cls.kind: cls for cls in (ThresholdRule, TopKRule, RandomRule, CalibratedRule)}
+RULES = {cls.kind: cls for cls in (ThresholdRule, TopKRule, RandomRule, IntervalRule, CalibratedRule)}
 
 
 def rule_from_config(section: Dict, seed: int = 0) -> Rule:
-    """A rule from a configuration section ``{kind: force_std | top_k | random | calibrated, <options>}``.
+    """A rule from a configuration section ``{kind: force_std | top_k | random | interval | calibrated, <options>}``.
 
     Raises:
         ConfigError: unknown kind, an unknown or missing option, or a number option that is not a number (the
