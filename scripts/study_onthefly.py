@@ -25,7 +25,7 @@ that file (``--report`` rewrites it from the JSON alone); the learning curves (6
 against reference calls, seed mean ± standard deviation) to ``docs/active_learning_onthefly_<method>.png``. Finished
 runs are reused and unfinished ones resumed.
 
-    OMP_NUM_THREADS=1 python scripts/study_onthefly.py [--calls 16] [--every 500] [--seeds 0 1 2]
+    OMP_NUM_THREADS=1 python scripts/study_onthefly.py [--calls 12] [--every 500] [--seeds 0 1 2]
         [--stability-seeds 0] [--runs runs/study_onthefly] [--report]
 """
 
@@ -34,6 +34,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -48,7 +49,9 @@ from nequip.utils.global_state import set_global_state
 from study_active import calls_to_reach, curve, run_arm, spread, value_at
 
 from mlip_uq import UQCalculator
+from mlip_uq.active import load_active_config
 from mlip_uq.active.oracle import oracle_from_config
+from mlip_uq.config import dump_config
 from mlip_uq.data import FrameStore
 from mlip_uq.data.fingerprints import near_copies, nearest_distances
 from mlip_uq.datasets import dataset_path
@@ -103,6 +106,18 @@ def rule_threshold(args, runs: Path) -> float:
             per_structure.append(float(calc.get_property("atom_force_std_epistemic", atoms).max()))
         write_json({"max_train_epistemic": max(per_structure), "per_structure": per_structure}, path)
     return args.threshold_factor * json.loads(path.read_text())["max_train_epistemic"]
+
+
+def branch(first: Path, out: Path, cfg: dict) -> None:
+    """Start an arm's run in ``out`` from a copy of the seed's first fit in ``first`` (a run with no exploration
+    calls and the same seed, initial set, test set, walkers and training), with the arm's configuration: what a
+    fresh run of ``cfg`` would compute first, without computing it again."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(first, tmp)
+    (tmp / "summary.json").unlink()
+    dump_config(load_active_config(cfg), tmp / "active_config.yaml")
+    tmp.rename(out)
 
 
 def relabelled(path: Path, out: Path) -> Path:
@@ -187,10 +202,15 @@ def run_study(args) -> dict:
     dihedral = relabelled(dataset_path("dataset:botnet_acac/test_dihedral.xyz"),
                           args.runs / "dihedral_gfn2.extxyz")
     for seed in args.seeds:
+        first = runs / "initial" / f"seed{seed}"
+        run_arm(arm_config(args, None, seed, 0.0), first)
         for arm in ARMS:
             logging.info("=== %s, seed %d ===", arm, seed)
             out = runs / arm / f"seed{seed}"
-            results[arm][str(seed)] = run_arm(arm_config(args, arm, seed, threshold), out)
+            cfg = arm_config(args, arm, seed, threshold)
+            if not (out / "state.json").is_file():
+                branch(first, out, cfg)
+            results[arm][str(seed)] = run_arm(cfg, out)
             errors[arm][str(seed)] = final_errors(out, dihedral)
             dirs.append(out)
     start = ase.io.read(dataset_path(base_config(args.method, args.config)["explore"]["starts"]["path"]), 0)
@@ -271,7 +291,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=["sgmcmc_starts", "ensemble"], default="sgmcmc_starts")
     parser.add_argument("--config", type=Path, default=CONFIG, help="the protocol (relative paths: as in it)")
-    parser.add_argument("--calls", type=int, default=16, help="reference calls per run during MD")
+    parser.add_argument("--calls", type=int, default=12, help="reference calls per run during MD")
     parser.add_argument("--every", type=int, default=500, help="interval arm: MD steps between two calls")
     parser.add_argument("--threshold-factor", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
