@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=500, help="interval arm: MD steps between two calls")
     parser.add_argument("--threshold-factor", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--stability-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--stability-seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--stability-runs", type=int, default=10)
     parser.add_argument("--stability-ps", type=float, default=10.0)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study_onthefly")
