@@ -43,6 +43,7 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
+import torch
 import yaml
 from _harness import update_section
 from nequip.utils.global_state import set_global_state
@@ -157,18 +158,32 @@ def disjoint(runs_dirs, dihedral: Path) -> dict:
     return out
 
 
+def one_draw_per_start(posterior):
+    """The posterior thinned to the last draw of each start (equal weights): MD with K = n_starts draws."""
+    starts = posterior.hyperparameters["sample_starts"]
+    last = sorted({s: k for k, s in enumerate(starts)}.values())
+    return posterior.replace(samples={name: t[last] for name, t in posterior.samples.items()},
+                             weights=torch.full((len(last),), 1.0 / len(last), dtype=torch.float64),
+                             hyperparameters={**posterior.hyperparameters,
+                                              "sample_starts": [starts[k] for k in last]})
+
+
 def stability(args, run: Path, start) -> dict:
     path = run / "stability.json"
     if not path.is_file():
         summary = json.loads((run / "summary.json").read_text())
-        calc = UQCalculator(load_posterior(run / summary["posterior"]))
+        posterior = load_posterior(run / summary["posterior"])
+        if args.stability_thin:
+            posterior = one_draw_per_start(posterior)
+        calc = UQCalculator(posterior)
         steps = int(round(args.stability_ps * 1000 / 0.5))
         result = {}
         for temperature in (600.0, 1200.0):
             t0 = time.perf_counter()
             outcome = stability_runs(calc, start, temperature, n_runs=args.stability_runs, steps=steps,
                                      timestep_fs=0.5, check_every=100, seed=0, progress=True)
-            result[f"{temperature:.0f}"] = {**outcome.to_dict(), "seconds": time.perf_counter() - t0}
+            result[f"{temperature:.0f}"] = {**outcome.to_dict(), "seconds": time.perf_counter() - t0,
+                                            "draws": posterior.n_samples}
             logging.info("stability %s at %.0f K: %d of %d physical", run.name, temperature, outcome.physical,
                          outcome.n_runs)
         write_json(result, path)
@@ -198,13 +213,13 @@ def run_study(args) -> dict:
     runs = args.runs / args.method
     threshold = rule_threshold(args, runs)
     logging.info("rule threshold: %.4f eV/Å", threshold)
-    results, errors, dirs = {arm: {} for arm in ARMS}, {arm: {} for arm in ARMS}, []
+    results, errors, dirs = {arm: {} for arm in args.arms}, {arm: {} for arm in args.arms}, []
     dihedral = relabelled(dataset_path("dataset:botnet_acac/test_dihedral.xyz"),
                           args.runs / "dihedral_gfn2.extxyz")
     for seed in args.seeds:
         first = runs / "initial" / f"seed{seed}"
         run_arm(arm_config(args, None, seed, 0.0), first)
-        for arm in ARMS:
+        for arm in args.arms:
             logging.info("=== %s, seed %d ===", arm, seed)
             out = runs / arm / f"seed{seed}"
             cfg = arm_config(args, arm, seed, threshold)
@@ -215,7 +230,7 @@ def run_study(args) -> dict:
             dirs.append(out)
     start = ase.io.read(dataset_path(base_config(args.method, args.config)["explore"]["starts"]["path"]), 0)
     stable = {arm: {str(s): stability(args, runs / arm / f"seed{s}", start) for s in args.stability_seeds}
-              for arm in ARMS}
+              for arm in args.stability_arms}
     version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=ROOT).stdout.strip()
     return {"date": date.today().isoformat(), "code_version": version, "method": args.method,
@@ -232,7 +247,7 @@ def call_ratios(study) -> dict:
     calls, results = study["calls"], study["summaries"]
     target_runs = curve(results["interval"], calls)[:, -1]
     out = {}
-    for arm in ("rule", "random"):
+    for arm in [a for a in ("rule", "random") if a in results]:
         values = curve(results[arm], calls)
         out[arm] = {"target_mev_per_a": float(np.nanmean(target_runs)),
                     "ratio": calls_to_reach(np.nanmean(values, axis=0), float(np.nanmean(target_runs))) / calls,
@@ -296,6 +311,10 @@ def main() -> None:
     parser.add_argument("--threshold-factor", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stability-seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--stability-arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--stability-thin", action="store_true",
+                        help="stability MD with one draw per start (K = n_starts) instead of every draw")
     parser.add_argument("--stability-runs", type=int, default=10)
     parser.add_argument("--stability-ps", type=float, default=10.0)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study_onthefly")
