@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class NoDrawsError(RuntimeError):
+    """An SG-MCMC run (or continuation) ended with no draw: every chain diverged (NaN/inf) before its first."""
+
+
 class Chain:
     """One chain's model, optimiser, schedule and files."""
 

@@ -54,7 +54,7 @@ from ..config import FROM_MAP, ConfigError, settings_from
 from ..files import atomic_write
 from ..model import ModelConfig, build_model
 from ..posterior import Posterior
-from .chains import Job, assemble_posterior, chain_samples, run_chain, write_chain_samples
+from .chains import Job, NoDrawsError, assemble_posterior, chain_samples, run_chain, write_chain_samples
 from .common import fit_map_once, resolve_device
 from .diagnostics import write_diagnostics
 from .loss import LossWeights
@@ -304,7 +304,7 @@ def _run_job(job: Job) -> Posterior:
         Fabric(accelerator=accelerator, devices=n_processes, strategy="ddp_spawn").launch(_fabric_worker, job)
     posterior = assemble_posterior(job)
     if posterior is None:
-        raise RuntimeError(f"no SG-MCMC sample was drawn; see the traces in {job.work}")
+        raise NoDrawsError(f"no SG-MCMC sample was drawn; see the traces in {job.work}")
     write_diagnostics(posterior, job.work)
     return posterior
 

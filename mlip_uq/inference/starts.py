@@ -46,12 +46,15 @@ from ..files import write_json
 from ..model import ModelConfig
 from ..posterior import Posterior, load_posterior
 from ..posterior.predict import predict_samples
+from .chains import NoDrawsError
 from .common import run_in_processes
 
 log = logging.getLogger(__name__)
 
 STARTS = "starts"
 DRAWS = "draws.h5"  # a start's draws, with the noise as sampled (the pooled posterior's noise is fitted after)
+#: marker file of a start whose continuation diverged (it is left out of the pooled posterior)
+DIVERGED = "diverged.json"
 
 
 def pool_starts(parts: Sequence[Posterior], hyperparameters: Optional[Dict] = None) -> Posterior:
@@ -198,7 +201,11 @@ def _start_jobs(context, settings, fit: bool = True) -> Tuple[List[_StartJob], L
 
 
 def _pooled(jobs: List[_StartJob], settings) -> Posterior:
-    parts = [load_posterior(job.out_dir / DRAWS) for job in jobs]
+    """The draws of every start that has not diverged, pooled (equal weight per start)."""
+    live = [job for job in jobs if not (job.out_dir / DIVERGED).is_file()]
+    if not live:
+        raise NoDrawsError(f"every start diverged; see {DIVERGED} in {jobs[0].out_dir.parent}/<start>/")
+    parts = [load_posterior(job.out_dir / DRAWS) for job in live]
     hyper = {**parts[0].hyperparameters, "n_starts": settings.n_starts, "init": settings.init,
              "prior_center": settings.prior.center}
     return pool_starts(parts, hyper)
@@ -226,11 +233,22 @@ def run_starts(context, settings, sample_on=None) -> Posterior:
 
 def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_samples: int) -> None:
     """Warm-start every chain of start ``job.index`` on ``train`` (:func:`~mlip_uq.inference.sgmcmc.
-    continue_sgmcmc`, idempotent) and write its new draws."""
+    continue_sgmcmc`, idempotent) and write its new draws. A start whose chains all diverge gets a ``DIVERGED``
+    marker and is left out of the pooled posterior from then on (the other starts go on)."""
     from .sgmcmc import continue_sgmcmc
 
-    continue_sgmcmc(job.config, train, job.settings, job.out_dir, n_steps=n_steps, n_samples=n_samples,
-                    metadata=metadata).save(job.out_dir / DRAWS)
+    marker = job.out_dir / DIVERGED
+    if marker.is_file():  # it stays out of the posterior
+        return
+    try:
+        posterior = continue_sgmcmc(job.config, train, job.settings, job.out_dir, n_steps=n_steps,
+                                    n_samples=n_samples, metadata=metadata)
+    except NoDrawsError as error:
+        log.warning("start %d diverged on the grown training set (%d structures): left out of the posterior "
+                    "from now on", job.index, len(train))
+        write_json({"num_data": len(train), "error": str(error)}, marker)
+        return
+    posterior.save(job.out_dir / DRAWS)
 
 
 def update_starts(context, settings, n_steps: int, n_samples: int, index: int) -> Posterior:
