@@ -31,11 +31,12 @@ from .md import run_md
 log = logging.getLogger(__name__)
 
 
-def bond_fragments(atoms: ase.Atoms) -> int:
-    """Connected fragments of the bond graph (bonded: closer than 1.3x the sum of the covalent radii)."""
+def bond_fragments(atoms: ase.Atoms, distances: Optional[np.ndarray] = None) -> int:
+    """Connected fragments of the bond graph (bonded: closer than 1.3x the sum of the covalent radii);
+    ``distances``: the (N, N) interatomic distances (Å) when already computed."""
     radii = covalent_radii[atoms.numbers]
-    bonded = atoms.get_all_distances() < 1.3 * (radii[:, None] + radii[None, :])
-    return int(connected_components(bonded, directed=False)[0])
+    d = atoms.get_all_distances() if distances is None else distances
+    return int(connected_components(d < 1.3 * (radii[:, None] + radii[None, :]), directed=False)[0])
 
 
 def unphysical(atoms: ase.Atoms, n_fragments: int, min_distance_A: float = 0.6) -> bool:
@@ -44,8 +45,9 @@ def unphysical(atoms: ase.Atoms, n_fragments: int, min_distance_A: float = 0.6) 
     if not np.isfinite(atoms.positions).all():
         return True
     d = atoms.get_all_distances()
-    np.fill_diagonal(d, np.inf)
-    return bool(d.min() < min_distance_A) or bond_fragments(atoms) > n_fragments
+    if d[~np.eye(len(atoms), dtype=bool)].min() < min_distance_A:
+        return True
+    return bond_fragments(atoms, d) > n_fragments
 
 
 @dataclass

@@ -47,7 +47,7 @@ import torch
 import yaml
 from _harness import update_section
 from nequip.utils.global_state import set_global_state
-from study_active import calls_to_reach, curve, run_arm, spread, value_at
+from study_active import calls_to_reach, curve, fraction, run_arm, spread, value_at
 
 from mlip_uq import UQCalculator
 from mlip_uq.active import load_active_config
@@ -274,7 +274,6 @@ def report(study, doc: Path, png: Path) -> str:
                      f"{spread([1000 * f['dihedral_forces_mae'] for f in finals])} | "
                      f"{spread([1000 * f['md600_energy_mae'] for f in finals])} | "
                      f"{statistics.mean(s['md_steps'] for s in summaries):.0f} | {share} % |")
-    fraction = lambda x: "never" if not np.isfinite(x) else f"{x:.2f}"  # noqa: E731
     body = [f"Measured {study['date']} (code {study['code_version']}) with `{study['command']}` on the 2-core CPU "
             f"machine. The protocol of `configs/active_acac_onthefly.yaml`; {calls} reference calls per run; "
             "600 K force MAE in meV/Å and energy MAE in meV/atom, seed mean ± sd after +N calls; the share of wall "

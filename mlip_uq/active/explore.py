@@ -161,15 +161,19 @@ class MDOptions:
         if self.uq_every < 1 or self.chunk_steps % self.uq_every:
             raise ConfigError(f"explore.uq_every={self.uq_every!r}: expected a positive integer that divides "
                               f"explore.chunk_steps ({self.chunk_steps})")
-        temperatures = self.temperature_K if isinstance(self.temperature_K, list) else [self.temperature_K]
+        temperatures = self.temperatures()
         if not temperatures or any(isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0
                                    for t in temperatures):
             raise ConfigError(f"explore.temperature_K={self.temperature_K!r}: expected a positive number (K) or "
                               f"a non-empty list of them")
 
+    def temperatures(self) -> List[float]:
+        """``temperature_K`` as a list (K)."""
+        return list(self.temperature_K) if isinstance(self.temperature_K, (list, tuple)) else [self.temperature_K]
+
     def walker_temperature(self, walker: int) -> float:
         """The thermostat temperature (K) of walker ``walker``."""
-        temperatures = self.temperature_K if isinstance(self.temperature_K, list) else [self.temperature_K]
+        temperatures = self.temperatures()
         return float(temperatures[walker % len(temperatures)])
 
     def md_kwargs(self, walker: int) -> Dict:
