@@ -74,6 +74,11 @@ log = logging.getLogger(__name__)
 MIN_DISTANCE = 0.1
 
 
+class CollapsedAtomsError(ValueError):
+    """Two atoms (or an atom and a periodic image) closer than :data:`MIN_DISTANCE`: the model's forces are not
+    defined there (the message names the pairs)."""
+
+
 class UQCalculator(Calculator):
     """ASE calculator with per-atom uncertainty from a posterior (results: module docstring).
 
@@ -98,7 +103,8 @@ class UQCalculator(Calculator):
 
     Raises:
         ValueError (from :meth:`calculate`): an element the model does not know (named), NaN/inf positions or
-        cell, two atoms closer than :data:`MIN_DISTANCE` (named; all before the model runs), or
+        cell, two atoms closer than :data:`MIN_DISTANCE` (named, as :class:`CollapsedAtomsError`; all before the
+        model runs), or
         ``stress``/``stress_std`` asked for a structure without a periodic cell.
     """
 
@@ -169,7 +175,7 @@ class UQCalculator(Calculator):
         Elements, NaN/inf and periodicity are checked by :meth:`calculate` before it builds the graph, not here.
 
         Raises:
-            ValueError: two atoms (or an atom and a periodic image) closer than :data:`MIN_DISTANCE` (named).
+            CollapsedAtomsError: two atoms (or an atom and a periodic image) closer than :data:`MIN_DISTANCE` (named).
         """
         ref = self._reference
         stale = (
@@ -194,7 +200,7 @@ class UQCalculator(Calculator):
         close = torch.nonzero(squared < MIN_DISTANCE**2).view(-1)
         if close.numel():
             pairs = [(int(edges[0, e]), int(edges[1, e]), float(squared[e].sqrt())) for e in close[:10]]
-            raise ValueError(f"atoms closer than {MIN_DISTANCE} Å (the model's forces are not defined there): "
+            raise CollapsedAtomsError(f"atoms closer than {MIN_DISTANCE} Å (the model's forces are not defined there): "
                              + ", ".join(f"{i} and {j} at {d:.3g} Å" for i, j, d in pairs))
         keep = squared < self.posterior.config.r_max**2
         graph.update({

@@ -27,10 +27,11 @@ With ``out_dir`` the run leaves ``trajectory.extxyz`` (positions, means and the 
 at that step, via :func:`~mlip_uq.calculator.uq_to_atoms`, plus ``step`` and ``time_fs`` in each frame's info),
 ``md_log.csv`` (one row per logged step, the record keys as columns) and ``uncertainty.png`` (the uncertainty
 trace against time). Trajectory and log are written to ``trajectory.extxyz.partial`` and ``md_log.csv.partial``,
-each frame and row flushed as it is written, and renamed into place when the run ends (finished or stopped by the
-rule): a run that fails or is killed leaves the files of an earlier run in ``out_dir`` as they were, and its own
-frames and rows, up to the last one written, in the ``.partial`` files (``ase.io.read(...,
-format="extxyz")`` reads the trajectory's).
+each frame and row flushed as it is written, and renamed into place when the run ends (finished, stopped by the
+rule, or collapsed: a step that moves two atoms closer than the calculator accepts ends the run as a result,
+``MDResult.collapsed``, while a start it refuses raises): a run that fails or is killed leaves the files of an
+earlier run in ``out_dir`` as they were, and its own frames and rows, up to the last one written, in the
+``.partial`` files (``ase.io.read(..., format="extxyz")`` reads the trajectory's).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from ase.md.nose_hoover_chain import IsotropicMTKNPT
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 
-from .calculator import uq_to_atoms
+from .calculator import CollapsedAtomsError, uq_to_atoms
 from .result_keys import (
     ATOM_FORCE_STD,
     ATOM_FORCE_STD_EPISTEMIC,
@@ -141,8 +142,11 @@ class MDResult:
 
     Attributes:
         steps_done: MD steps integrated (the last record's step).
-        stopped: whether the run ended before ``steps`` (stop rule or ``on_uncertain``).
+        stopped: whether the run ended before ``steps`` (stop rule, ``on_uncertain``, or collapsed atoms).
         stop_reason: why it stopped, or None.
+        collapsed: the dynamics moved two atoms closer than the calculator accepts
+            (:class:`~mlip_uq.calculator.CollapsedAtomsError`) during step ``steps_done + 1``: the run ended there,
+            ``atoms`` holds the collapsed positions.
         records: one dict per logged step with the keys :data:`RECORD_KEYS` (units: fs, eV, K, eV/Å; the force
             stds are NaN at steps without an uncertainty check).
         checks: uncertainty checks made (steps at which ``atom_force_std`` was computed).
@@ -152,6 +156,7 @@ class MDResult:
     steps_done: int
     stopped: bool
     stop_reason: Optional[str]
+    collapsed: bool = False
     records: List[Dict] = field(default_factory=list)
     checks: int = 0
     trajectory_path: Optional[Path] = None
@@ -194,6 +199,22 @@ def _record(step: int, atoms: ase.Atoms, timestep_fs: float, check: bool) -> Dic
         "mean_atom_force_std": float(np.mean(force_std)),
         "max_atom_force_std_epistemic": float(np.max(epistemic)),
     }
+
+
+def _steps_until_collapse(dyn, steps: int, result: MDResult):
+    """``dyn.irun(steps)``, ended (``result.collapsed``) by a step that moves two atoms closer than the calculator
+    accepts; a start the calculator refuses is bad input and raises."""
+    run = dyn.irun(steps)
+    yield next(run)  # step 0: the starting structure's forces
+    while True:
+        try:
+            yield next(run)
+        except StopIteration:
+            return
+        except CollapsedAtomsError as error:
+            result.stopped, result.collapsed = True, True
+            result.stop_reason = f"atoms collapsed during step {dyn.nsteps + 1}: {error}"
+            return
 
 
 def run_md(
@@ -280,7 +301,7 @@ def run_md(
             log_file = files.enter_context(open(partial[result.log_path], "w", newline=""))
             table = csv.DictWriter(log_file, RECORD_KEYS)
             table.writeheader()
-        for _ in dyn.irun(steps):
+        for _ in _steps_until_collapse(dyn, steps, result):
             step = dyn.nsteps
             check = step % uq_every == 0
             if keep_graph is not None:

@@ -125,15 +125,12 @@ def stability_runs(calculator, start: ase.Atoms, temperature_K: float, n_runs: i
         alive = sorted(replicas)
         system = sum((replicas[r] for r in alive[1:]), replicas[alive[0]].copy())
         length = min(check_every, steps - done)
-        refused = None
-        try:
-            run_md(system, calculator, length, timestep_fs=timestep_fs, temperature_K=temperature_K,
-                   ensemble="langevin", friction=friction, seed=int(np.random.default_rng([seed, chunk, 7])
-                                                                    .integers(2**31)),
-                   progress=False, uq_every=length, log_every=length)
-        except ValueError as error:  # the calculator refused the system where it stands
-            refused = str(error)
-            result.errors.append(refused)
+        md = run_md(system, calculator, length, timestep_fs=timestep_fs, temperature_K=temperature_K,
+                    ensemble="langevin", friction=friction, seed=int(np.random.default_rng([seed, chunk, 7])
+                                                                     .integers(2**31)),
+                    progress=False, uq_every=length, log_every=length)
+        if md.collapsed:
+            result.errors.append(md.stop_reason)
         broken = []
         for k, run in enumerate(alive):
             atoms = system[k * n_atoms:(k + 1) * n_atoms]
@@ -141,7 +138,7 @@ def stability_runs(calculator, start: ase.Atoms, temperature_K: float, n_runs: i
             replicas[run] = atoms
             if unphysical(atoms, n_fragments, min_distance_A):
                 broken.append(run)
-        if refused is not None and not broken:  # refused, and no replica looks broken: none can go on
+        if md.collapsed and not broken:  # collapsed, and no replica looks broken: none can go on
             broken = alive
         for run in broken:
             result.failed_at[run] = done + length

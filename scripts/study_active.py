@@ -295,13 +295,12 @@ def divergence(args, runs, threshold: float):
             atoms = atoms0.copy()
             atoms.calc = None
             run_dir = out / f"traj{i}_{'rule' if with_rule else 'free'}"
-            try:
-                md = run_md(atoms, UQCalculator(posterior), args.hot_steps, timestep_fs=0.5,
-                            temperature_K=args.hot_k, out_dir=run_dir,
-                            stop_rule=ForceStdRule(threshold) if with_rule else None, log_every=10, seed=i,
-                            progress=False, uq_every=10)
-            except ValueError as error:  # the calculator refuses a structure (e.g. overlapping atoms)
-                entry = {"steps_done": None, "stopped": False, "unphysical_frame": "refused", "error": str(error)}
+            md = run_md(atoms, UQCalculator(posterior), args.hot_steps, timestep_fs=0.5, temperature_K=args.hot_k,
+                        out_dir=run_dir, stop_rule=ForceStdRule(threshold) if with_rule else None, log_every=10,
+                        seed=i, progress=False, uq_every=10)
+            if md.collapsed:  # the dynamics moved two atoms onto each other
+                entry = {"steps_done": md.steps_done, "stopped": False, "unphysical_frame": "collapsed",
+                         "error": md.stop_reason}
             else:
                 frames = ase.io.read(md.trajectory_path, index=":")
                 bad = next((k for k, frame in enumerate(frames) if unphysical(frame, components)), None)

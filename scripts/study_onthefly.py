@@ -210,11 +210,20 @@ def plot(results, calls, path):
     return save_figure(fig, path)
 
 
+def code_version() -> str:
+    """The checkout's short commit, ``+dirty`` when tracked files differ from it."""
+    git = ["git", "-C", str(ROOT)]
+    version = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["diff", "--quiet", "HEAD"]).returncode != 0
+    return version + ("+dirty" if dirty else "")
+
+
 def run_study(args) -> dict:
     runs = args.runs / args.method
     threshold = rule_threshold(args, runs)
     logging.info("rule threshold: %.4f eV/Å", threshold)
-    results, errors, dirs = {arm: {} for arm in args.arms}, {arm: {} for arm in args.arms}, []
+    results, errors, versions = ({arm: {} for arm in args.arms} for _ in range(3))
+    dirs = []
     dihedral = relabelled(dataset_path("dataset:botnet_acac/test_dihedral.xyz"),
                           args.runs / "dihedral_gfn2.extxyz")
     for seed in args.seeds:
@@ -226,15 +235,19 @@ def run_study(args) -> dict:
             cfg = arm_config(args, arm, seed, threshold)
             if not (out / "state.json").is_file():
                 branch(first, out, cfg)
+            summary = out / "summary.json"
+            if not (summary.is_file() and json.loads(summary.read_text())["stop_reason"]):  # to run or finish
+                with open(out / "code_versions.txt", "a") as handle:  # the code each (re)start of the run used
+                    handle.write(code_version() + "\n")
             results[arm][str(seed)] = run_arm(cfg, out)
+            versions[arm][str(seed)] = (out / "code_versions.txt").read_text().split()
             errors[arm][str(seed)] = final_errors(out, dihedral)
             dirs.append(out)
     start = ase.io.read(dataset_path(base_config(args.method, args.config)["explore"]["starts"]["path"]), 0)
     stable = {arm: {str(s): stability(args, runs / arm / f"seed{s}", start) for s in args.stability_seeds}
               for arm in args.stability_arms}
-    version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=ROOT).stdout.strip()
-    return {"date": date.today().isoformat(), "code_version": version, "method": args.method,
+    return {"date": date.today().isoformat(), "code_version": code_version(), "run_code_versions": versions,
+            "method": args.method,
             "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python scripts/study_onthefly.py "
                        f"--method {args.method} --calls {args.calls} --every {args.every} --seeds "
                        f"{' '.join(map(str, args.seeds))} --stability-seeds {' '.join(map(str, args.stability_seeds))}",
@@ -280,6 +293,9 @@ def report(study, doc: Path, png: Path) -> str:
             "time outside the reference calls and the updates (MD with the posterior, test evaluation, "
             "bookkeeping) from each run's `summary.json`. Numbers: "
             f"[{Path(doc).parent.name}/study_onthefly_{study['method']}.json](study_onthefly_{study['method']}.json).",
+            "", "Code of each run (one entry per start or resume; a range: runs of the study's first branch): "
+            + "; ".join(f"{arm} seed {seed} {', '.join(v)}" for arm, per_seed in study["run_code_versions"].items()
+                        for seed, v in per_seed.items()) + ".",
             "", f"![600 K test MAE vs reference calls]({png.name})", "", *lines, "",
             "**Call ratio** (calls an arm needs to reach the fixed-interval arm's final 600 K test force MAE / "
             "the interval arm's calls; target ≤ 0.5 on every seed):", ""]

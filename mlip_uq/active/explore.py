@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
@@ -42,6 +43,8 @@ from .rules import Rule, rule_input
 from .sources import SourceOptions
 from .state import atoms_from_dict, atoms_to_dict, bare_atoms
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Walker:
@@ -53,7 +56,7 @@ class Walker:
         atoms: the current structure with momenta (JSON form).
         steps_done: MD steps run so far.
         chunks: MD chunks run so far (each chunk has its own thermostat seed).
-        restarts: times the walker was sent back to its start (after a failed reference call).
+        restarts: times the walker was sent back to its start (after a failed reference call or collapsed atoms).
         last_call: the walker step of its last reference call (-1: none yet).
         done: True when its steps are used up or its composition was rejected.
     """
@@ -274,7 +277,8 @@ class Explorer:
 
 class MDExplorer(Explorer):
     """MD walkers, one chunk per step, round robin; a structure where the rule fires is labelled and the walker
-    goes on from it (a failed reference call sends the walker back to its start with fresh velocities).
+    goes on from it (a failed reference call, or a chunk whose dynamics collapse two atoms, sends the walker back
+    to its start with fresh velocities).
 
     State (:meth:`state_dict`): ``walkers`` (:class:`Walker` fields), ``current_walker`` (the walker of the last
     chunk, -1: none yet) and ``md_steps`` (MD steps run by all walkers).
@@ -349,7 +353,12 @@ class MDExplorer(Explorer):
         walker.steps_done += done
         self.md_steps += done
         if not fired:
-            walker.atoms = atoms_to_dict(atoms, momenta=True)
+            if result.collapsed:  # the current model's dynamics broke the structure: back to the start
+                log.info("explore md walker %d: %s; back to its start", walker.index, result.stop_reason)
+                walker.restarts += 1
+                walker.reset(options.walker_temperature(walker.index), self.seed)
+            else:
+                walker.atoms = atoms_to_dict(atoms, momenta=True)
             walker.done = walker.steps_done >= total
             context.save()
             return None

@@ -8,12 +8,14 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+from ase import units
 from ase.build import molecule
 from ase.calculators.calculator import Calculator, all_changes
 from conftest import BUNDLED_ETHANOL_TEST, BUNDLED_ETHANOL_TRAIN, TINY_MODEL
 from tblite.ase import TBLite
 
 from mlip_uq.active import Oracle, oracle_from_config, run_active
+from mlip_uq.active import explore as explore_module
 from mlip_uq.active import state as state_module
 from mlip_uq.active import update as update_module
 from mlip_uq.cli import main
@@ -210,7 +212,26 @@ class Scripted(Calculator):
             self.results["forces"][0, 0] = np.nan
 
 
-def test_failures_are_recorded_and_skipped_and_a_rejected_composition_is_never_retried(tmp_path):
+def collapse_first_chunk(monkeypatch):
+    """Make the first MD chunk of the loop collapse: atom 1 is sent onto atom 0 within one time step."""
+    original, calls = explore_module.run_md, []
+
+    def run_md(atoms, calculator, **kwargs):
+        if not calls:
+            momenta = atoms.get_momenta()
+            dt = kwargs["timestep_fs"] * units.fs
+            momenta[1] = atoms.get_masses()[1] * (atoms.positions[0] - atoms.positions[1]) / dt
+            atoms.set_momenta(momenta)
+        result = original(atoms, calculator, **kwargs)
+        calls.append(result)
+        return result
+
+    monkeypatch.setattr(explore_module, "run_md", run_md)
+    return calls
+
+
+def test_failures_are_recorded_and_skipped_and_a_rejected_composition_is_never_retried(tmp_path, monkeypatch):
+    chunks = collapse_first_chunk(monkeypatch)
     ethanol = ase.io.read(BUNDLED_ETHANOL_TRAIN, 0)
     ethylamine = molecule("CH3CH2NH2")  # N: not in the oracle's element list
     ase.io.write(tmp_path / "starts.extxyz", [ethanol, ethylamine])
@@ -225,16 +246,18 @@ def test_failures_are_recorded_and_skipped_and_a_rejected_composition_is_never_r
     walker1 = [d for d in explore if d["source"] == "md walker 1"]
     assert len(walker1) == 1 and walker1[0]["outcome"] == "rejected" and not walker1[0]["called"]
     assert "'N'" in walker1[0]["message"]
-    walker0 = [d["outcome"] for d in explore if d["source"] == "md walker 0"]
-    assert walker0 == ["failed", "failed", "labelled", "labelled"]
-    assert "crashed" in explore[0]["message"] and "NaN" in [d for d in explore if d["outcome"] == "failed"][1]["message"]
+    walker0 = [d for d in explore if d["source"] == "md walker 0"]
+    assert [d["outcome"] for d in walker0] == ["failed", "failed", "labelled", "labelled"]
+    assert "crashed" in walker0[0]["message"] and "NaN" in walker0[1]["message"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["calls"]["explore"] == 4  # failed calls count against the budget; the rejection made none
     assert list(summary["rejected_compositions"]) == ["C-H-N"]
     assert len(store) == N_INITIAL + 2 and summary["updates"] == 3
     state = json.loads((out / "state.json").read_text())
     walkers = state["explorer"]["walkers"]
-    assert walkers[1]["done"] and walkers[0]["restarts"] == 2
+    # collapsed dynamics end the chunk where they stand and send the walker back to its start, like a failed call
+    assert chunks[0].collapsed and chunks[0].steps_done == 0 and "collapsed during step 1" in chunks[0].stop_reason
+    assert walkers[1]["done"] and walkers[0]["restarts"] == 1 + 2
 
 
 def test_a_reached_target_stops_the_loop(tmp_path):

@@ -6,14 +6,17 @@ initialisations, 4 samples each) on 40 structures of the bundled subset, trained
 
 import csv
 import json
+import re
 
 import ase.io
 import numpy as np
 import pytest
+from ase import units
 from ase.build import bulk
 from conftest import run_and_kill, seeded_posterior, tiny_tio2_config
 
 from mlip_uq import UQCalculator
+from mlip_uq.calculator import CollapsedAtomsError
 from mlip_uq.cli import main
 from mlip_uq.md import RECORD_KEYS, ForceStdRule, run_md
 from mlip_uq.model import ModelConfig
@@ -54,9 +57,9 @@ def test_nve_energy_drift_of_the_mean_model_is_bounded(trained, frames):
     atoms = bare(frames[0])
     # the force std is checked at the logged steps only: the trajectory does not depend on uq_every (the dynamics
     # read the mean forces), and a step between checks costs one pull-back instead of K
-    result = run_md(atoms, UQCalculator(mean_of_two), steps=1000, timestep_fs=1.0, temperature_K=300.0,
+    result = run_md(atoms, UQCalculator(mean_of_two), steps=500, timestep_fs=1.0, temperature_K=300.0,
                     ensemble="nve", log_every=10, uq_every=10, progress=False)
-    assert result.steps_done == 1000 and not result.stopped and len(result.records) == 101
+    assert result.steps_done == 500 and not result.stopped and len(result.records) == 51
     total = np.array([r["energy"] + r["kinetic_energy"] for r in result.records]) / len(atoms)
     kinetic = np.array([r["kinetic_energy"] for r in result.records]) / len(atoms)
     slope = np.polyfit([r["time_fs"] / 1000 for r in result.records], total, 1)[0]
@@ -78,9 +81,9 @@ def test_stop_rule_fires_on_compressed_tio2_and_not_in_equilibrium_md(trained, f
     # compressed cell starts at 1.4 times it (margins of ~40 % both ways)
     rule = ForceStdRule(threshold=1.4 * max(largest), consecutive=2)
 
-    equilibrium = run_md(bare(frames[train_idx[0]]), calc, steps=200, temperature_K=300.0, stop_rule=rule,
+    equilibrium = run_md(bare(frames[train_idx[0]]), calc, steps=100, temperature_K=300.0, stop_rule=rule,
                          progress=False)
-    assert not equilibrium.stopped and equilibrium.steps_done == 200
+    assert not equilibrium.stopped and equilibrium.steps_done == 100
     assert max(r["max_atom_force_std"] for r in equilibrium.records) < rule.threshold
 
     compressed = bare(frames[train_idx[0]])
@@ -252,11 +255,26 @@ def test_md_command_errors_name_the_problem(frames, tmp_path, capsys):
     assert not (tmp_path / "o" / "md_log.csv").exists()
 
 
+def test_dynamics_that_collapse_two_atoms_end_the_run_as_a_result(frames, tmp_path):
+    atoms = bare(frames[0])
+    momenta = np.zeros((len(atoms), 3))
+    momenta[5] = atoms.get_masses()[5] * (atoms.positions[2] - atoms.positions[5]) / units.fs  # onto atom 2
+    atoms.set_momenta(momenta)
+    result = run_md(atoms, UQCalculator(tiny_posterior()), steps=10, ensemble="nve", out_dir=tmp_path,
+                    progress=False)
+    assert result.collapsed and result.stopped and result.steps_done == 0
+    assert re.search(r"atoms collapsed during step 1: atoms closer than 0.1 Å .*(2 and 5|5 and 2)",
+                     result.stop_reason)
+    assert np.linalg.norm(atoms.positions[5] - atoms.positions[2]) < 0.1  # where the dynamics left them
+    rows = list(csv.DictReader(open(result.log_path)))  # the run's files are in place, up to step 0
+    assert [int(r["step"]) for r in rows] == [0] and not list(tmp_path.glob("*.partial"))
+
+
 def test_coincident_atoms_are_named_before_the_model_runs(frames):
     atoms = bare(frames[0])
     atoms.positions[5] = atoms.positions[2] + [0.03, 0.0, 0.0]
     atoms.calc = UQCalculator(tiny_posterior())
-    with pytest.raises(ValueError, match=r"atoms closer than 0.1 Å .*: (2 and 5|5 and 2) at 0.03 Å"):
+    with pytest.raises(CollapsedAtomsError, match=r"atoms closer than 0.1 Å .*: (2 and 5|5 and 2) at 0.03 Å"):
         atoms.get_forces()
-    with pytest.raises(ValueError, match="closer than"):
+    with pytest.raises(CollapsedAtomsError, match="closer than"):  # a collapsed start is bad input
         run_md(atoms, atoms.calc, steps=1, progress=False)

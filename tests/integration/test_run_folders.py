@@ -100,7 +100,7 @@ def killed_train(config: dict, out: Path, log: Path, rows: int) -> None:
 
 
 def test_a_killed_map_training_resumes_with_every_epoch_logged_once(tio2_path, tio2_store, tmp_path):
-    config = map_config(tio2_path, tio2_store, max_epochs=40, patience=100, lr_patience=100, checkpoint_seconds=0)
+    config = map_config(tio2_path, tio2_store, max_epochs=20, patience=100, lr_patience=100, checkpoint_seconds=0)
     out, log = tmp_path / "run", tmp_path / "run" / "logs" / "metrics.csv"
     killed_train(config, out, log, rows=3)
     on_disk = list(csv.DictReader(open(log)))
@@ -110,25 +110,25 @@ def test_a_killed_map_training_resumes_with_every_epoch_logged_once(tio2_path, t
     kept = [line for line in log.read_text().splitlines() if not line[0].isdigit() or int(line.split(",")[0]) <= checkpointed]
     train(config, out_dir=out, resume=True)
     rows = list(csv.DictReader(open(log)))
-    assert [int(r["epoch"]) for r in rows] == list(range(40))  # each epoch once, in order: none repeated
+    assert [int(r["epoch"]) for r in rows] == list(range(20))  # each epoch once, in order: none repeated
     assert log.read_text().splitlines()[:len(kept)] == kept  # the rows before the checkpoint as they were
-    assert [int(r["step"]) for r in rows] == [2 * (e + 1) for e in range(40)]  # 16 structures, batches of 8
+    assert [int(r["step"]) for r in rows] == [2 * (e + 1) for e in range(20)]  # 16 structures, batches of 8
     assert all(float(r["val_loss"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
 
 
 def test_a_killed_sgmcmc_run_resumes_with_every_trace_row_once(tio2_path, tio2_store, tmp_path):
-    config = sgmcmc_config(tio2_path, tio2_store, n_chains=1, burnin_steps=60, n_samples=4, thinning=5,
+    config = sgmcmc_config(tio2_path, tio2_store, n_chains=1, burnin_steps=30, n_samples=4, thinning=5,
                            checkpoint_every=7)
     reference = train(config, out_dir=tmp_path / "straight") / "sgmcmc" / "trace_chain0.csv"
     out = tmp_path / "killed"
     log = out / "sgmcmc" / "trace_chain0.csv"
     killed_train(config, out, log, rows=20)
     checkpointed = torch.load(out / "sgmcmc" / "chain0.ckpt", weights_only=True)["step"]
-    assert 0 < checkpointed < 82
+    assert 0 < checkpointed < 52
     before = log.read_text().splitlines()
     train(config, out_dir=out, resume=True)
     rows = list(csv.DictReader(open(log)))
-    assert [int(r["step"]) for r in rows] == list(range(82))  # 60 burn-in, 2 pre-heat, 4 x 5 sampling steps
+    assert [int(r["step"]) for r in rows] == list(range(52))  # 30 burn-in, 2 pre-heat, 4 x 5 sampling steps
     # the rows up to the checkpoint are the killed process's own lines, untouched (header + steps < checkpointed)
     assert log.read_text().splitlines()[:1 + checkpointed] == before[:1 + checkpointed]
     # and the resumed chain repeats the uninterrupted one's steps; the killed run was another process (float32
