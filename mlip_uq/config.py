@@ -36,7 +36,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -257,25 +257,31 @@ def dump_config(config, path: Optional[Path]) -> str:
     return text
 
 
-def check_resumed_config(saved: Path, config, may_change: Sequence[str], what: str,
+def check_resumed_config(saved: Path, config, load: Callable, may_change: Sequence[str], what: str,
                          allowed: Optional[str] = None) -> None:
     """Check that a resumed run's configuration is the one it started with (``saved``, a YAML file written by
-    :func:`dump_config`), but for the dotted keys ``may_change``.
+    :func:`dump_config`), but for the dotted keys ``may_change``. Both are compared as ``load`` reads them today,
+    so a saved file that leaves out an option with its default value (written by an earlier version) matches.
 
     Args:
         saved: the configuration file the run wrote when it started.
-        config: the configuration it is resumed with (a mapping or a typed configuration).
+        config: the configuration it is resumed with (a typed configuration).
+        load: the loader ``config`` came from (:func:`load_config`, ``load_active_config``).
         may_change: dotted keys (``training.max_epochs``) or sections (``budget``) that may differ.
         what: the kind of run, named in errors (``run``, ``active-learning run``).
         allowed: how the errors name ``may_change`` (default: the keys, comma-separated).
 
     Raises:
         FileNotFoundError: ``saved`` does not exist (the folder holds no such run).
-        ConfigError: the configurations differ elsewhere.
+        ConfigError: the configurations differ elsewhere (the keys named), or ``saved`` no longer loads.
     """
     if not saved.is_file():
         raise FileNotFoundError(f"--resume: {saved.parent} holds no {what} (no {saved.name})")
-    started = yaml.safe_load(saved.read_text())
+    try:
+        started = yaml.safe_load(dump_config(load(saved), None))
+    except ConfigError as error:
+        raise ConfigError(f"--resume: {saved}, the configuration the {what} started with, does not load: "
+                          f"{error}") from error
     now = yaml.safe_load(dump_config(config, None))
     for c in (started, now):
         for dotted in may_change:
@@ -284,9 +290,22 @@ def check_resumed_config(saved: Path, config, may_change: Sequence[str], what: s
             for part in parents:
                 node = node.get(part, {})
             node.pop(last, None)
-    if started != now:
+    differ = _differing_keys(started, now)
+    if differ:
         raise ConfigError(f"--resume: the configuration differs from the one the {what} in {saved.parent} started "
-                          f"with (only {allowed or ', '.join(may_change)} may change)")
+                          f"with in {', '.join(differ[:5])} (only {allowed or ', '.join(may_change)} may change)")
+
+
+_MISSING = object()
+
+
+def _differing_keys(a, b, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "."]
+    return [key for k in sorted(set(a) | set(b), key=str)
+            for key in _differing_keys(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}.{k}" if prefix else str(k))]
+
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ def train(config, out_dir=None, overrides: Iterable[str] = (), resume: bool = Fa
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one")
     if resume:  # a resumed run may be given more epochs
-        check_resumed_config(saved, cfg, ["training.max_epochs"], "run")
+        check_resumed_config(saved, cfg, load_config, ["training.max_epochs"], "run")
     elif saved.is_file() and not overwrite:
         raise ConfigError(f"{out} already holds a run ({saved.name}); continue it with --resume or replace it "
                           "with --overwrite")

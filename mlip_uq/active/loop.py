@@ -125,7 +125,8 @@ class ActiveLoop:
             for name in ("test.h5", "labelled.h5", "decisions.jsonl", "initial.extxyz"):
                 (self.out / name).unlink(missing_ok=True)  # left by a start killed before its first state
         else:  # a resumed run may be given another budget
-            check_resumed_config(saved, self.cfg, ["budget"], "active-learning run", allowed="the budget")
+            check_resumed_config(saved, self.cfg, load_active_config, ["budget"], "active-learning run",
+                                 allowed="the budget")
         dump_config(self.cfg, saved)
 
     def _explorer(self, initial_indices: List[int]) -> Explorer:

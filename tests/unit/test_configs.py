@@ -7,12 +7,21 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO_ROOT
 
 from mlip_uq.active.config import ActiveConfig, load_active_config
 from mlip_uq.cli import main
 from mlip_uq.compare import load_compare_config, run_config
-from mlip_uq.config import BASE_SECTIONS, ConfigError, RunConfig, load_config, read_config_file
+from mlip_uq.config import (
+    BASE_SECTIONS,
+    ConfigError,
+    RunConfig,
+    check_resumed_config,
+    dump_config,
+    load_config,
+    read_config_file,
+)
 from mlip_uq.datasets import DatasetNotFetchedError
 from mlip_uq.inference import METHODS
 
@@ -144,3 +153,20 @@ def test_a_configuration_naming_an_absent_data_set_names_the_fetch_command(tmp_p
 def test_a_mistyped_data_set_path_is_named(path, message, fake_data_cache):
     with pytest.raises(ValueError, match=message):
         load_config({"data": {"path": path}})
+
+
+def test_a_resumed_run_matches_a_saved_configuration_that_leaves_out_defaults(fake_data_cache, tmp_path):
+    """An earlier version's file (an option at its default left out) matches; a changed value is named by key."""
+    config = load_active_config(REPO_ROOT / "configs" / "active_ethanol_xtb.yaml")
+    saved = tmp_path / "active_config.yaml"
+    raw = yaml.safe_load(dump_config(config, None))
+    assert raw["explore"]["starts"].pop("n") is None  # an option an earlier version did not write
+    saved.write_text(yaml.safe_dump(raw))
+    check_resumed_config(saved, config, load_active_config, ["budget"], "active-learning run")
+    changed = load_active_config({**config.to_dict(), "seed": config.seed + 1, "budget": {"max_calls": 99}})
+    with pytest.raises(ConfigError, match=r"differs .* in seed \(only budget may change\)"):
+        check_resumed_config(saved, changed, load_active_config, ["budget"], "active-learning run")
+    saved.write_text(yaml.safe_dump({**raw, "rule": {**raw["rule"], "colour": "red"}}))
+    with pytest.raises(ConfigError, match=r"active_config.yaml, the configuration the active-learning run started "
+                                          r"with, does not load: .*colour"):
+        check_resumed_config(saved, config, load_active_config, ["budget"], "active-learning run")
