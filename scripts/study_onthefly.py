@@ -34,9 +34,11 @@ import copy
 import json
 import logging
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -72,11 +74,11 @@ STYLE = {"rule": "-", "interval": "--", "random": ":"}
 
 def base_config(method: str, path: Path = CONFIG) -> dict:
     """The configuration ``path`` (default the shipped one) as a mapping (``method``: ``sgmcmc_starts``, the config's recipe, or
-    ``ensemble``: 4 members retrained on the grown set at every update)."""
+    ``ensemble``: 4 members retrained on the grown set at every update, two at a time)."""
     cfg = yaml.safe_load(Path(path).read_text())
     if method == "ensemble":
         cfg["train"].pop("sgmcmc")
-        cfg["train"].update(method="ensemble", ensemble={"n_members": 4, "n_processes": 1})
+        cfg["train"].update(method="ensemble", ensemble={"n_members": 4, "n_processes": 2})
         cfg["update"] = {"retrain": True}
     return cfg
 
@@ -249,8 +251,7 @@ def run_study(args) -> dict:
     return {"date": date.today().isoformat(), "code_version": code_version(), "run_code_versions": versions,
             "method": args.method,
             "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python scripts/study_onthefly.py "
-                       f"--method {args.method} --calls {args.calls} --every {args.every} --seeds "
-                       f"{' '.join(map(str, args.seeds))} --stability-seeds {' '.join(map(str, args.stability_seeds))}",
+                       + shlex.join(sys.argv[1:]),
             "calls": args.calls, "every": args.every, "threshold_eV_per_A": threshold,
             "summaries": results, "final": errors, "disjoint": disjoint(dirs, dihedral), "stability": stable}
 
