@@ -275,7 +275,8 @@ def report(study, doc: Path, png: Path) -> str:
     checkpoints = sorted({0, calls // 4, calls // 2, calls})
     ratios = call_ratios(study)
     head = ("| arm | rule | seeds | " + " | ".join(f"600 K force MAE @ +{c}" for c in checkpoints)
-            + " | dihedral force MAE | 600 K energy MAE | MD steps | share outside calls and updates |")
+            + f" | @ +{calls} per seed | dihedral force MAE | 600 K energy MAE | MD steps | share outside calls and "
+              "updates |")
     rules = {"rule": f"epistemic force std > {study['threshold_eV_per_A']:.3f} eV/Å",
              "interval": f"every {study['every']} steps", "random": f"p = {10 / study['every']:.3f} per check"}
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -284,7 +285,8 @@ def report(study, doc: Path, png: Path) -> str:
         finals = list(study["final"][arm].values())
         maes = " | ".join(spread([value_at(s["history"], c) for s in summaries]) for c in checkpoints)
         share = spread([100 * s["overhead_fraction"] for s in summaries])
-        lines.append(f"| {arm} | {rules[arm]} | {len(summaries)} | {maes} | "
+        per_seed_final = ", ".join(f"{value_at(s['history'], calls):.0f}" for s in summaries)
+        lines.append(f"| {arm} | {rules[arm]} | {len(summaries)} | {maes} | {per_seed_final} | "
                      f"{spread([1000 * f['dihedral_forces_mae'] for f in finals])} | "
                      f"{spread([1000 * f['md600_energy_mae'] for f in finals])} | "
                      f"{statistics.mean(s['md_steps'] for s in summaries):.0f} | {share} % |")

@@ -80,17 +80,20 @@ class Chain:
         for name, p in self.params.items():
             p.requires_grad_(name in self.stochastic)
 
-    def start_round(self, round_: int, num_data: int) -> None:
-        """Begin warm-start round ``round_`` from the current state on a training set of ``num_data``."""
+    def start_round(self, round_: int, num_data: int, readapt: bool = False) -> None:
+        """Begin warm-start round ``round_`` from the current state on a training set of ``num_data``; with
+        ``readapt`` the preconditioner adapts again until the round's burn-in ends."""
         self.round, self.round_start, self.n_drawn, self.status = round_, self.step, 0, "running"
         for group in self.optimizer.param_groups:
             group["num_data"] = num_data
+        if readapt:
+            self.optimizer.thaw_preconditioner()
 
     def schedule(self, rounds: Dict) -> Schedule:
         if self.round == 0:
             return self.settings.schedule()
         return self.settings.schedule(start=self.round_start, settle_steps=rounds["settle_steps"],
-                                      n_samples=rounds["n_samples"])
+                                      n_samples=rounds["n_samples"], readapt_steps=rounds.get("readapt_steps", 0))
 
     def state(self) -> Dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
@@ -106,8 +109,11 @@ class Chain:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.n_drawn, self.status = state["step"], state["n_drawn"], state["status"]
         self.round, self.round_start = state.get("round", 0), state.get("round_start", 0)
+        readapting = self.round > 0 and not self.optimizer.preconditioner_frozen  # killed in a round's burn-in
         if self.step >= self.settings.burnin_steps:
             self.fix_shared()
+        if readapting:
+            self.optimizer.thaw_preconditioner()
 
 
 @dataclass

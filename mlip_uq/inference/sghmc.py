@@ -350,6 +350,13 @@ class AdaptiveSGHMC(Optimizer):
         for group in self.param_groups:
             group["adapt_preconditioner"] = False
 
+    def thaw_preconditioner(self) -> None:
+        """Adapt P again, from the moments it was frozen with (the running maximum kept: P can only shrink),
+        until :meth:`freeze_preconditioner`: a warm start on data whose gradients the first burn-in never saw."""
+        self.defaults["adapt_preconditioner"] = True
+        for group in self.param_groups:
+            group["adapt_preconditioner"] = True
+
     @property
     def preconditioner_frozen(self) -> bool:
         """True when no group adapts its preconditioner any more."""

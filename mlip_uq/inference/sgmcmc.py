@@ -194,11 +194,13 @@ class SGMCMCSettings:
                     f"thinning={self.thinning}"
                 )
 
-    def schedule(self, start: int = 0, settle_steps: int = 0, n_samples: Optional[int] = None) -> Schedule:
+    def schedule(self, start: int = 0, settle_steps: int = 0, n_samples: Optional[int] = None,
+                 readapt_steps: int = 0) -> Schedule:
         """The step plan of a chain: from step 0 with burn-in and pre-heat (a run), or, for a warm start, from
-        ``start`` with ``settle_steps`` at the target temperature and ``n_samples`` samples (a continuation)."""
+        ``start`` with ``readapt_steps`` of burn-in (noise-free, the preconditioner adapting again), then
+        ``settle_steps`` at the target temperature and ``n_samples`` samples (a continuation)."""
         first_run = start == 0
-        burnin_end = self.burnin_steps if first_run else start
+        burnin_end = self.burnin_steps if first_run else start + readapt_steps
         preheat_end = burnin_end + (self.preheat_steps if first_run else 0)
         exploration = 0 if self.cycle_steps is None else int(math.ceil(self.exploration_fraction * self.cycle_steps))
         return Schedule(start=start, burnin_end=burnin_end, preheat_end=preheat_end,
@@ -253,12 +255,14 @@ def continue_sgmcmc(
     n_steps: int,
     n_samples: int,
     metadata: Optional[Dict] = None,
+    readapt_steps: int = 0,
 ) -> Posterior:
     """Warm start: continue every chain of the run in ``out_dir`` on a new training set (e.g. one grown by
     active learning) and return the new posterior.
 
-    Each chain goes on from its last checkpoint with ``num_data = len(train)``, takes ``n_steps`` steps at the
-    target temperature with its frozen preconditioner (re-equilibration to the new posterior), then draws
+    Each chain goes on from its last checkpoint with ``num_data = len(train)``, takes ``readapt_steps``
+    noise-free steps in which its preconditioner adapts again (:meth:`AdaptiveSGHMC.thaw_preconditioner`, then
+    frozen), ``n_steps`` steps at the target temperature (re-equilibration to the new posterior), then draws
     ``n_samples`` samples (thinning and cycles as in ``settings``, which must be the run's). The new samples
     replace the old ones in the returned posterior (they belong to another posterior). Diverged chains stay
     stopped.
@@ -269,22 +273,24 @@ def continue_sgmcmc(
     work = Path(out_dir) / "sgmcmc"
     if not any(work.glob("chain*.ckpt")):
         raise FileNotFoundError(f"{work} holds no SG-MCMC chain to continue; run the sampler first")
-    if n_steps < 0 or n_samples < 1:
-        raise ValueError(f"continue_sgmcmc needs n_steps >= 0 and n_samples >= 1, got {n_steps}, {n_samples}")
-    key = _data_key(train, n_steps, n_samples)
+    if n_steps < 0 or n_samples < 1 or readapt_steps < 0:
+        raise ValueError("continue_sgmcmc needs n_steps >= 0, n_samples >= 1 and readapt_steps >= 0, got "
+                         f"{n_steps}, {n_samples}, {readapt_steps}")
+    key = _data_key(train, n_steps, n_samples, readapt_steps)
     rounds_path = work / "rounds.json"
     rounds = json.loads(rounds_path.read_text()) if rounds_path.is_file() else {"round": 0, "key": None}
     if rounds["key"] != key:
         rounds = {"round": rounds["round"] + 1, "key": key, "settle_steps": n_steps, "n_samples": n_samples,
-                  "num_data": len(train)}
+                  "readapt_steps": readapt_steps, "num_data": len(train)}
         with atomic_write(rounds_path) as tmp:
             tmp.write_text(json.dumps(rounds, indent=1))
     job = _make_job(config, train, settings, out_dir, metadata, True, rounds)
     return _run_job(job)
 
 
-def _data_key(train: List[AtomicDataDict.Type], n_steps: int, n_samples: int) -> str:
-    digest = hashlib.sha256(f"{len(train)} {n_steps} {n_samples}".encode())
+def _data_key(train: List[AtomicDataDict.Type], n_steps: int, n_samples: int, readapt_steps: int) -> str:
+    text = f"{len(train)} {n_steps} {n_samples}" + (f" {readapt_steps}" if readapt_steps else "")  # as before
+    digest = hashlib.sha256(text.encode())  # without re-adaptation: the keys of existing runs stay valid
     for g in train:
         for key in (AtomicDataDict.POSITIONS_KEY, AtomicDataDict.ATOM_TYPE_KEY, AtomicDataDict.FORCE_KEY):
             digest.update(g[key].detach().cpu().numpy().tobytes())
@@ -346,7 +352,7 @@ def _run_chains(job: Job, rank: int, world: int, device: torch.device) -> None:
             chain.load(job.work / "burnin.ckpt")
             chain.optimizer.reseed(chain.seed)
         if chain.round < round_ and chain.status != "diverged":
-            chain.start_round(round_, len(job.train))
+            chain.start_round(round_, len(job.train), readapt=job.rounds.get("readapt_steps", 0) > 0)
         # samples written after the chain's last checkpoint are dropped: the chain draws them again
         on_file = chain_samples(chain.samples_path, chain.round)
         chain.samples = [on_file.sample_parameters(k) for k in range(chain.n_drawn)] if on_file else []
@@ -416,14 +422,23 @@ class UpdateSettings:
     Args:
         settle_steps: re-equilibration steps of every chain at the target temperature on the grown training set.
         n_samples: new samples per chain and update (None: ``sgmcmc.n_samples``).
+        readapt_steps: noise-free steps before settling in which the preconditioner adapts again, to the grown
+            set's gradients, then is frozen anew (its running maximum is kept, so a step size can only shrink);
+            0 keeps the preconditioner of the first burn-in. A new structure whose forces are far larger than
+            the training set's makes gradients the first preconditioner never saw: with 0, one such label
+            (max force 28 eV/Å against 2-8) sent the acac on-the-fly posterior to a test force MAE of 8.8 eV/Å.
     """
 
     settle_steps: int = 200
     n_samples: Optional[int] = None
+    readapt_steps: int = 0
 
     @classmethod
     def from_dict(cls, values: Dict, settings: SGMCMCSettings) -> "UpdateSettings":
         options = settings_from(cls, values, "update")
+        if options.settle_steps < 0 or options.readapt_steps < 0:
+            raise ConfigError(f"update.settle_steps and update.readapt_steps must be >= 0, got "
+                              f"{options.settle_steps} and {options.readapt_steps}")
         if options.n_samples is None:
             options.n_samples = settings.n_samples
         return options
@@ -438,7 +453,8 @@ def update(context: FitContext[SGMCMCSettings], options: UpdateSettings, index: 
     ``init: map``, train on ``train`` and stop early on ``val``, as an ensemble's members do; the chains sample
     on both, and later fits continue every start's chains)."""
     if context.settings.n_starts > 1:
-        posterior = update_starts(context, context.settings, options.settle_steps, options.n_samples, index)
+        posterior = update_starts(context, context.settings, options.settle_steps, options.n_samples, index,
+                                  readapt_steps=options.readapt_steps)
         posterior.save(context.posterior_path)
         return context.posterior_path
     if context.settings.uses_map():
@@ -452,6 +468,6 @@ def update(context: FitContext[SGMCMCSettings], options: UpdateSettings, index: 
     else:
         posterior = continue_sgmcmc(context.model_config, graphs, context.settings, context.out_dir,
                                     n_steps=options.settle_steps, n_samples=options.n_samples,
-                                    metadata=context.metadata)
+                                    metadata=context.metadata, readapt_steps=options.readapt_steps)
     posterior.save(context.posterior_path)
     return context.posterior_path

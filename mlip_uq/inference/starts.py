@@ -237,7 +237,8 @@ def run_starts(context: FitContext[SGMCMCSettings], settings: SGMCMCSettings,
     return posterior
 
 
-def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_samples: int) -> None:
+def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_samples: int,
+                    readapt_steps: int) -> None:
     """Warm-start every chain of start ``job.index`` on ``train`` (:func:`~mlip_uq.inference.sgmcmc.
     continue_sgmcmc`, idempotent) and write its new draws. A start whose chains all diverge gets a ``DIVERGED``
     marker and is left out of the pooled posterior from then on (the other starts go on)."""
@@ -248,7 +249,7 @@ def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_sampl
         return
     try:
         posterior = continue_sgmcmc(job.config, train, job.settings, job.out_dir, n_steps=n_steps,
-                                    n_samples=n_samples, metadata=metadata)
+                                    n_samples=n_samples, metadata=metadata, readapt_steps=readapt_steps)
     except NoDrawsError as error:
         log.warning("start %d diverged on the grown training set (%d structures): left out of the posterior "
                     "from now on", job.index, len(train))
@@ -258,18 +259,19 @@ def _continue_start(job: _StartJob, train, metadata: Dict, n_steps: int, n_sampl
 
 
 def update_starts(context: FitContext[SGMCMCSettings], settings: SGMCMCSettings, n_steps: int, n_samples: int,
-                  index: int) -> Posterior:
+                  index: int, readapt_steps: int = 0) -> Posterior:
     """Fit ``index`` of an active-learning loop with several starts: the first as :func:`run_starts` (MAP fits
     on ``context.train`` early-stopped on ``context.val``, then every chain on both), later ones continue every
-    start's chains on the grown ``train + val`` (:func:`~mlip_uq.inference.sgmcmc.continue_sgmcmc`: ``n_steps``
-    steps at the target temperature, then ``n_samples`` new draws per chain), ``n_processes`` starts at a time;
-    returns the pooled posterior."""
+    start's chains on the grown ``train + val`` (:func:`~mlip_uq.inference.sgmcmc.continue_sgmcmc`:
+    ``readapt_steps`` noise-free steps re-adapting the preconditioner, ``n_steps`` steps at the target
+    temperature, then ``n_samples`` new draws per chain), ``n_processes`` starts at a time; returns the pooled
+    posterior."""
     graphs = list(context.train) + list(context.val)
     if index == 0:
         return run_starts(context, settings, sample_on=graphs)
     jobs, _ = _start_jobs(context, settings, fit=False)  # the fits of update 0 stay the starts
     run_in_processes(_continue_start, jobs, settings.n_processes, settings.accelerator, train=graphs,
-                     metadata=context.metadata, n_steps=n_steps, n_samples=n_samples)
+                     metadata=context.metadata, n_steps=n_steps, n_samples=n_samples, readapt_steps=readapt_steps)
     return _pooled(jobs, settings)
 
 

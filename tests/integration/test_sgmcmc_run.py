@@ -228,6 +228,58 @@ def test_chains_in_parallel_processes_draw_the_samples_of_sequential_chains(tio2
         torch.testing.assert_close(parallel.samples[name], t, rtol=1e-12, atol=1e-12 * float(t.abs().max()))
 
 
+def test_a_warm_start_can_re_adapt_the_preconditioner_to_a_label_with_large_forces(tio2_path, tio2_store, full_run,
+                                                                                     tmp_path, monkeypatch):
+    import csv
+    import shutil
+
+    from nequip.data import AtomicDataDict
+
+    from mlip_uq.data import FrameStore
+    from mlip_uq.inference.sgmcmc import SGMCMCSettings, continue_sgmcmc
+
+    first = load_posterior(full_run / "posterior.h5")
+    splits = json.loads((full_run / "splits.json").read_text())
+    grown = FrameStore.open(tio2_store).graphs(splits["train"] + splits["val"])
+    grown[0] = {**grown[0], AtomicDataDict.FORCE_KEY: 30 * grown[0][AtomicDataDict.FORCE_KEY]}  # an outlier label
+    settings = SGMCMCSettings.from_dict(config(tio2_path, tio2_store))
+
+    def precond(run):
+        state = torch.load(run / "sgmcmc" / "chain0.ckpt", weights_only=True)["optimizer"]
+        assert not any(g["adapt_preconditioner"] for g in state["param_groups"])  # frozen again for sampling
+        return torch.cat([s["precond"].flatten() for s in state["state"].values()])
+
+    before = precond(full_run)
+    runs = {}
+    for readapt in (0, 4):
+        runs[readapt] = tmp_path / f"readapt{readapt}"
+        shutil.copytree(full_run, runs[readapt])
+        continue_sgmcmc(first.config, grown, settings, runs[readapt], n_steps=2, n_samples=1, readapt_steps=readapt)
+    assert torch.equal(precond(runs[0]), before)  # the first burn-in's preconditioner, frozen
+    after = precond(runs[4])
+    assert bool((after <= before).all()) and bool((after < 0.5 * before).any())  # it only shrinks, and did
+    rows = [r for r in csv.DictReader(open(runs[4] / "sgmcmc" / "trace_chain0.csv")) if int(r["step"]) >= 48]
+    # trace rows every 2nd step: steps 48-51 re-adapt (noise-free), 52-53 settle, then the sample
+    assert [(r["phase"], float(r["temperature"])) for r in rows] == \
+        [("burnin", 0.0)] * 2 + [("settle", 1.0)] + [("sampling", 1.0)] * 2
+    # killed at the checkpoint of step 50, inside the re-adaptation: resumed, it adapts on to the same result
+    killed = tmp_path / "killed"
+    shutil.copytree(full_run, killed)
+    original = chain_module.Chain.save
+
+    def save_then_die(self, path=None):
+        original(self, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chain_module.Chain, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        continue_sgmcmc(first.config, grown, settings, killed, n_steps=2, n_samples=1, readapt_steps=4)
+    monkeypatch.undo()
+    assert torch.load(killed / "sgmcmc" / "chain0.ckpt", weights_only=True)["step"] == 50
+    continue_sgmcmc(first.config, grown, settings, killed, n_steps=2, n_samples=1, readapt_steps=4)
+    assert torch.equal(precond(killed), after)
+
+
 def test_cyclical_step_sizes_sample_at_the_end_of_each_cycle(tio2_path, tio2_store, tmp_path):
     import csv
 
