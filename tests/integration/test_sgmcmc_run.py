@@ -244,21 +244,13 @@ def test_a_warm_start_can_re_adapt_the_preconditioner_to_a_label_with_large_forc
     grown[0] = {**grown[0], AtomicDataDict.FORCE_KEY: 30 * grown[0][AtomicDataDict.FORCE_KEY]}  # an outlier label
     settings = SGMCMCSettings.from_dict(config(tio2_path, tio2_store))
 
-    def precond(run):
-        state = torch.load(run / "sgmcmc" / "chain0.ckpt", weights_only=True)["optimizer"]
-        assert not any(g["adapt_preconditioner"] for g in state["param_groups"])  # frozen again for sampling
-        return torch.cat([s["precond"].flatten() for s in state["state"].values()])
-
-    before = precond(full_run)
-    runs = {}
-    for readapt in (0, 4):
-        runs[readapt] = tmp_path / f"readapt{readapt}"
-        shutil.copytree(full_run, runs[readapt])
-        continue_sgmcmc(first.config, grown, settings, runs[readapt], n_steps=2, n_samples=1, readapt_steps=readapt)
-    assert torch.equal(precond(runs[0]), before)  # the first burn-in's preconditioner, frozen
-    after = precond(runs[4])
+    before = preconditioner(full_run)
+    run = tmp_path / "readapt"
+    shutil.copytree(full_run, run)
+    continue_sgmcmc(first.config, grown, settings, run, n_steps=2, n_samples=1, readapt_steps=4)
+    after = preconditioner(run)
     assert bool((after <= before).all()) and bool((after < 0.5 * before).any())  # it only shrinks, and did
-    rows = [r for r in csv.DictReader(open(runs[4] / "sgmcmc" / "trace_chain0.csv")) if int(r["step"]) >= 48]
+    rows = [r for r in csv.DictReader(open(run / "sgmcmc" / "trace_chain0.csv")) if int(r["step"]) >= 48]
     # trace rows every 2nd step: steps 48-51 re-adapt (noise-free), 52-53 settle, then the sample
     assert [(r["phase"], float(r["temperature"])) for r in rows] == \
         [("burnin", 0.0)] * 2 + [("settle", 1.0)] + [("sampling", 1.0)] * 2
@@ -277,7 +269,7 @@ def test_a_warm_start_can_re_adapt_the_preconditioner_to_a_label_with_large_forc
     monkeypatch.undo()
     assert torch.load(killed / "sgmcmc" / "chain0.ckpt", weights_only=True)["step"] == 50
     continue_sgmcmc(first.config, grown, settings, killed, n_steps=2, n_samples=1, readapt_steps=4)
-    assert torch.equal(precond(killed), after)
+    assert torch.equal(preconditioner(killed), after)
 
 
 def test_cyclical_step_sizes_sample_at_the_end_of_each_cycle(tio2_path, tio2_store, tmp_path):
@@ -294,6 +286,13 @@ def test_cyclical_step_sizes_sample_at_the_end_of_each_cycle(tio2_path, tio2_sto
     steps = [float(r["median_step_size"]) for r in cycle]
     assert all(a > b for a, b in zip(steps, steps[1:]))  # cosine decay within the cycle
     assert float(rows[38]["median_step_size"]) == pytest.approx(steps[0])  # restart
+
+
+def preconditioner(run):
+    """Chain 0's preconditioner P (all parameters, flattened) in its checkpoint, which must be frozen."""
+    state = torch.load(run / "sgmcmc" / "chain0.ckpt", weights_only=True)["optimizer"]
+    assert not any(g["adapt_preconditioner"] for g in state["param_groups"])
+    return torch.cat([s["precond"].flatten() for s in state["state"].values()])
 
 
 def test_warm_start_continues_the_chains_on_more_data(tio2_path, tio2_store, full_run, tmp_path, monkeypatch):
@@ -315,6 +314,7 @@ def test_warm_start_continues_the_chains_on_more_data(tio2_path, tio2_store, ful
     chain0 = torch.load(run / "sgmcmc" / "chain0.ckpt", weights_only=True)
     assert chain0["step"] == 48 + 5 + 2 * 3 and chain0["round"] == 1
     assert all(g["num_data"] == len(grown) for g in chain0["optimizer"]["param_groups"])
+    assert torch.equal(preconditioner(run), preconditioner(full_run))  # the first burn-in's, frozen
     # idempotent: the same continuation again draws nothing and returns the same posterior
     monkeypatch.setattr(sgmcmc_module, "run_chain", lambda *a, **k: pytest.fail("sampled again"))
     again = continue_sgmcmc(first.config, grown, settings, run, n_steps=5, n_samples=2)

@@ -71,10 +71,12 @@ def test_posterior_holds_the_best_validation_epoch(trained):
 
 def test_evaluate_cli_reproduces_metrics_and_plots(trained, tio2_path, tmp_path, capsys):
     rc = main(["evaluate", str(trained / "posterior.h5"), str(tio2_path), "--out", str(tmp_path / "m.json"),
-               "--plots", str(tmp_path / "plots")])
+               "--plots", str(tmp_path / "plots"), "--split", str(trained / "splits.json")])
     assert rc == 0
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["n_structures"] == 1000 and DESIGN_KEYS <= set(metrics)
+    metrics, run = json.loads((tmp_path / "m.json").read_text()), json.loads((trained / "metrics.json").read_text())
+    assert metrics["n_structures"] == run["n_structures"] == 12 and DESIGN_KEYS <= set(metrics)
+    for key in ("energy_mae", "forces_mae", "forces_nll"):  # the run's own test metrics, from the file alone
+        assert metrics[key] == pytest.approx(run[key], rel=1e-6), key
     assert (tmp_path / "plots" / "parity.png").stat().st_size > 5000
 
 
