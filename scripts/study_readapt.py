@@ -61,19 +61,31 @@ def update_once(runs: Path, arm: str, seed: int, n_new: int, readapt: int, work:
         path = updater.fit(train + added, val, index=1, resume=False,
                            metadata=dict(energy_references=first.energy_references))
         pred = predict_graphs(load_posterior(path), loop.test_graphs(), 16)
-        metrics = metrics_and_plots(pred)
+        try:
+            metrics = metrics_and_plots(pred)
+        except ValueError as error:  # a draw that predicts NaN or inf on the test set
+            metrics = {"forces_mae": None, "energy_mae": None, "error": str(error)}
         largest = [float(np.abs(a.get_forces()).max()) for a in store.atoms(new)]
+        diverged = sorted(int(p.parent.name) for p in (out / "model" / "starts").glob("*/diverged.json"))
         write_json({"arm": arm, "seed": seed, "readapt_steps": readapt, "n_new": n_new,
-                    "largest_force_component_eV_per_A": largest, "forces_mae": metrics["forces_mae"],
-                    "energy_mae": metrics["energy_mae"], "n_draws": load_posterior(path).n_samples},
+                    "largest_force_component_eV_per_A": largest, **metrics,
+                    "n_draws": load_posterior(path).n_samples, "diverged_starts": diverged},
                    out / "result.json")
     return json.loads((out / "result.json").read_text())
+
+
+def cell(result: dict) -> str:
+    """A result's force MAE (meV/Å), with the starts left out of the posterior because they diverged."""
+    mae = "non-finite predictions" if result["forces_mae"] is None else f"{1000 * result['forces_mae']:.1f}"
+    left_out = result["diverged_starts"]
+    return mae + (f" ({len(left_out)} of 4 starts diverged)" if left_out else "")
 
 
 def report(study: dict) -> str:
     lines = [f"Measured {study['date']} (code {study['code_version']}) with `{study['command']}`. One update from "
              "the seed's first posterior (50 structures) on its initial set plus the arm's first labels of the "
-             "on-the-fly study; 600 K test force MAE (meV/Å) of the updated posterior.", "",
+             "on-the-fly study; 600 K test force MAE (meV/Å) of the updated posterior (a start whose chain "
+             "diverges is left out of it).", "",
              "| case | labels added | largest force component of a new label (eV/Å) | "
              + " | ".join(f"readapt_steps {r}" for r in study["readapt"]) + " |",
              "|---|---|---|" + "---|" * len(study["readapt"])]
@@ -81,7 +93,7 @@ def report(study: dict) -> str:
         rows = case["results"]
         lines.append(f"| {case['arm']} seed {case['seed']} | {rows[0]['n_new']} | "
                      f"{max(rows[0]['largest_force_component_eV_per_A']):.1f} | "
-                     + " | ".join(f"{1000 * r['forces_mae']:.1f}" for r in rows) + " |")
+                     + " | ".join(cell(r) for r in rows) + " |")
     return "\n".join(lines)
 
 
