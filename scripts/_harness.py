@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmark scripts: the docs/benchmarks.md section writer, the benchmarked TiO2 system,
-timing rounds in rotating order, the memory probe and the machine description.
+"""Shared pieces of the benchmark scripts: the docs/benchmarks.md section writer, the record of a run's numbers
+(its JSON under docs/, the code version, the provenance line of its table), the benchmarked TiO2 system, timing
+rounds in rotating order, the memory probe and the machine description.
 
 The scripts import it as ``_harness`` (they run from ``scripts/``, whose folder Python puts on ``sys.path``).
 """
@@ -10,6 +11,8 @@ import gc
 import os
 import platform
 import resource
+import subprocess
+from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 
@@ -35,6 +38,33 @@ def update_section(path: Path, heading: str, body: str) -> None:
         text = text[:start] + section + ("" if end < 0 else text[end:])
     with atomic_write(path) as tmp:
         tmp.write_text(text)
+
+
+def code_version() -> str:
+    """The checkout's short commit (``git rev-parse --short HEAD``), ``+dirty`` when tracked files differ from it."""
+    git = ["git", "-C", str(REPO)]
+    version = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["diff", "--quiet", "HEAD"]).returncode != 0
+    return version + ("+dirty" if dirty else "")
+
+
+def stamped(values: dict) -> dict:
+    """A new record of a script's numbers: ``values`` after the measurement's date and code version (keys
+    ``date``, ``code_version``), to be written to the script's JSON under docs/."""
+    return {"date": date.today().isoformat(), "code_version": code_version(), **values}
+
+
+def provenance(record: dict, path: Path) -> str:
+    """The line under a table that says where its numbers are: the code version they were measured with and the
+    JSON file (linked relative to docs/); for numbers transcribed once from an earlier page (the record's
+    ``source``), that they are not regenerated from a run and which command would; for numbers that predate a
+    change which makes them incomparable with later sections (``stale``), which change."""
+    line = f"Code version: {record['code_version']}. Numbers: [{path.name}]({path.name})."
+    if "source" in record:
+        line += f" **Not regenerated from a run:** {record['source']}."
+    if "stale" in record:
+        line = f"**Stale:** {record['stale']}. " + line
+    return line
 
 
 def model_config(dtype: str):

@@ -9,7 +9,11 @@
 CPU budget: each run gets ``--budget-minutes`` of training (Lightning ``max_time``); the published figures come
 from GPU runs of many hours, so the table states the budget next to each number.
 
-    python scripts/bench_accuracy.py --budget-minutes 30 [--only ethanol tio2]
+    python scripts/bench_accuracy.py --budget-minutes 30 [--only ethanol tio2] [--report]
+
+Each run's metrics go with its date and code version into ``docs/bench_accuracy.json`` (one entry per data set
+and ``--tag``; a new run replaces its entry) and the section is written from that file; ``--report`` rewrites it
+from the JSON alone.
 """
 
 import argparse
@@ -17,17 +21,18 @@ import json
 import logging
 import platform
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
-from _harness import update_section
+from _harness import stamped, update_section
 from nequip.utils.global_state import set_global_state
 
+from mlip_uq.files import write_json
 from mlip_uq.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## MAP accuracy (scripts/bench_accuracy.py)"
+RESULTS = ROOT / "docs" / "bench_accuracy.json"  # one entry per run (data set and tag)
 RUNS = {
     "ethanol": ROOT / "configs" / "ethanol_map.yaml",
     "tio2": ROOT / "configs" / "tio2_map.yaml",
@@ -41,29 +46,38 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_accuracy")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--tag", default="", help="suffix of the result's name, e.g. 'unfiltered'")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
+    parser.add_argument("--report", action="store_true", help="rewrite the section from docs/bench_accuracy.json alone")
     parser.add_argument("--override", nargs="*", default=[], metavar="key=value",
                         help="configuration overrides for every run (e.g. a smaller model for a CPU budget)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
 
-    saved = args.runs / "results.json"
-    results = json.loads(saved.read_text()) if saved.is_file() else {}
-    for name in [] if args.report_only else args.only:
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for name in [] if args.report else args.only:
         key = f"{name}_{args.tag}" if args.tag else name
         out = args.runs / key
         t0 = time.perf_counter()
         train(RUNS[name], out_dir=out, overrides=[f"training.max_time_minutes={args.budget_minutes}", *args.override])
         metrics = json.loads((out / "metrics.json").read_text())
         epochs = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] + 1
-        results[key] = dict(metrics, wall_s=time.perf_counter() - t0, epochs=epochs, threads=torch.get_num_threads(),
-                             budget_minutes=args.budget_minutes,
-                             command=" ".join(["python scripts/bench_accuracy.py", f"--budget-minutes {args.budget_minutes:g}",
-                                               f"--only {name}", *([f"--tag {args.tag}"] if args.tag else []),
-                                               *(["--override", *args.override] if args.override else [])]))
-        saved.write_text(json.dumps(results, indent=2))
+        results[key] = stamped(dict(
+            metrics, wall_s=time.perf_counter() - t0, epochs=epochs, threads=torch.get_num_threads(),
+            budget_minutes=args.budget_minutes, machine=platform.processor() or platform.machine(),
+            torch=torch.__version__,
+            command=" ".join(["python scripts/bench_accuracy.py", f"--budget-minutes {args.budget_minutes:g}",
+                              f"--only {name}", *([f"--tag {args.tag}"] if args.tag else []),
+                              *(["--override", *args.override] if args.override else [])])))
+        write_json(results, RESULTS)
+    body = report(results)
+    update_section(args.out, HEADING, body)
+    print(body)
 
+
+def report(results: dict) -> str:
+    """The section's body (below its heading) from the results alone: one entry per run, each with its date,
+    code version and command (``source`` where its numbers were transcribed rather than measured, ``stale`` where
+    they predate a change that makes them incomparable with later sections)."""
     rows = []
     if "ethanol" in results:
         m = results["ethanol"]
@@ -110,21 +124,25 @@ def main() -> None:
             "set holds some of the compressed structures with forces up to 191 eV/Å, which dominate its RMSE.",
             "",
         ]
-    body = "\n".join(
+    runs = [f"- `{m['command']}` ({m['date']}, {m['machine']}, torch {m['torch']}; code version {m['code_version']})"
+            for m in results.values()]
+    stale = [f"**Stale:** {note}." for note in dict.fromkeys(m["stale"] for m in results.values() if "stale" in m)]
+    sources = [f"**Not regenerated from a run:** {source}." for source in
+               dict.fromkeys(m["source"] for m in results.values() if "source" in m)]
+    return "\n".join(
         [
-            f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()}, 2 cores, "
-            f"torch {torch.__version__}; commands:",
+            *stale,
+            *([""] if stale else []),
+            "Commands (each run's date, machine and code version):",
             "",
-            *[f"- `{r['command']}`" for r in results.values()],
+            *runs,
             "",
-            "The 2-core machine was shared with other jobs during these runs: wall-clock figures are upper bounds.",
+            f"Numbers: [{RESULTS.name}]({RESULTS.name}). " + "".join(f"{s} " for s in sources)
+            + "The 2-core machine was shared with other jobs during these runs: wall-clock figures are upper bounds.",
             "",
             *rows,
         ]
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    update_section(args.out, HEADING, body)
-    print(body)
 
 
 if __name__ == "__main__":

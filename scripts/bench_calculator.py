@@ -32,17 +32,19 @@ Usage::
 
     OMP_NUM_THREADS=1 python scripts/bench_calculator.py [--ks 8] [--atoms 96 768] [--rounds 3] [--uq-every 10]
                                                          [--device cpu|cuda] [--no-memory] [--out docs/benchmarks.md]
+                                                         [--report]
 
-Prints one progress line per cell and K, then a markdown table, and writes (or replaces) its own section of
-``--out`` (the CPU section, or with ``--device cuda`` a GPU section of its own), leaving the other sections as
-they are.
+Prints one progress line per cell and K, writes the numbers (per cell and K: the medians in ms, the ratios of the
+table, the memory probe, every round's seconds) with the date and code version to
+``docs/bench_calculator_<device>.json``, and from that file its own section of ``--out`` (the CPU section, or
+with ``--device cuda`` a GPU section of its own), leaving the other sections as they are. ``--report`` rewrites
+the section from the JSON alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import json
 import os
@@ -64,10 +66,14 @@ from _harness import (  # noqa: E402  (the shared cell, architecture, section wr
     machine_busy,
     make_cell,
     model_config,
+    provenance,
+    stamped,
     update_section,
 )
 from _harness import reset_peak_rss as _reset_peak_rss  # noqa: E402
 from _harness import status_kib as _status_kib
+
+from mlip_uq.files import write_json  # noqa: E402
 
 SECTION_TITLE = "## Calculator cost per MD step with K samples (scripts/bench_calculator.py)"
 GPU_SECTION_TITLE = "## Calculator cost per MD step with K samples on a GPU (scripts/bench_calculator.py --device cuda)"
@@ -82,6 +88,16 @@ GPU_COMMAND = (
     "section of this page; `tests/unit/test_gpu.py` and the CUDA test of `tests/unit/test_calculator.py` check "
     "the CUDA path against the CPU (skipped without CUDA).")
 MEMORY_PATHS = ("nequip_one", "full_step", "partial_step", "partial_std")
+#: the ratios of the table and the reading, (path, reference): medians of the per-round ratios; ``amortised`` is
+#: the partial step with ``atom_force_std`` every ``--uq-every``-th step
+RATIOS = (("full_step", "nequip_loop"), ("full_step", "nequip_one"), ("partial_step", "nequip_one"),
+          ("amortised", "nequip_one"), ("partial_std", "nequip_one"), ("partial_samples_loop", "nequip_one"),
+          ("partial_samples_batched", "nequip_one"), ("partial_samples_batched", "partial_samples_loop"))
+
+
+def results_path(device: str) -> Path:
+    """The JSON of this benchmark's numbers on ``device`` (cpu or cuda)."""
+    return REPO / "docs" / f"bench_calculator_{device}.json"
 
 
 class Setup:
@@ -191,6 +207,14 @@ def ratio(times: Dict[str, List[float]], path: str, reference: str) -> float:
     return statistics.median(a / b for a, b in zip(times[path], times[reference]))
 
 
+def figures(times: Dict[str, List[float]], every: int) -> Dict:
+    """What the table and the reading show of one cell and K: the median ms of every path and the ``RATIOS``
+    (keys ``path/reference``)."""
+    with_amortised = {**times, "amortised": amortised(times, every)}
+    return {"ms": {p: 1e3 * statistics.median(times[p]) for p in PATHS},
+            "ratios": {f"{a}/{b}": ratio(with_amortised, a, b) for a, b in RATIOS}}
+
+
 def mace_probe(n_atoms: int, ks: List[int], rounds: int) -> Dict:
     """Run under a Python with mace-torch (its own venv: mace-torch pins e3nn 0.4.4): ms per call of a MACE
     committee (``MACECalculator(models=[...])``) of K randomly initialised models, for each K (medians)."""
@@ -251,19 +275,17 @@ def table(rows: List[Dict], every: int) -> str:
     )
     lines = [head]
     for r in rows:
-        t = r["times"]
-        ms = {p: 1e3 * statistics.median(t[p]) for p in PATHS}
+        ms, x = r["ms"], r["ratios"]
         mem = " / ".join(_mib(r["memory"].get(p)) for p in MEMORY_PATHS) if r["memory"] else "–"
         mace = f"{fmt(r['mace'][0])} ({fmt(r['mace'][1])})" if r.get("mace") else "–"
         lines.append(
             f"| {r['atoms']:,} | {r['edges']:,} | {r['k']} | {fmt(ms['nequip_one'])} | {fmt(ms['nequip_loop'])} "
-            f"| {fmt(ms['full_step'])} | {ratio(t, 'full_step', 'nequip_loop'):.2f}x "
-            f"| {ratio(t, 'full_step', 'nequip_one'):.2f}x | {fmt(ms['full_std'])} | {fmt(ms['partial_step'])} "
-            f"| **{ratio(t, 'partial_step', 'nequip_one'):.2f}x** "
-            f"| **{ratio({**t, 'amortised': amortised(t, every)}, 'amortised', 'nequip_one'):.2f}x** "
-            f"| {fmt(ms['partial_std'])} | **{ratio(t, 'partial_std', 'nequip_one'):.2f}x** "
+            f"| {fmt(ms['full_step'])} | {x['full_step/nequip_loop']:.2f}x "
+            f"| {x['full_step/nequip_one']:.2f}x | {fmt(ms['full_std'])} | {fmt(ms['partial_step'])} "
+            f"| **{x['partial_step/nequip_one']:.2f}x** | **{x['amortised/nequip_one']:.2f}x** "
+            f"| {fmt(ms['partial_std'])} | **{x['partial_std/nequip_one']:.2f}x** "
             f"| {fmt(ms['partial_samples_loop'])} / {fmt(ms['partial_samples_batched'])} "
-            f"| {mace} | {mem} | {len(t['full_step'])} |"
+            f"| {mace} | {mem} | {r['rounds']} |"
         )
     return "\n".join(lines)
 
@@ -278,32 +300,33 @@ def reading(rows: List[Dict], every: int, device: str) -> str:
     for r in rows:
         if r["k"] != 8:
             continue
-        t = r["times"]
-        ta = {**t, "amortised": amortised(t, every)}
+        x = r["ratios"]
         lines.append(
             f"{r['atoms']} atoms, K = 8: partial MD step (energy, mean forces, energy std) "
-            f"{_met(ratio(t, 'partial_step', 'nequip_one'), 1.15)} one model; with `atom_force_std` every {every}th "
-            f"step {_met(ratio(ta, 'amortised', 'nequip_one'), 1.6)}; with `atom_force_std` at every step "
-            f"{ratio(t, 'partial_std', 'nequip_one'):.2f}x (5.12x / 5.90x at 96 / 768 atoms before); full posterior "
-            f"step {_met(ratio(t, 'full_step', 'nequip_loop'), 1.0)} a loop of 8 nequip calls"
-            + (f", {_met(ratio(t, 'full_step', 'nequip_one'), 2.0)} one model on this GPU" if device == "cuda" else "")
-            + f"; per-sample forces from K single pull-backs {ratio(t, 'partial_samples_loop', 'nequip_one'):.2f}x, "
-            f"from one batched pull-back {ratio(t, 'partial_samples_batched', 'nequip_one'):.2f}x one model "
-            f"(batched / single {ratio(t, 'partial_samples_batched', 'partial_samples_loop'):.2f}x).")
+            f"{_met(x['partial_step/nequip_one'], 1.15)} one model; with `atom_force_std` every {every}th "
+            f"step {_met(x['amortised/nequip_one'], 1.6)}; with `atom_force_std` at every step "
+            f"{x['partial_std/nequip_one']:.2f}x (5.12x / 5.90x at 96 / 768 atoms before); full posterior "
+            f"step {_met(x['full_step/nequip_loop'], 1.0)} a loop of 8 nequip calls"
+            + (f", {_met(x['full_step/nequip_one'], 2.0)} one model on this GPU" if device == "cuda" else "")
+            + f"; per-sample forces from K single pull-backs {x['partial_samples_loop/nequip_one']:.2f}x, "
+            f"from one batched pull-back {x['partial_samples_batched/nequip_one']:.2f}x one model "
+            f"(batched / single {x['partial_samples_batched/partial_samples_loop']:.2f}x).")
     return "\n".join(f"- {line}" for line in lines)
 
 
-def mace_note(mace: Optional[Dict], args) -> str:
-    if not args.mace_python:
+def mace_note(record: Dict) -> str:
+    mace = record["mace"]
+    if not mace["given"]:
         return "not measured (no Python with mace-torch given: `--mace-python`)."
-    if mace is None:
+    if mace["result"] is None:
         return "the MACE run failed (see the script's output); not measured."
     return (f"mace-torch's `MACECalculator(models=[...])` (it evaluates the K models one after another) on K randomly "
             f"initialised `ScaleShiftMACE` models (2 interactions, hidden 32x0e+32x1o, max_ell 3, correlation 3, "
-            f"r_max 5 Å, {mace['params']:,} parameters, float64), in its own venv (mace-torch pins e3nn 0.4.4, "
-            f"run with `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1` because e3nn 0.4.4 reads its bundled constants with "
-            f"`torch.load`), on the {args.mace_atoms}-atom cell only, {args.rounds} rounds; a different architecture, "
-            f"so compare how its cost grows with K rather than its absolute cost. In brackets: one MACE model.")
+            f"r_max 5 Å, {mace['result']['params']:,} parameters, float64), in its own venv (mace-torch pins e3nn "
+            f"0.4.4, run with `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1` because e3nn 0.4.4 reads its bundled constants "
+            f"with `torch.load`), on the {mace['atoms']}-atom cell only, {record['rounds']} rounds; a different "
+            f"architecture, so compare how its cost grows with K rather than its absolute cost. In brackets: one MACE "
+            f"model.")
 
 
 def main(argv=None) -> None:
@@ -320,7 +343,14 @@ def main(argv=None) -> None:
     parser.add_argument("--mace-atoms", type=int, default=96, choices=sorted(REPEATS))
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--mace-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true",
+                        help="rewrite the section from docs/bench_calculator_<device>.json alone")
     args = parser.parse_args(argv)
+    path = results_path(args.device)
+    if args.report:
+        record = json.loads(path.read_text())
+        update_section(args.out, GPU_SECTION_TITLE if record["gpu"] else SECTION_TITLE, report(record, path))
+        return
     if args.mace_probe:
         n_atoms, ks, rounds = args.mace_probe.split(":")
         print(json.dumps(mace_probe(int(n_atoms), [int(k) for k in ks.split(",")], int(rounds))))
@@ -335,6 +365,16 @@ def main(argv=None) -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    record = measure(args, argv)
+    write_json(record, path)
+    section = report(record, path)
+    print(section)
+    update_section(args.out, GPU_SECTION_TITLE if record["gpu"] else SECTION_TITLE, section)
+
+
+def measure(args, argv) -> Dict:
+    """Time every path for every K and cell (and probe the memory, and MACE when asked): the record."""
+    import torch
 
     started, load_start = time.perf_counter(), load_average()
     rows = []
@@ -343,8 +383,9 @@ def main(argv=None) -> None:
         for n_atoms in args.atoms:
             times = time_cell(setup, n_atoms, args.rounds)
             graph = setup.full.graph(make_cell(REPEATS[n_atoms]))
-            rows.append({"atoms": n_atoms, "k": k, "times": times, "memory": {},
-                         "edges": int(graph["edge_index"].shape[1])})
+            rows.append({"atoms": n_atoms, "k": k, "edges": int(graph["edge_index"].shape[1]),
+                         "rounds": args.rounds, **figures(times, args.uq_every), "memory": {}, "mace": None,
+                         "times_s": times})
             med = {p: 1e3 * statistics.median(t) for p, t in times.items()}
             print(f"[{time.perf_counter() - started:6.0f} s] {n_atoms} atoms, K={k}: "
                   + ", ".join(f"{p} {v:.1f} ms" for p, v in med.items()), flush=True)
@@ -364,22 +405,27 @@ def main(argv=None) -> None:
             print(f"[{time.perf_counter() - started:6.0f} s] memory {row['atoms']} atoms, K={row['k']}: "
                   f"{row['memory']}", flush=True)
     rows.sort(key=lambda r: (r["atoms"], r["k"]))
-    m = machine()
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
-    title = GPU_SECTION_TITLE if gpu else SECTION_TITLE
-    hardware = (f"**GPU** {gpu} (CUDA {torch.version.cuda}); host {m['cpu']}, {m['nproc']} cores" if gpu else
-                f"{m['cpu']}, {m['nproc']} cores, CPU with {torch.get_num_threads()} intra-op thread(s) "
-                f"(`OMP_NUM_THREADS=1`, the cores are shared with other jobs)")
-    section = f"""{title}
+    return stamped({
+        "command": "OMP_NUM_THREADS=1 python scripts/bench_calculator.py " + " ".join(argv or sys.argv[1:]),
+        "machine": machine(), "threads": torch.get_num_threads(), "load_start": load_start, "load_end": load_end,
+        "busy": busy, "seconds": time.perf_counter() - started, "uq_every": args.uq_every, "rounds": args.rounds,
+        "gpu": f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if args.device == "cuda" else None,
+        "mace": {"given": bool(args.mace_python), "atoms": args.mace_atoms, "result": mace}, "rows": rows})
 
-Cost of one MD step with the uncertainty-aware calculator and K posterior samples, side by side with nequip's
+
+def report(record: Dict, path: Path) -> str:
+    """The section's body (below its title) from the record alone."""
+    m, gpu, every = record["machine"], record["gpu"], record["uq_every"]
+    hardware = (f"**GPU** {gpu}; host {m['cpu']}, {m['nproc']} cores" if gpu else
+                f"{m['cpu']}, {m['nproc']} cores, CPU with {record['threads']} intra-op thread(s) "
+                f"(`OMP_NUM_THREADS=1`, the cores are shared with other jobs)")
+    return f"""Cost of one MD step with the uncertainty-aware calculator and K posterior samples, side by side with nequip's
 `NequIPCalculator` on the same architecture, in one run.
 
 - **Machine**: {hardware}, torch {m['torch']}, nequip {m['nequip']}, e3nn {m['e3nn']}, vesin {m['vesin']},
-  Python {m['python']}; load average (1 / 5 / 15 min) {load_start} at the start, {load_end} after the
-  timings{' (other jobs were running: timings are upper bounds)' if busy else ''}.
-- **Date**: {datetime.date.today().isoformat()}; **command**: `OMP_NUM_THREADS=1 python scripts/bench_calculator.py
-  {' '.join(argv or sys.argv[1:])}` ({time.perf_counter() - started:.0f} s in all).
+  Python {m['python']}; load average (1 / 5 / 15 min) {record['load_start']} at the start, {record['load_end']}
+  after the timings{' (other jobs were running: timings are upper bounds)' if record['busy'] else ''}.
+- **Date**: {record['date']}; **command**: `{record['command']}` ({record['seconds']:.0f} s in all).
 - **Model**: bench_model.py's (`r_max` 5 Å, 3 interaction blocks, `l_max` 1, 32 features, 165k parameters),
   float64, eval mode. Full posterior: K independently initialised models (every parameter stochastic).
   Partial: the same trunk, K different energy readouts (`stochastic: {{last_layers: 1}}`).
@@ -390,23 +436,25 @@ Cost of one MD step with the uncertainty-aware calculator and K posterior sample
   stress, `energy_std`, `energies_std` come with it; one pull-back of the weighted mean energy; the trunk's
   graph freed with it, as `run_md` sets `keep_trunk_graph` between checks); *+ atom_force_std*
   = the step followed by `atom_force_std` at the same positions, as `run_md` asks at an uncertainty check (K
-  pull-backs in all); *every {args.uq_every}th step* = ((n - 1) step + (step + atom_force_std)) / n per round, n =
-  {args.uq_every}; *per-sample forces* = a fresh evaluation of the partial posterior with K single pull-backs or
+  pull-backs in all); *every {every}th step* = ((n - 1) step + (step + atom_force_std)) / n per round, n =
+  {every}; *per-sample forces* = a fresh evaluation of the partial posterior with K single pull-backs or
   one batched (`is_grads_batched`) pull-back.
 - **Timing**: one warm-up call per path, then rounds of one call per path (order rotating); ms are medians over
   rounds, ratios medians of per-round ratios.
 - **Memory**: peak resident-set growth during one call over the resident set before it, in a fresh process per
   cell, path and K after a 24-atom warm-up call (bench_model.py's probe); CPU runs only.
-- **MACE committee**: {mace_note(mace, args)}
+- **MACE committee**: {mace_note(record)}
 
-{table(rows, args.uq_every)}
+{table(record['rows'], every)}
+
+{provenance(record, path)}
 
 † The probe read no growth: the call fitted in heap memory the probe process had freed before it (building
 the K models), so the peak is not seen; the number is not the call's need.
 
 Targets of issue 13, from these numbers:
 
-{reading(rows, args.uq_every, args.device)}
+{reading(record['rows'], every, 'cuda' if gpu else 'cpu')}
 
 **What each step computes.** `UQCalculator` computes what ASE asks (`mlip_uq/calculator.py`): an ASE dynamics
 step asks only for `forces`, which for a shared-trunk posterior is the trunk once, the K tails, and one
@@ -433,8 +481,6 @@ on n, so the run stops at the first multiple of n at which the every-step run's 
 
 {'' if gpu else GPU_COMMAND}
 """
-    print(section)
-    update_section(args.out, title, section.removeprefix(title))
 
 
 if __name__ == "__main__":

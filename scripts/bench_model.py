@@ -26,10 +26,12 @@ torch runs on one thread unless ``--threads`` says otherwise (see its help).
 Usage::
 
     python scripts/bench_model.py [--max-atoms N] [--repeats R] [--threads T] [--no-memory] [--no-thp]
-                                  [--out FILE]
+                                  [--out FILE] [--report]
 
-Prints one progress line per size and a markdown table, and writes (or replaces) its own section of the
-``--out`` file, leaving the other sections as they are.
+Prints one progress line per size and a markdown table, writes the numbers (per size and variant: the medians
+in ms, the ratios with their interquartile ranges, memory, page faults; and every round's seconds) with the date
+and code version to ``docs/bench_model.json``, and from that file its own section of the ``--out`` file, leaving
+the other sections as they are. ``--report`` rewrites the section from the JSON alone.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import gc
 import json
 import os
@@ -61,9 +62,13 @@ from _harness import (
     make_cell,
     model_config,
     peak_rss_growth_mib,
+    provenance,
     rotating_rounds,
+    stamped,
     update_section,
 )
+
+from mlip_uq.files import write_json
 
 SECTION_TITLE = "## Model cost per energy+forces call (scripts/bench_model.py)"
 
@@ -161,7 +166,7 @@ class Runner:
 
 @dataclass
 class SizeResult:
-    """Timings of one cell with one model variant (``float64``, ``float32`` or ``float64 THP``)."""
+    """Timings of one cell with one model variant (``float64``, ``float32`` or ``float64 THP``), every round."""
 
     atoms: int
     edges: int
@@ -174,15 +179,37 @@ class SizeResult:
     peak_mib: Dict[str, Optional[float]] = field(default_factory=dict)
     ours_faults: float = 0.0  # median minor page faults per call of ours
 
+    def summary(self) -> Dict:
+        """What the table and the reading show of this cell: medians (ms) of every path and part, the median
+        and interquartile range of the per-round ratios, the agreement, memory and page faults."""
+        return {"atoms": self.atoms, "edges": self.edges, "variant": self.variant, "rounds": self.rounds,
+                "ms": {path: {part: 1e3 * statistics.median(seconds) for part, seconds in parts.items()}
+                       for path, parts in self.times.items()},
+                "ratio": {ref: statistics.median(values) for ref, values in self.ratios.items()},
+                "ratio_iqr": {ref: [float(q) for q in np.percentile(values, [25, 75])]
+                              for ref, values in self.ratios.items()},
+                "max_force_diff": self.max_force_diff, "energy_diff": self.energy_diff, "peak_mib": self.peak_mib,
+                "ours_faults": self.ours_faults}
+
+
+class Row:
+    """One cell's figures (a :meth:`SizeResult.summary`, e.g. read back from docs/bench_model.json)."""
+
+    def __init__(self, figures: Dict):
+        self.figures = figures
+        for key in ("atoms", "edges", "variant", "rounds", "max_force_diff", "energy_diff", "peak_mib",
+                    "ours_faults"):
+            setattr(self, key, figures[key])
+
     def ms(self, path: str, part: str = "total") -> float:
-        return 1e3 * statistics.median(self.times[path][part])
+        return self.figures["ms"][path][part]
 
     def ratio(self, reference: str = "nequip_vesin") -> float:
-        return statistics.median(self.ratios[reference])
+        return self.figures["ratio"][reference]
 
     def ratio_iqr(self, reference: str = "nequip_vesin") -> Tuple[float, float]:
-        q = np.percentile(self.ratios[reference], [25, 75])
-        return float(q[0]), float(q[1])
+        lo, hi = self.figures["ratio_iqr"][reference]
+        return lo, hi
 
     def ratio_cell(self, reference: str) -> str:
         lo, hi = self.ratio_iqr(reference)
@@ -230,7 +257,8 @@ def time_size(runner: Runner, reps, variant: str, max_repeats: int) -> SizeResul
     )
 
 
-def progress(r: SizeResult, started: float) -> None:
+def progress(result: SizeResult, started: float) -> None:
+    r = Row(result.summary())
     print(
         f"{r.atoms:6d} atoms {r.edges:8d} edges {r.variant:11s}: ours {r.ms('ours'):8.1f} ms "
         f"(data {r.ms('ours', 'data'):5.1f}, model {r.ms('ours', 'model'):8.1f}) | nequip vesin "
@@ -295,7 +323,7 @@ def measure_memory(path: str, reps, dtype: str, threads: int) -> Optional[float]
     return float(_last_json(proc.stdout)["peak_mib"])
 
 
-def fit_exponent(results: List[SizeResult], path: str, part: str = "total") -> float:
+def fit_exponent(results: List[Row], path: str, part: str = "total") -> float:
     """Slope of log(time) against log(atoms), least squares over cells of at least FIT_MIN_ATOMS atoms."""
     points = [(r.atoms, r.ms(path, part)) for r in results if r.atoms >= FIT_MIN_ATOMS]
     if len(points) < 2:
@@ -304,7 +332,7 @@ def fit_exponent(results: List[SizeResult], path: str, part: str = "total") -> f
     return float(np.polyfit(x, y, 1)[0])
 
 
-def table(results: List[SizeResult]) -> str:
+def table(results: List[Row]) -> str:
     head = (
         "| atoms | edges | variant | ours ms | nequip ms | ratio ours/nequip (IQR) | nequip frozen ms "
         "| ratio ours/frozen (IQR) | nequip matscipy ms | ours data ms | nequip data ms (vesin / matscipy) "
@@ -329,7 +357,7 @@ def _gmean(values) -> float:
     return float(np.exp(np.mean(np.log(list(values)))))
 
 
-def reading(results: List[SizeResult], exps: Dict[str, float], load_end: str, busy: bool) -> str:
+def reading(results: List[Row], exps: Dict[str, float], load_end: str, busy: bool) -> str:
     """A plain-words summary generated from the numbers, so that a re-run keeps it true."""
     f64 = [r for r in results if r.variant == "float64"]
     small, big = f64[0], f64[-1]
@@ -449,6 +477,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: path:AxBxC:dtype
     parser.add_argument("--thp-probe", help=argparse.SUPPRESS)  # internal: AxBxC,AxBxC,...
+    parser.add_argument("--report", action="store_true", help="rewrite the section from docs/bench_model.json alone")
     args = parser.parse_args(argv)
 
     import torch
@@ -468,6 +497,20 @@ def main(argv=None) -> None:
         results = [time_size(runner, reps, "float64 THP", args.repeats) for reps in sizes]
         print(json.dumps([dataclasses.asdict(r) for r in results]))
         return
+
+    path = REPO / "docs" / "bench_model.json"
+    if args.report:
+        record = json.loads(path.read_text())
+    else:
+        record = measure(args, argv)
+        write_json(record, path)
+    update_section(args.out, SECTION_TITLE, report(record, path))
+    print(f"\nwrote the section to {args.out}")
+
+
+def measure(args, argv) -> Dict:
+    """Time every size and variant (and probe the memory): the record."""
+    import torch
 
     info = machine()
     load_start = load_average()
@@ -501,22 +544,29 @@ def main(argv=None) -> None:
                 f"{time.perf_counter() - started:4.0f} s",
                 flush=True,
             )
-
-    f64 = [r for r in results if r.variant == "float64"]
-    exps = {p: fit_exponent(f64, p) for p in PATHS}
-    exp_model = fit_exponent(f64, "ours", "model")
-    md_table = table(results)
+    rows = [Row(r.summary()) for r in results]
+    f64 = [r for r in rows if r.variant == "float64"]
+    exponents = {**{p: fit_exponent(f64, p) for p in PATHS}, "ours_model": fit_exponent(f64, "ours", "model")}
     print()
-    print(md_table)
+    print(table(rows))
     print(
-        f"\nscaling exponent (time ∝ N^p, cells >= {FIT_MIN_ATOMS} atoms, float64): ours {exps['ours']:.2f}, "
-        f"nequip vesin {exps['nequip_vesin']:.2f}, frozen {exps['nequip_frozen']:.2f}, "
-        f"matscipy {exps['nequip_matscipy']:.2f}, "
-        f"ours model step {exp_model:.2f}"
+        f"\nscaling exponent (time ∝ N^p, cells >= {FIT_MIN_ATOMS} atoms, float64): ours {exponents['ours']:.2f}, "
+        f"nequip vesin {exponents['nequip_vesin']:.2f}, frozen {exponents['nequip_frozen']:.2f}, "
+        f"matscipy {exponents['nequip_matscipy']:.2f}, ours model step {exponents['ours_model']:.2f}"
     )
-    command = " ".join(["python scripts/bench_model.py", *(argv if argv is not None else sys.argv[1:])])
+    return stamped({
+        "command": " ".join(["python scripts/bench_model.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": info, "threads": threads, "load_start": load_start, "load_end": load_end, "busy": busy,
+        "seconds": time.perf_counter() - started, "exponents": exponents, "rows": [r.figures for r in rows],
+        "times_s": [dataclasses.asdict(r) for r in results]})
+
+
+def report(record: Dict, path: Path) -> str:
+    """The section's body (below its title) from the record alone."""
+    info, threads, exps = record["machine"], record["threads"], record["exponents"]
+    rows = [Row(figures) for figures in record["rows"]]
     cfg = model_config("float64")
-    section = f"""{SECTION_TITLE}
+    return f"""{provenance(record, path)}
 
 Wall time of one energy + forces + stress call for periodic TiO2 cells: mlip_uq's path
 (`atoms_to_graph` with the vesin neighbour list, then `predict_samples` on a K = 1 posterior) side by side
@@ -524,15 +574,14 @@ with nequip's own `NequIPCalculator` wrapping the same `GraphModel`, in one proc
 
 - **Machine**: {info["cpu"]}, {info["nproc"]} cores, torch {info["torch"]} (CPU, {threads} intra-op thread(s)),
   nequip {info["nequip"]}, e3nn {info["e3nn"]}, vesin {info["vesin"]}, Python {info["python"]}; transparent
-  huge pages `{info["thp"]}`; load average (1 / 5 / 15 min) {load_start} at the start, {load_end} after the
-  timings.
-- **Date**: {datetime.date.today().isoformat()}; **command**: `{command}`
-  ({time.perf_counter() - started:.0f} s in all).
+  huge pages `{info["thp"]}`; load average (1 / 5 / 15 min) {record["load_start"]} at the start,
+  {record["load_end"]} after the timings.
+- **Date**: {record["date"]}; **command**: `{record["command"]}` ({record["seconds"]:.0f} s in all).
 - **Model**: `build_model(ModelConfig(type_names=["O", "Ti"], r_max={cfg.r_max}, num_layers={cfg.num_layers},
   l_max={cfg.l_max}, num_features={cfg.num_features}, avg_num_neighbors={cfg.avg_num_neighbors}, energy_shifts=...))`,
   165k parameters, eval mode, float64 unless marked; `nequip.utils.global_state.set_global_state()` first.
 - **Cells**: the first frame of `data/tio2_aenet_subset_1000.extxyz` (24 atoms), `atoms.repeat(...)` up to
-  {max(r.atoms for r in results):,} atoms, rattled by {RATTLE_STDEV} Å; edges = directed pairs within r_max.
+  {max(r.atoms for r in rows):,} atoms, rattled by {RATTLE_STDEV} Å; edges = directed pairs within r_max.
 - **Timing**: `time.perf_counter`, {WARMUP_CALLS} warm-up calls per path, then rounds of one call per path
   (order rotating), as many as fit in ~{PATH_BUDGET_S:.0f} s per size within [{MIN_ROUNDS}, --repeats];
   medians over the rounds. nequip is called as `calc.calculate(atoms, ["energy", "forces", "stress"],
@@ -552,16 +601,14 @@ with nequip's own `NequIPCalculator` wrapping the same `GraphModel`, in one proc
   libraries and the model; repeated probes scatter by about ±10%, and the 24-atom row reads ~0 because the
   warm-up call is that same cell.
 
-{md_table}
+{table(rows)}
 
 Scaling exponent (log-log least-squares fit of time against atoms, cells ≥ {FIT_MIN_ATOMS} atoms, float64):
 **ours {exps["ours"]:.2f}**, nequip {exps["nequip_vesin"]:.2f}, nequip frozen {exps["nequip_frozen"]:.2f},
-nequip matscipy {exps["nequip_matscipy"]:.2f}; ours model step alone {exp_model:.2f}.
+nequip matscipy {exps["nequip_matscipy"]:.2f}; ours model step alone {exps["ours_model"]:.2f}.
 
-{reading(results, exps, load_end, busy)}
+{reading(rows, exps, record["load_end"], record["busy"])}
 """
-    update_section(args.out, SECTION_TITLE, section.removeprefix(SECTION_TITLE))
-    print(f"\nwrote the section to {args.out}")
 
 
 if __name__ == "__main__":

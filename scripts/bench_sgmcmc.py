@@ -25,9 +25,12 @@ ensemble's at <= 1/3 of its wall-clock; energy Spearman >= 0.3; posterior-mean f
 
     OMP_NUM_THREADS=2 python scripts/bench_sgmcmc.py --data ethanol [--noise learned|head]
         [--methods map sgmcmc ensemble vi dropout] [--ood FILE | --ood-top-energy N] [--out docs/benchmarks.md]
+        [--report]
 
 Finished runs (their ``metrics.json`` exists) are reused and evaluations are cached (``bench.json`` in each
-run), so an interrupted benchmark continues where it stopped.
+run), so an interrupted benchmark continues where it stopped. After every method the numbers so far go with the
+date and code version to ``docs/bench_sgmcmc_<data>_noise_<noise>.json`` and the section of ``--out`` is written
+from that file; ``--report`` rewrites the section from the JSON alone.
 """
 
 import argparse
@@ -35,12 +38,11 @@ import copy
 import csv
 import json
 import logging
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
-from _harness import update_section
+from _harness import provenance, stamped, update_section
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq.config import RunConfig, load_config
@@ -168,7 +170,13 @@ def main() -> None:
                      help="out-of-distribution set: the N highest-energy structures of the data file not trained on")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_sgmcmc")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--report", action="store_true",
+                        help="rewrite the section from docs/bench_sgmcmc_<data>_noise_<noise>.json alone")
     args = parser.parse_args()
+    if args.report:
+        path = results_path(args.data, args.noise)
+        update_section(args.out, heading(args.data, args.noise), report(json.loads(path.read_text()), path))
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
     runs = args.runs / args.data / f"noise_{args.noise}"
@@ -181,7 +189,7 @@ def main() -> None:
         cost = epoch_seconds(out) if method == "ensemble" else wall
         rows[name] = dict(evaluate(out, args.ood, args.ood_top_energy), wall_s=wall, cost_s=cost,
                           plateau=plateau(out), mixing=mixing(out))
-        write_report(rows, args, runs)  # after every method: an interrupted benchmark reports what it has
+        write_report(rows, args)  # after every method: an interrupted benchmark reports what it has
 
     map_dir = runs / "map"
     if "map" in methods:
@@ -207,17 +215,40 @@ def main() -> None:
         run("MC dropout", "dropout", runs / "dropout")
 
 
-def write_report(rows: dict, args, runs: Path) -> None:
-    """The table of the methods run so far: ``results.json`` in the runs folder and the section of ``args.out``."""
-    write_json(rows, runs / "results.json")
+def results_path(data: str, noise: str) -> Path:
+    """The JSON of this benchmark's numbers for one data set and noise model."""
+    return ROOT / "docs" / f"bench_sgmcmc_{data}_noise_{noise}.json"
+
+
+def heading(data: str, noise: str) -> str:
+    return f"## MAP, SG-MCMC, deep ensemble, VI and MC dropout: {data}, noise {noise} (scripts/bench_sgmcmc.py)"
+
+
+def write_report(rows: dict, args) -> None:
+    """The record of the methods run so far (docs/bench_sgmcmc_<data>_noise_<noise>.json) and the section of
+    ``args.out`` written from it."""
+    one, ens = rows.get("SG-MCMC from MAP, 1 chain"), rows.get(f"deep ensemble ({args.members} members)")
+    record = stamped({
+        "command": f"OMP_NUM_THREADS=2 python scripts/bench_sgmcmc.py --data {args.data} --noise {args.noise}"
+                   f"{f' --ood {args.ood.name}' if args.ood else ''}"
+                   f"{f' --ood-top-energy {args.ood_top_energy}' if args.ood_top_energy else ''}",
+        "torch": torch.__version__, "config": BASE[args.data].name, "members": args.members,
+        "chain_cost_per_ensemble": one["cost_s"] / ens["cost_s"] if one and ens else None, "rows": rows})
+    path = results_path(args.data, args.noise)
+    write_json(record, path)
+    section = report(record, path)
+    update_section(args.out, heading(args.data, args.noise), section)
+    print(section)
+
+
+def report(record: dict, path: Path) -> str:
+    """The section's body (below its heading) from the record alone."""
+    rows = record["rows"]
     first = next(iter(rows.values()))
     lines = [
-        f"Measured {date.today().isoformat()}, 2 CPU cores, torch {torch.__version__}: "
-        f"`OMP_NUM_THREADS=2 python scripts/bench_sgmcmc.py --data {args.data} --noise {args.noise}"
-        f"{f' --ood {args.ood.name}' if args.ood else ''}"
-        f"{f' --ood-top-energy {args.ood_top_energy}' if args.ood_top_energy else ''}`; data, split and model of "
-        f"`configs/{BASE[args.data].name}`. Test set: {first['n_test']} structures. Energies in meV/atom, forces "
-        "in meV/Å; raw / recal. = as predicted / after one factor per quantity fitted on the validation split.",
+        f"Measured {record['date']}, 2 CPU cores, torch {record['torch']}: `{record['command']}`; data, split and "
+        f"model of `configs/{record['config']}`. Test set: {first['n_test']} structures. Energies in meV/atom, "
+        "forces in meV/Å; raw / recal. = as predicted / after one factor per quantity fitted on the validation split.",
         "",
         "| method | samples | energy MAE | force MAE | energy NLL raw / recal. | force NLL raw / recal. | "
         "force miscal. raw / recal. | energy Spearman | force Spearman | force sharpness | OOD AUROC | "
@@ -234,18 +265,15 @@ def write_report(rows: dict, args, runs: Path) -> None:
             f"{m['ood_auroc'] if 'ood_auroc' in m else float('nan'):.3f} | {m['cost_s'] / 60:.1f} min | "
             f"{m['plateau']} | {m.get('mixing', '–')} |"
         )
-    one, ens = rows.get("SG-MCMC from MAP, 1 chain"), rows.get(f"deep ensemble ({args.members} members)")
+    one, ens = rows.get("SG-MCMC from MAP, 1 chain"), rows.get(f"deep ensemble ({record['members']} members)")
     if one and ens:
         lines += ["", (
             f"One chain vs the ensemble: raw force NLL {one['raw']['forces_nll']:.3f} vs {ens['raw']['forces_nll']:.3f}, "
             f"raw force miscalibration area {one['raw']['forces_miscal_area']:.3f} vs "
-            f"{ens['raw']['forces_miscal_area']:.3f}, training cost {one['cost_s'] / ens['cost_s']:.2f}x the "
+            f"{ens['raw']['forces_miscal_area']:.3f}, training cost {record['chain_cost_per_ensemble']:.2f}x the "
             "ensemble's (the chain's MAP start included; target: better or equal on both at <= 0.33x)."
         )]
-    section = "\n".join(lines + [""])
-    update_section(args.out, f"## MAP, SG-MCMC, deep ensemble, VI and MC dropout: {args.data}, noise {args.noise} "
-                             "(scripts/bench_sgmcmc.py)", section)
-    print(section)
+    return "\n".join(lines + ["", provenance(record, path), ""])
 
 
 if __name__ == "__main__":

@@ -31,10 +31,12 @@ Run with one thread: on a busy 2-core machine two OpenMP threads per process mad
 (measured).
 
     OMP_NUM_THREADS=1 python scripts/bench_starts.py [--system acac|ethanol] [--runs DIR] [--out docs/benchmarks.md]
+        [--report]
 
-Finished runs are reused (an interrupted benchmark continues where it stopped). Numbers go to
-``docs/bench_starts_<system>.json``, the table to a section of ``docs/benchmarks.md``, the plot to
-``docs/bench_starts_<system>.png``.
+Finished runs are reused (an interrupted benchmark continues where it stopped). Numbers go with the date and code
+version to ``docs/bench_starts_<system>.json``, and from that file the table to a section of
+``docs/benchmarks.md`` and the plot to ``docs/bench_starts_<system>.png``; ``--report`` rewrites both from the JSON
+alone.
 """
 
 import argparse
@@ -44,12 +46,11 @@ import json
 import logging
 import shutil
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
-from _harness import update_section
+from _harness import stamped, update_section
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq import __version__
@@ -394,27 +395,35 @@ def main() -> None:
     parser.add_argument("--system", choices=sorted(SYSTEMS), default="acac")
     parser.add_argument("--runs", type=Path, help="run folder (default runs/bench_starts/<system>)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--report", action="store_true",
+                        help="rewrite the section and the plot from docs/bench_starts_<system>.json alone")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_global_state()
     system = SYSTEMS[args.system]
-    runs = args.runs or ROOT / "runs" / "bench_starts" / args.system
-    results = rows(runs, args.system)
-    # how every MAP fit's validation curve ended (the ensemble's members are also the recipe's starts)
-    fits = {"ensemble members": plateaus(runs / "ensemble"),
-            f"starts{SHORT_LABEL}": plateaus(runs / "sgmcmc_starts_short_fits")}
-    command = f"OMP_NUM_THREADS=1 python scripts/bench_starts.py --system {args.system}"
-    record = {"date": date.today().isoformat(), "version": __version__, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "command": command, "system": system["words"],
-              "ood": system["ood_words"], "fits": fits, "rows": copy.deepcopy(results)}
     name = f"bench_starts_{args.system}"
-    write_json(record, ROOT / "docs" / f"{name}.json")
-    plot(results, ROOT / "docs" / f"{name}.png", system["ood_words"])
-    body = (f"Measured {record['date']} (mlip_uq {__version__}, torch {torch.__version__}, 2 CPU cores shared with "
-            f"other work): `{command}`; out of distribution: {system['ood_words']}. Numbers in "
+    path = ROOT / "docs" / f"{name}.json"
+    if args.report:
+        record = json.loads(path.read_text())
+    else:
+        set_global_state()
+        runs = args.runs or ROOT / "runs" / "bench_starts" / args.system
+        results = rows(runs, args.system)
+        # how every MAP fit's validation curve ended (the ensemble's members are also the recipe's starts)
+        fits = {"ensemble members": plateaus(runs / "ensemble"),
+                f"starts{SHORT_LABEL}": plateaus(runs / "sgmcmc_starts_short_fits")}
+        record = stamped({"version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "command": f"OMP_NUM_THREADS=1 python scripts/bench_starts.py --system {args.system}",
+                          "system": system["words"], "ood": system["ood_words"], "fits": fits,
+                          "rows": copy.deepcopy(results)})
+        write_json(record, path)
+    results = record["rows"]
+    plot(results, ROOT / "docs" / f"{name}.png", record["ood"])
+    body = (f"Measured {record['date']} (mlip_uq {record['version']}, code version "
+            f"{record['code_version']}, torch {record['torch']}, 2 CPU cores shared with other "
+            f"work): `{record['command']}`; out of distribution: {record['ood']}. Numbers in "
             f"[{name}.json]({name}.json), plot [{name}.png]({name}.png).\n\n" + table(results) + "\n\n"
-            + convergence(fits) + "\n\n" + reading(results))
-    update_section(args.out, HEADING.format(words=system["words"]), body)
+            + convergence(record["fits"]) + "\n\n" + reading(results))
+    update_section(args.out, HEADING.format(words=record["system"]), body)
     print(table(results))
 
 

@@ -20,10 +20,12 @@ epoch of each block (warm-up) is dropped and the median over the rest is reporte
 <= 1.05 per epoch in float32 and float64; SG-MCMC step / MAP step <= 1.1.
 
     OMP_NUM_THREADS=1 python scripts/bench_training.py [--data ethanol|tio2] [--rounds 3] [--epochs 5]
-        [--sgmcmc-steps 60] [--dtypes float32 float64] [--profile] [--out docs/benchmarks.md]
+        [--sgmcmc-steps 60] [--dtypes float32 float64] [--profile] [--out docs/benchmarks.md] [--report]
 
 ``--profile`` adds a cProfile of one short ``fit_map`` and one short ``run_sgmcmc`` run (the functions with the
-most own time) to the section.
+most own time) to the section. The numbers (medians, ratios, profiles) go with the date and code version to
+``docs/bench_training.json``, the section of ``--out`` is written from that file; ``--report`` rewrites it from
+the JSON alone.
 """
 
 import argparse
@@ -31,21 +33,22 @@ import contextlib
 import cProfile
 import dataclasses
 import io
+import json
 import logging
 import platform
 import pstats
 import statistics
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
-from _harness import update_section  # the one writer of a docs/benchmarks.md section
+from _harness import provenance, stamped, update_section
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq.config import load_config
 from mlip_uq.data import collate
+from mlip_uq.files import write_json
 from mlip_uq.inference.chains import Chain
 from mlip_uq.inference.loss import loss_terms, weighted_loss
 from mlip_uq.inference.sgmcmc import SGMCMCSettings, run_sgmcmc
@@ -213,7 +216,21 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_training")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--report", action="store_true", help="rewrite the section from docs/bench_training.json alone")
     args = parser.parse_args()
+    path = ROOT / "docs" / "bench_training.json"
+    if args.report:
+        record = json.loads(path.read_text())
+    else:
+        record = measure(args)
+        write_json(record, path)
+    body = report(record, path)
+    update_section(args.out, HEADING, body)
+    print(body)
+
+
+def measure(args) -> dict:
+    """Time the epochs and steps of every dtype, interleaved (and profile when asked): the record."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     set_global_state()
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -241,12 +258,12 @@ def main() -> None:
     for dtype, (model_config, data, settings) in runs.items():
         t = times[dtype]
         n_batches = -(-len(data.train) // settings.batch_size)
-        results[dtype] = {
-            "ours": [median([e[i] for e in t["ours"]]) for i in range(3)],
-            "plain": [median([e[i] for e in t["plain"]]) for i in range(3)],
-            "sgmcmc_step": median(t["sgmcmc"]),
-            "map_step": median([e[0] for e in t["ours"]]) / n_batches,
-        }
+        ours = [median([e[i] for e in t["ours"]]) for i in range(3)]
+        plain = [median([e[i] for e in t["plain"]]) for i in range(3)]
+        map_step = ours[0] / n_batches
+        results[dtype] = {"ours": ours, "plain": plain, "ours_per_plain": ours[2] / plain[2],
+                          "sgmcmc_step": median(t["sgmcmc"]), "map_step": map_step,
+                          "sgmcmc_per_map": median(t["sgmcmc"]) / map_step}
     model_config, data, settings = runs[args.dtypes[0]]
     n_batches = -(-len(data.train) // settings.batch_size)
     profiles = {}
@@ -258,42 +275,48 @@ def main() -> None:
     shape = (f"{len(data.train)} training / {len(data.val)} validation structures, batch "
              f"{settings.batch_size} ({n_batches} steps per epoch), {model_config.num_layers} layers, l_max "
              f"{model_config.l_max}, {model_config.num_features} features")
-    body = report(results, args, shape, profiles, time.perf_counter() - started)
-    update_section(args.out, HEADING, body)
-    print(body)
-
-
-def report(results, args, shape: str, profiles, seconds: float) -> str:
     threads = torch.get_num_threads()
+    return stamped({
+        "command": f"OMP_NUM_THREADS={threads} python scripts/bench_training.py --data {args.data} --rounds "
+                   f"{args.rounds} --epochs {args.epochs} --sgmcmc-steps {args.sgmcmc_steps}"
+                   f"{' --profile' if args.profile else ''}",
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": threads,
+        "data": args.data, "shape": shape, "rounds": args.rounds, "epochs": args.epochs,
+        "sgmcmc_steps": args.sgmcmc_steps, "dtypes": args.dtypes, "minutes": (time.perf_counter() - started) / 60,
+        "results": results,
+        "float64_per_float32": (results["float64"]["ours"][2] / results["float32"]["ours"][2]
+                                if len(results) == 2 else None),
+        "profiles": profiles})
+
+
+def report(record, path: Path) -> str:
+    """The section's body (below its heading) from the record alone."""
     lines = [
-        f"{date.today().isoformat()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{threads} thread(s); data `{args.data}` ({shape}). Command: `OMP_NUM_THREADS={threads} python "
-        f"scripts/bench_training.py --data {args.data} --rounds {args.rounds} --epochs {args.epochs} "
-        f"--sgmcmc-steps {args.sgmcmc_steps}"
-        f"{' --profile' if args.profile else ''}` ({seconds / 60:.1f} min). Medians over {args.rounds} "
-        f"interleaved rounds, the first epoch of each block dropped. An epoch = the training batches + one "
-        "validation pass over the validation set (forces by autograd) + the plateau schedule; ours also "
-        "writes its logs, `best.ckpt` (the best weights) whenever the validation loss improves and `last.ckpt` "
-        "(everything `--resume` needs) every `training.checkpoint_seconds` (default 60 s: inside these short "
-        "blocks only when training ends, outside the timed epochs).",
+        f"{record['date']}, {record['machine']}, torch {record['torch']}, {record['threads']} thread(s); data "
+        f"`{record['data']}` ({record['shape']}). Command: `{record['command']}` ({record['minutes']:.1f} min). "
+        f"Medians over {record['rounds']} interleaved rounds, the first epoch of each block dropped. An epoch = the "
+        "training batches + one validation pass over the validation set (forces by autograd) + the plateau "
+        "schedule; ours also writes its logs, `best.ckpt` (the best weights) whenever the validation loss "
+        "improves and `last.ckpt` (everything `--resume` needs) every `training.checkpoint_seconds` (default 60 s: "
+        "inside these short blocks only when training ends, outside the timed epochs).",
         "",
         "| dtype | ours s/epoch (train + val) | plain s/epoch (train + val) | ours / plain (target ≤ 1.05) | "
         "MAP s/step | SG-MCMC s/step | SG-MCMC / MAP (target ≤ 1.1) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for dtype, r in results.items():
+    for dtype, r in record["results"].items():
         (ot, ov, oe), (pt, pv, pe) = r["ours"], r["plain"]
         lines.append(
-            f"| {dtype} | {oe:.3f} ({ot:.3f} + {ov:.3f}) | {pe:.3f} ({pt:.3f} + {pv:.3f}) | **{oe / pe:.3f}** | "
-            f"{r['map_step']:.4f} | {r['sgmcmc_step']:.4f} | **{r['sgmcmc_step'] / r['map_step']:.3f}** |"
+            f"| {dtype} | {oe:.3f} ({ot:.3f} + {ov:.3f}) | {pe:.3f} ({pt:.3f} + {pv:.3f}) | "
+            f"**{r['ours_per_plain']:.3f}** | {r['map_step']:.4f} | {r['sgmcmc_step']:.4f} | "
+            f"**{r['sgmcmc_per_map']:.3f}** |"
         )
-    if len(results) == 2:
-        f32, f64 = results["float32"]["ours"][2], results["float64"]["ours"][2]
-        lines += ["", f"float64 / float32 per epoch (ours): {f64 / f32:.2f}x."]
-    lines += ["", ACCURACY_RUNS]
-    for name, text in profiles.items():
-        what = f"{args.epochs} epochs" if name == "fit_map" else f"{args.sgmcmc_steps} steps"
-        lines += ["", f"Where one short `{name}` run ({args.dtypes[0]}, {what}) spends its time (cProfile, "
+    if record["float64_per_float32"] is not None:
+        lines += ["", f"float64 / float32 per epoch (ours): {record['float64_per_float32']:.2f}x."]
+    lines += ["", provenance(record, path), "", ACCURACY_RUNS]
+    for name, text in record["profiles"].items():
+        what = f"{record['epochs']} epochs" if name == "fit_map" else f"{record['sgmcmc_steps']} steps"
+        lines += ["", f"Where one short `{name}` run ({record['dtypes'][0]}, {what}) spends its time (cProfile, "
                   "own time):", "", "```", text, "```"]
     return "\n".join(lines)
 

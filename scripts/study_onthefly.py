@@ -37,7 +37,6 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -47,7 +46,7 @@ import ase.io
 import numpy as np
 import torch
 import yaml
-from _harness import update_section
+from _harness import code_version, update_section
 from nequip.utils.global_state import set_global_state
 from study_active import calls_to_reach, curve, fraction, run_arm, spread, value_at
 
@@ -212,14 +211,6 @@ def plot(results, calls, path):
     return save_figure(fig, path)
 
 
-def code_version() -> str:
-    """The checkout's short commit, ``+dirty`` when tracked files differ from it."""
-    git = ["git", "-C", str(ROOT)]
-    version = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(git + ["diff", "--quiet", "HEAD"]).returncode != 0
-    return version + ("+dirty" if dirty else "")
-
-
 def run_study(args) -> dict:
     runs = args.runs / args.method
     threshold = rule_threshold(args, runs)
@@ -312,6 +303,8 @@ def report(study, doc: Path, png: Path) -> str:
              f"nearest {d['dihedral']['min_distance_A']:.3f} Å (median {d['dihedral']['median_distance_A']:.3f} Å); "
              f"no near-copy (< 0.01 Å); for scale, neighbouring scan frames (4° apart) differ by "
              f"{d['scan_neighbours_A']:.3f} Å (median).", "", "**Stability** (final posterior; runs that stayed physical):", ""]
+    if not any(study["stability"].values()):
+        body.append("- not run for this recipe")
     for arm, per_seed in study["stability"].items():
         for seed, temps in per_seed.items():
             body.append(f"- {arm}, seed {seed}: " + "; ".join(

@@ -12,7 +12,8 @@ case's own run updated once per label).
 
     OMP_NUM_THREADS=1 python scripts/study_readapt.py [--readapt 100] [--runs runs/study_onthefly/sgmcmc_starts]
 
-Writes docs/study_readapt.json and prints its table (``--report``: the table from the JSON alone).
+Writes docs/study_readapt.json and its section of docs/active_learning.md (``--report``: the section from the
+JSON alone).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import dataclasses
 import json
 import logging
 import shutil
-import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 import numpy as np
+from _harness import stamped, update_section
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq.active import load_active_config
@@ -41,6 +41,10 @@ from mlip_uq.posterior import load_posterior
 ROOT = Path(__file__).resolve().parents[1]
 #: (arm, seed, labels after the initial 50 that the update adds: up to and including the large-force one)
 CASES = (("interval", 1, 2), ("random", 0, 10), ("random", 1, 7), ("rule", 0, 12))
+HEADING = "## Study: re-adapting the preconditioner in an update (scripts/study_readapt.py)"
+#: what a case's result records (errors in eV/Å and eV/atom; ``error``: why no error could be computed)
+KEYS = ("arm", "seed", "readapt_steps", "n_new", "largest_force_component_eV_per_A", "forces_mae", "energy_mae",
+        "error", "n_draws", "diverged_starts")
 
 
 def update_once(runs: Path, arm: str, seed: int, n_new: int, readapt: int, work: Path) -> dict:
@@ -71,12 +75,13 @@ def update_once(runs: Path, arm: str, seed: int, n_new: int, readapt: int, work:
                     "largest_force_component_eV_per_A": largest, **metrics,
                     "n_draws": load_posterior(path).n_samples, "diverged_starts": diverged},
                    out / "result.json")
-    return json.loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    return {key: result[key] for key in KEYS if key in result}
 
 
 def cell(result: dict) -> str:
     """A result's force MAE (meV/Å), with the starts left out of the posterior because they diverged."""
-    mae = "non-finite predictions" if result["forces_mae"] is None else f"{1000 * result['forces_mae']:.1f}"
+    mae = "non-finite predictions" if result["forces_mae"] is None else f"{1000 * result['forces_mae']:.4g}"
     left_out = result["diverged_starts"]
     return mae + (f" ({len(left_out)} of 4 starts diverged)" if left_out else "")
 
@@ -112,12 +117,11 @@ def main():
         cases = [{"arm": arm, "seed": seed, "results": [update_once(args.runs, arm, seed, n, r, args.work)
                                                         for r in readapt]}
                  for arm, seed, n in CASES]
-        version = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip()
-        write_json({"date": date.today().isoformat(), "code_version": version,
-                    "command": "OMP_NUM_THREADS=1 python scripts/study_readapt.py " + " ".join(sys.argv[1:]),
-                    "readapt": readapt, "cases": cases}, path)
-    print(report(json.loads(path.read_text())))
+        write_json(stamped({"command": "OMP_NUM_THREADS=1 python scripts/study_readapt.py " + " ".join(sys.argv[1:]),
+                            "readapt": readapt, "cases": cases}), path)
+    text = report(json.loads(path.read_text()))
+    update_section(ROOT / "docs" / "active_learning.md", HEADING, text)
+    print(text)
 
 
 if __name__ == "__main__":
