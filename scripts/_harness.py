@@ -1,12 +1,26 @@
 """Shared pieces of the benchmark scripts: the docs/benchmarks.md section writer, the record of a run's numbers
-(its JSON under docs/, the code version, the provenance line of its table), the benchmarked TiO2 system, timing
-rounds in rotating order, the memory probe and the machine description.
+(its JSON under docs/, the code version, the provenance line of its table, its reading), the benchmarked TiO2
+system, timing rounds in rotating order, the memory probe and the machine description.
 
 The scripts import it as ``_harness`` (they run from ``scripts/``, whose folder Python puts on ``sys.path``).
+It imports only the standard library and numpy, and every ``scripts/bench_*.py`` keeps its heavy imports (torch,
+nequip, ``mlip_uq`` modules that import torch) inside the functions that measure, so that a script's ``report``
+(the section rendered from its JSON alone, what ``--report`` writes) can be imported and run in a fraction of a
+second (``tests/unit/test_bench_reports.py`` checks every section of docs/benchmarks.md against it).
+
+**Readings.** A section's reading (what its numbers mean, in words) is either generated from the numbers by the
+script's report, or written by hand. A hand-written reading is stored in the section's JSON under ``"reading"``
+(:data:`READING`), in the record of the measurement it reads, as markdown exactly as it stands on the page, and
+the report renders it where it stands (:func:`reading`). A new measurement (a run without ``--report``) builds a
+new record, which has no reading, whether or not its numbers came out the same: the old reading is never carried
+over, and the section says in its place that the reading of this run is still to be written
+(:func:`reading_pending`; a report with a generated reading renders that instead). Whoever writes it puts it
+under ``"reading"`` in the JSON and runs the script with ``--report``.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import platform
@@ -18,19 +32,30 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
-from mlip_uq.files import atomic_write
-
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILE = REPO / "data" / "tio2_aenet_subset_1000.extxyz"
 RATTLE_STDEV = 0.01  # Å, the displacement of the benchmark cells' atoms
 T = TypeVar("T")
+READING = "reading"  # the key of a record's hand-written reading (module docstring)
+#: the benchmarked architecture (:func:`model_config`), as plain values for the reports
+MODEL = dict(
+    type_names=["O", "Ti"],
+    r_max=5.0,
+    num_layers=3,
+    l_max=1,
+    num_features=32,
+    avg_num_neighbors=50.0,  # ≈ the mean number of neighbours within 5 Å in these cells
+    energy_shifts={"O": -432.5, "Ti": -1604.6},  # eV, close to the aenet set's per-element energies
+)
 
 
 def update_section(path: Path, heading: str, body: str) -> None:
     """Replace (or append) the markdown section starting at ``heading`` up to the next ``## `` heading."""
+    from mlip_uq.files import atomic_write  # imports torch: only when a section is written
+
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find(heading)
-    section = f"{heading}\n\n{body.strip()}\n"
+    section = render_section(heading, body)
     if start < 0:
         text = text.rstrip() + "\n\n" + section
     else:
@@ -38,6 +63,42 @@ def update_section(path: Path, heading: str, body: str) -> None:
         text = text[:start] + section + ("" if end < 0 else text[end:])
     with atomic_write(path) as tmp:
         tmp.write_text(text)
+
+
+def render_section(heading: str, body: str) -> str:
+    """The section as :func:`update_section` writes it: ``heading``, a blank line, ``body`` stripped, a newline."""
+    return f"{heading}\n\n{body.strip()}\n"
+
+
+def page_section(text: str, heading: str) -> Optional[str]:
+    """The section of the page ``text`` that starts at ``heading``, up to (without) the newline before the next
+    ``## `` heading, as :func:`update_section` would replace it; None when the page has no such heading."""
+    start = text.find(heading)
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + len(heading))
+    return text[start:] if end < 0 else text[start:end]
+
+
+def stored_reading(record: dict) -> Optional[str]:
+    """The record's hand-written reading (markdown, exactly as on the page), None when it has none."""
+    return record.get(READING)
+
+
+def reading_pending(path: Path) -> str:
+    """The line that stands in for the hand-written reading of a new measurement (module docstring)."""
+    return (f"**Reading:** not yet written for this run. Its numbers are new; the reading of the earlier run was "
+            f"not carried over. Write it under `\"{READING}\"` in [{path.name}]({path.name}) and run the script "
+            "with `--report`.")
+
+
+def reading(record: dict, path: Path, generated: Optional[Callable[[], str]] = None) -> str:
+    """The reading of the record's numbers: its hand-written one (:func:`stored_reading`), else ``generated()``
+    where the script generates one from the numbers, else the line saying it is still to be written."""
+    text = stored_reading(record)
+    if text is not None:
+        return text
+    return generated() if generated is not None else reading_pending(path)
 
 
 def code_version() -> str:
@@ -71,16 +132,7 @@ def model_config(dtype: str):
     """The benchmarked architecture: a representative TiO2 model (165k parameters)."""
     from mlip_uq.model import ModelConfig
 
-    return ModelConfig(
-        type_names=["O", "Ti"],
-        r_max=5.0,
-        num_layers=3,
-        l_max=1,
-        num_features=32,
-        avg_num_neighbors=50.0,  # ≈ the mean number of neighbours within 5 Å in these cells
-        energy_shifts={"O": -432.5, "Ti": -1604.6},  # eV, close to the aenet set's per-element energies
-        dtype=dtype,
-    )
+    return ModelConfig(**copy.deepcopy(MODEL), dtype=dtype)
 
 
 def make_cell(reps: Tuple[int, int, int], seed: int = 0):

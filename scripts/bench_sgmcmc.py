@@ -41,17 +41,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
-from _harness import provenance, stamped, update_section
-from nequip.utils.global_state import set_global_state
+from _harness import provenance, reading, stamped, update_section
 
-from mlip_uq.config import RunConfig, load_config
-from mlip_uq.data import atoms_to_graph, read_frames
-from mlip_uq.evaluate import metrics_and_plots, predict_graphs
-from mlip_uq.files import write_json
-from mlip_uq.posterior import load_posterior
-from mlip_uq.train import prepare_data, train
-from mlip_uq.uq.metrics import auroc
+# torch and the mlip_uq modules that import it are imported where they are used: the report stays light
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("map", "sgmcmc", "ensemble", "vi", "dropout")
@@ -65,6 +57,8 @@ PARALLEL_CHAINS = ["sgmcmc.n_processes=2"]
 
 def method_config(data: str, method: str, noise: str) -> dict:
     """The run configuration of ``method``: its own method section on the MAP configuration's data and model."""
+    from mlip_uq.config import load_config
+
     base = load_config(BASE[data]).to_dict()
     if method == "map":
         config = copy.deepcopy(base)
@@ -82,14 +76,18 @@ def method_config(data: str, method: str, noise: str) -> dict:
 def timed_train(config: dict, out: Path, overrides=()) -> float:
     """Train (or reuse a finished run in ``out``, or resume an interrupted one) and return the wall-clock in
     seconds: from the run's ``config.yaml`` (written first) to its ``metrics.json`` (written last)."""
+    from mlip_uq.train import train
+
     if not (out / "metrics.json").is_file():
         train(config, out_dir=out, overrides=list(overrides), resume=(out / "config.yaml").is_file())
     return (out / "metrics.json").stat().st_mtime - (out / "config.yaml").stat().st_mtime
 
 
-def unused_high_energy(config: RunConfig, data, n: int) -> list:
-    """The ``n`` structures of the run's data file with the highest energy per atom among those it neither trained
-    nor validated on: a property-range shift from the training data."""
+def unused_high_energy(config, data, n: int) -> list:
+    """The ``n`` structures of the run's data file (``config``, a ``RunConfig``) with the highest energy per atom
+    among those it neither trained nor validated on: a property-range shift from the training data."""
+    from mlip_uq.data import read_frames
+
     frames = read_frames(config.data.path, keys=config.data.keys, type_names=data.type_names)
     used = set(data.indices["train"]) | set(data.indices["val"])
     pool = [i for i in range(len(frames)) if i not in used]
@@ -102,6 +100,16 @@ def evaluate(out: Path, ood_path: Path | None, ood_top_energy: int | None = None
     cached = out / "bench.json"
     if cached.is_file():
         return json.loads(cached.read_text())
+    import torch
+
+    from mlip_uq.config import load_config
+    from mlip_uq.data import atoms_to_graph, read_frames
+    from mlip_uq.evaluate import metrics_and_plots, predict_graphs
+    from mlip_uq.files import write_json
+    from mlip_uq.posterior import load_posterior
+    from mlip_uq.train import prepare_data
+    from mlip_uq.uq.metrics import auroc
+
     config = load_config(out / "config.yaml")
     data = prepare_data(config, out)
     posterior = load_posterior(out / "posterior.h5")
@@ -177,6 +185,8 @@ def main() -> None:
         path = results_path(args.data, args.noise)
         update_section(args.out, heading(args.data, args.noise), report(json.loads(path.read_text()), path))
         return
+    from nequip.utils.global_state import set_global_state
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_global_state()
     runs = args.runs / args.data / f"noise_{args.noise}"
@@ -226,7 +236,11 @@ def heading(data: str, noise: str) -> str:
 
 def write_report(rows: dict, args) -> None:
     """The record of the methods run so far (docs/bench_sgmcmc_<data>_noise_<noise>.json) and the section of
-    ``args.out`` written from it."""
+    ``args.out`` written from it (a new record: its reading is still to be written, see ``_harness``)."""
+    import torch
+
+    from mlip_uq.files import write_json
+
     one, ens = rows.get("SG-MCMC from MAP, 1 chain"), rows.get(f"deep ensemble ({args.members} members)")
     record = stamped({
         "command": f"OMP_NUM_THREADS=2 python scripts/bench_sgmcmc.py --data {args.data} --noise {args.noise}"
@@ -242,7 +256,8 @@ def write_report(rows: dict, args) -> None:
 
 
 def report(record: dict, path: Path) -> str:
-    """The section's body (below its heading) from the record alone."""
+    """The section's body (below its heading) from the record alone; the hand-written reading (the record's
+    ``reading``, :func:`_harness.reading`) follows the provenance line."""
     rows = record["rows"]
     first = next(iter(rows.values()))
     lines = [
@@ -273,7 +288,7 @@ def report(record: dict, path: Path) -> str:
             f"{ens['raw']['forces_miscal_area']:.3f}, training cost {record['chain_cost_per_ensemble']:.2f}x the "
             "ensemble's (the chain's MAP start included; target: better or equal on both at <= 0.33x)."
         )]
-    return "\n".join(lines + ["", provenance(record, path), ""])
+    return "\n".join(lines + ["", provenance(record, path), "", reading(record, path), ""])
 
 
 if __name__ == "__main__":

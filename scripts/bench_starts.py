@@ -49,20 +49,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from _harness import stamped, update_section
-from nequip.utils.global_state import set_global_state
 
-from mlip_uq import __version__
-from mlip_uq.compare import ood_scores, plateaus
-from mlip_uq.config import RunConfig, dump_config, load_config
-from mlip_uq.data import atoms_to_graph, read_frames
-from mlip_uq.evaluate import metrics_and_plots, predict_graphs
-from mlip_uq.files import load_checkpoint, write_json
-from mlip_uq.inference.noise import fit_posterior_noise_on_validation
-from mlip_uq.inference.starts import DRAWS, between_start_share, member_epoch_seconds, pool_starts
-from mlip_uq.posterior import Posterior, load_posterior
-from mlip_uq.train import prepare_data, train
+# torch and the mlip_uq modules that import it are imported where they are used: the report stays light
 
 ROOT = Path(__file__).resolve().parents[1]
 ENSEMBLE = ROOT / "configs" / "acac_300K_ensemble.yaml"
@@ -79,8 +68,11 @@ SYSTEMS = {
 }
 
 
-def system_config(path: Path, system: str, store: Path) -> RunConfig:
-    """The configuration at ``path`` with the system's data section and the frame store ``store``."""
+def system_config(path: Path, system: str, store: Path):
+    """The configuration (a ``RunConfig``) at ``path`` with the system's data section and the frame store
+    ``store``."""
+    from mlip_uq.config import load_config
+
     config = load_config(path)
     if SYSTEMS[system]["data"] is not None:
         config = config.with_values({"data": load_config(SYSTEMS[system]["data"]).to_dict()["data"]})
@@ -92,6 +84,9 @@ HEADING = "## SG-MCMC over several basins vs a deep ensemble: {words} (scripts/b
 
 def run(config, out: Path) -> float:
     """Train (or reuse / resume) the run in ``out``; its wall seconds (``train_seconds.json``)."""
+    from mlip_uq.files import write_json
+    from mlip_uq.train import train
+
     timing = out / "train_seconds.json"
     if not timing.is_file():
         begin = time.perf_counter()
@@ -102,6 +97,8 @@ def run(config, out: Path) -> float:
 
 def recipe_run(runs: Path, ensemble_dir: Path, system: str) -> Path:
     """The 5-start recipe, its starts' MAP fits the ensemble's members (final state and validation curve)."""
+    from mlip_uq.config import dump_config
+
     out = runs / "sgmcmc_starts"
     config = system_config(RECIPE, system, ensemble_dir / "data.h5")
     for s in range(config.settings.n_starts):
@@ -148,6 +145,8 @@ def fit_steps(member: Path) -> int:
 
 def chain_steps(run_dir: Path) -> int:
     """Minibatch gradient steps of a run's SG-MCMC chains (their checkpoints' ``step``)."""
+    import torch
+
     return sum(int(torch.load(p, weights_only=True)["step"]) for p in (run_dir / "sgmcmc").glob("chain*.ckpt"))
 
 
@@ -178,8 +177,12 @@ def trace_points(run_dir: Path, schedule) -> dict:
             "step_size_first": float(first["median_step_size"]), "step_size_at_peak": float(peak["median_step_size"])}
 
 
-def evaluate(posterior: Posterior, data, ood_graphs, batch: int = 16) -> dict:
-    """Raw and recalibrated metrics on the test frames, OOD scores and the recalibrated OOD NLL."""
+def evaluate(posterior, data, ood_graphs, batch: int = 16) -> dict:
+    """Raw and recalibrated metrics of ``posterior`` on the test frames, OOD scores and the recalibrated OOD
+    NLL."""
+    from mlip_uq.compare import ood_scores
+    from mlip_uq.evaluate import metrics_and_plots, predict_graphs
+
     val = predict_graphs(posterior, data.val, batch).with_calibration({})
     test = predict_graphs(posterior, data.test, batch).with_calibration({})
     ood = predict_graphs(posterior, ood_graphs, batch).with_calibration({})
@@ -189,8 +192,12 @@ def evaluate(posterior: Posterior, data, ood_graphs, batch: int = 16) -> dict:
             "calibration": calibration, "n_samples": posterior.n_samples, **ood_scores(test, ood)}
 
 
-def ood_set(system: str, config: RunConfig, data, posterior: Posterior):
-    """The system's out-of-distribution graphs (module docstring)."""
+def ood_set(system: str, config, data, posterior):
+    """The system's out-of-distribution graphs (module docstring), for ``posterior``'s model."""
+    import torch
+
+    from mlip_uq.data import atoms_to_graph, read_frames
+
     source = SYSTEMS[system]["ood"]
     if isinstance(source, int):  # the highest-energy structures of the data file not trained or validated on
         frames = read_frames(config.data.path, type_names=posterior.config.type_names)
@@ -205,6 +212,13 @@ def ood_set(system: str, config: RunConfig, data, posterior: Posterior):
 
 
 def rows(runs: Path, system: str) -> list:
+    from mlip_uq.config import load_config
+    from mlip_uq.files import load_checkpoint, write_json
+    from mlip_uq.inference.noise import fit_posterior_noise_on_validation
+    from mlip_uq.inference.starts import DRAWS, between_start_share, member_epoch_seconds, pool_starts
+    from mlip_uq.posterior import Posterior, load_posterior
+    from mlip_uq.train import prepare_data
+
     ensemble_dir = runs / "ensemble"
     run(system_config(ENSEMBLE, system, ensemble_dir / "data.h5"), ensemble_dir)
     recipe = recipe_run(runs, ensemble_dir, system)
@@ -405,6 +419,13 @@ def main() -> None:
     if args.report:
         record = json.loads(path.read_text())
     else:
+        import torch
+        from nequip.utils.global_state import set_global_state
+
+        from mlip_uq import __version__
+        from mlip_uq.compare import plateaus
+        from mlip_uq.files import write_json
+
         set_global_state()
         runs = args.runs or ROOT / "runs" / "bench_starts" / args.system
         results = rows(runs, args.system)
@@ -416,15 +437,20 @@ def main() -> None:
                           "system": system["words"], "ood": system["ood_words"], "fits": fits,
                           "rows": copy.deepcopy(results)})
         write_json(record, path)
-    results = record["rows"]
-    plot(results, ROOT / "docs" / f"{name}.png", record["ood"])
-    body = (f"Measured {record['date']} (mlip_uq {record['version']}, code version "
+    plot(record["rows"], path.with_suffix(".png"), record["ood"])
+    update_section(args.out, HEADING.format(words=record["system"]), report(record, path))
+    print(table(record["rows"]))
+
+
+def report(record: dict, path: Path) -> str:
+    """The section's body (below its heading) from the record alone (its reading generated from the numbers);
+    the plot beside ``path`` is :func:`plot`'s."""
+    results, name = record["rows"], path.stem
+    return (f"Measured {record['date']} (mlip_uq {record['version']}, code version "
             f"{record['code_version']}, torch {record['torch']}, 2 CPU cores shared with other "
             f"work): `{record['command']}`; out of distribution: {record['ood']}. Numbers in "
             f"[{name}.json]({name}.json), plot [{name}.png]({name}.png).\n\n" + table(results) + "\n\n"
             + convergence(record["fits"]) + "\n\n" + reading(results))
-    update_section(args.out, HEADING.format(words=record["system"]), body)
-    print(table(results))
 
 
 if __name__ == "__main__":

@@ -42,19 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from _harness import provenance, stamped, update_section
-from nequip.utils.global_state import set_global_state
+from _harness import provenance, reading, stamped, update_section
 
-from mlip_uq.config import load_config
-from mlip_uq.data import collate
-from mlip_uq.files import write_json
-from mlip_uq.inference.chains import Chain
-from mlip_uq.inference.loss import loss_terms, weighted_loss
-from mlip_uq.inference.sgmcmc import SGMCMCSettings, run_sgmcmc
-from mlip_uq.inference.trainer import MAPSettings, fit_map
-from mlip_uq.model import build_model
-from mlip_uq.train import model_config_from_data, prepare_data
+# torch and the mlip_uq modules that import it are imported where they are used: the report stays light
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Training cost per epoch and per step (scripts/bench_training.py)"
@@ -90,8 +80,12 @@ def collecting(logger: str, prefix: str):
         target.setLevel(level)
 
 
-def ours_epochs(model_config, data, settings: MAPSettings, work: Path, seed: int):
-    """(train seconds, validation seconds, epoch seconds) of each epoch of ``fit_map`` after the first."""
+def ours_epochs(model_config, data, settings, work: Path, seed: int):
+    """(train seconds, validation seconds, epoch seconds) of each epoch of ``fit_map`` after the first
+    (``settings``: the ``MAPSettings``)."""
+    from mlip_uq.inference.trainer import fit_map
+    from mlip_uq.model import build_model
+
     with collecting("mlip_uq.inference.trainer", "epoch ") as records, tempfile.TemporaryDirectory(dir=work) as out:
         # stderr off a terminal: fit_map then logs one line per epoch (the timings) instead of a progress bar
         with contextlib.redirect_stderr(io.StringIO()):
@@ -101,9 +95,15 @@ def ours_epochs(model_config, data, settings: MAPSettings, work: Path, seed: int
     return [(r[-3], r[-2], b - a) for r, a, b in zip(rows[1:], elapsed, elapsed[1:])]
 
 
-def plain_epochs(model_config, data, settings: MAPSettings, seed: int):
+def plain_epochs(model_config, data, settings, seed: int):
     """The same epochs as a plain loop: nequip model, collate per batch, the same loss, torch Adam, plateau
     schedule."""
+    import torch
+
+    from mlip_uq.data import collate
+    from mlip_uq.inference.loss import loss_terms, weighted_loss
+    from mlip_uq.model import build_model
+
     torch.manual_seed(seed)
     model = build_model(model_config).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
@@ -138,6 +138,8 @@ def plain_epochs(model_config, data, settings: MAPSettings, seed: int):
 @contextlib.contextmanager
 def timed_checkpoints():
     """Record ``(end time, seconds)`` of every SG-MCMC chain checkpoint written inside the block."""
+    from mlip_uq.inference.chains import Chain
+
     writes, original = [], Chain.save
 
     def save(chain, path=None):
@@ -156,6 +158,8 @@ def sgmcmc_steps(model_config, data, batch_size: int, n_steps: int, work: Path):
     """Seconds per step of ``run_sgmcmc`` (burn-in then sampling, one chain) between its progress lines, the
     chain checkpoint written with each line left out, as the MAP epochs' training seconds leave out theirs (at
     the default ``checkpoint_every`` of 500 a checkpoint costs a chain a fiftieth of what it does here)."""
+    from mlip_uq.inference.sgmcmc import SGMCMCSettings, run_sgmcmc
+
     every = 10
     settings = SGMCMCSettings(lr=1e-4, batch_size=batch_size, burnin_steps=n_steps // 2, preheat_steps=0,
                               n_samples=1, thinning=n_steps - n_steps // 2, checkpoint_every=every,
@@ -173,6 +177,8 @@ def sgmcmc_steps(model_config, data, batch_size: int, n_steps: int, work: Path):
 
 def profile(run, work: Path, top: int = 15) -> str:
     """The functions with the most own time in ``run(out_dir)``, as cProfile prints them."""
+    import torch
+
     profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory(dir=work) as out, contextlib.redirect_stderr(io.StringIO()):
         profiler.enable()
@@ -222,6 +228,8 @@ def main() -> None:
     if args.report:
         record = json.loads(path.read_text())
     else:
+        from mlip_uq.files import write_json
+
         record = measure(args)
         write_json(record, path)
     body = report(record, path)
@@ -231,6 +239,14 @@ def main() -> None:
 
 def measure(args) -> dict:
     """Time the epochs and steps of every dtype, interleaved (and profile when asked): the record."""
+    import torch
+    from nequip.utils.global_state import set_global_state
+
+    from mlip_uq.config import load_config
+    from mlip_uq.inference.trainer import fit_map
+    from mlip_uq.model import build_model
+    from mlip_uq.train import model_config_from_data, prepare_data
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     set_global_state()
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -290,7 +306,8 @@ def measure(args) -> dict:
 
 
 def report(record, path: Path) -> str:
-    """The section's body (below its heading) from the record alone."""
+    """The section's body (below its heading) from the record alone; the hand-written reading (the record's
+    ``reading``, :func:`_harness.reading`) follows the provenance line."""
     lines = [
         f"{record['date']}, {record['machine']}, torch {record['torch']}, {record['threads']} thread(s); data "
         f"`{record['data']}` ({record['shape']}). Command: `{record['command']}` ({record['minutes']:.1f} min). "
@@ -313,7 +330,7 @@ def report(record, path: Path) -> str:
         )
     if record["float64_per_float32"] is not None:
         lines += ["", f"float64 / float32 per epoch (ours): {record['float64_per_float32']:.2f}x."]
-    lines += ["", provenance(record, path), "", ACCURACY_RUNS]
+    lines += ["", provenance(record, path), "", reading(record, path), "", ACCURACY_RUNS]
     for name, text in record["profiles"].items():
         what = f"{record['epochs']} epochs" if name == "fit_map" else f"{record['sgmcmc_steps']} steps"
         lines += ["", f"Where one short `{name}` run ({record['dtypes'][0]}, {what}) spends its time (cProfile, "

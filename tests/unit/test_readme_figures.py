@@ -170,8 +170,10 @@ def test_onthefly_figures_are_those_of_the_onthefly_study():
 
     source = "study_onthefly_ensemble.json"
     study = _json(source)
-    f = Figures(README, r"With a deep ensemble \((\d+) seed\) both arms stay within its retraining noise \(from (\d+) "
-                        r"to (\d+) and (\d+)\s+meV/Å\)")
+    f = Figures(README, r"With a deep ensemble \((\d+) seeds\) the seed means go from (\d+) to (\d+) meV/Å \(rule\) "
+                        r"and (\d+) \(interval, above\s+its start on both seeds\)")
+    f.require(all(final("interval")[s] > start("interval")[s] for s in start("interval")),
+              "interval above its start on both seeds", source, "final.interval")
     f.check(0, source, "summaries.rule (seeds)", len(study["summaries"]["rule"]))
     f.check(1, source, "summaries.rule[*].history[0].forces_mae (seed mean)", statistics.mean(start("rule").values()))
     f.check(2, source, "final.rule[*].md600_forces_mae (seed mean)", statistics.mean(final("rule").values()))
