@@ -200,8 +200,8 @@ class UQCalculator(Calculator):
         close = torch.nonzero(squared < MIN_DISTANCE**2).view(-1)
         if close.numel():
             pairs = [(int(edges[0, e]), int(edges[1, e]), float(squared[e].sqrt())) for e in close[:10]]
-            raise CollapsedAtomsError(f"atoms closer than {MIN_DISTANCE} Å (the model's forces are not defined there): "
-                             + ", ".join(f"{i} and {j} at {d:.3g} Å" for i, j, d in pairs))
+            raise CollapsedAtomsError(f"atoms closer than {MIN_DISTANCE} Å (the model's forces are not defined "
+                                      "there): " + ", ".join(f"{i} and {j} at {d:.3g} Å" for i, j, d in pairs))
         keep = squared < self.posterior.config.r_max**2
         graph.update({
             AtomicDataDict.POSITIONS_KEY: pos,

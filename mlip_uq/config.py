@@ -307,7 +307,6 @@ def _differing_keys(a, b, prefix: str = "") -> List[str]:
             for key in _differing_keys(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}.{k}" if prefix else str(k))]
 
 
-
 @dataclass(frozen=True)
 class FilterOptions:
     """``data.filter``: outliers dropped before the split (:func:`~mlip_uq.data.filter_frames`).

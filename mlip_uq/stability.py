@@ -10,8 +10,8 @@ placed ``spacing_A`` apart (far beyond any cutoff) in one non-periodic system, s
 moves them all. Langevin's friction and noise act on every atom separately, so the replicas are independent
 trajectories (each from its own Maxwell–Boltzmann velocities). Every ``check_every`` steps each replica is
 checked; an unphysical one is recorded with the step and taken out of the system, so that it cannot disturb
-the others (a calculator that refuses a structure, e.g. for overlapping atoms, ends the chunk where it is: the
-replicas are checked there).
+the others (a chunk whose dynamics collapse two atoms, ``MDResult.collapsed``, ends where it is: the replicas
+are checked there).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class StabilityResult:
         steps: MD steps each run was to make; ``timestep_fs``: its time step (fs).
         n_runs: the runs.
         failed_at: run index -> the MD step of the check that found it unphysical (the end of its chunk).
-        errors: the calculator's messages where it refused the replicas' system (the runs it concerned are in
-            ``failed_at``).
+        errors: why a chunk's dynamics ended early (two atoms collapsed onto each other,
+            ``MDResult.stop_reason``; the runs it concerned are in ``failed_at``).
     """
 
     temperature_K: float

@@ -64,7 +64,8 @@ def update_once(runs: Path, arm: str, seed: int, n_new: int, readapt: int, work:
         updater = Updater("sgmcmc", first.config, settings, options, out / "model")
         path = updater.fit(train + added, val, index=1, resume=False,
                            metadata=dict(energy_references=first.energy_references))
-        pred = predict_graphs(load_posterior(path), loop.test_graphs(), 16)
+        posterior = load_posterior(path)
+        pred = predict_graphs(posterior, loop.test_graphs(), 16)
         try:
             metrics = metrics_and_plots(pred)
         except ValueError as error:  # a draw that predicts NaN or inf on the test set
@@ -73,7 +74,7 @@ def update_once(runs: Path, arm: str, seed: int, n_new: int, readapt: int, work:
         diverged = sorted(int(p.parent.name) for p in (out / "model" / "starts").glob("*/diverged.json"))
         write_json({"arm": arm, "seed": seed, "readapt_steps": readapt, "n_new": n_new,
                     "largest_force_component_eV_per_A": largest, **metrics,
-                    "n_draws": load_posterior(path).n_samples, "diverged_starts": diverged},
+                    "n_draws": posterior.n_samples, "diverged_starts": diverged},
                    out / "result.json")
     result = json.loads((out / "result.json").read_text())
     return {key: result[key] for key in KEYS if key in result}
