@@ -22,10 +22,12 @@ PAGE = DOCS / "benchmarks.md"
 #: (script, its JSON under docs/, the section as (heading, body) from the script's module, the record and the path)
 SECTIONS = [
     ("bench_accuracy", "bench_accuracy.json", lambda m, record, path: (m.HEADING, m.report(record))),
+    ("bench_demo", "bench_demo.json", lambda m, record, path: (m.HEADING, m.report(record, path))),
     ("bench_calculator", "bench_calculator_cpu.json",
      lambda m, record, path: (m.GPU_SECTION_TITLE if record["gpu"] else m.SECTION_TITLE, m.report(record, path))),
     ("bench_lammps", "bench_lammps.json", lambda m, record, path: (m.HEADING, m.report(record, path))),
     ("bench_model", "bench_model.json", lambda m, record, path: (m.SECTION_TITLE, m.report(record, path))),
+    ("bench_neighbors", "bench_neighbors.json", lambda m, record, path: (m.HEADING, m.report(record, path))),
     ("bench_sgmcmc", "bench_sgmcmc_ethanol_noise_learned.json",
      lambda m, record, path: (m.heading("ethanol", "learned"), m.report(record, path))),
     ("bench_starts", "bench_starts_acac.json",
@@ -79,8 +81,15 @@ def test_a_new_measurement_does_not_keep_the_old_reading(scripts, script, name):
     assert (pending in rendered) != (script == "bench_model")
 
 
+def test_tio2_fullset_section_is_its_report(scripts):
+    """docs/tio2_results.md's full-set section is what ``python scripts/tio2_fullset.py --report`` writes."""
+    script, harness = scripts("tio2_fullset"), scripts("_harness")
+    rendered = harness.render_section(script.HEADING, script.report(json.loads(script.OUT.read_text())))
+    assert harness.page_section(script.PAGE.read_text(), script.HEADING) == rendered
+
+
 def test_the_scripts_import_without_torch():
-    names = sorted({s for s, _, _ in SECTIONS})
+    names = sorted({s for s, _, _ in SECTIONS} | {"tio2_fullset"})
     code = (f"import sys; sys.path.insert(0, {str(SCRIPTS)!r})\n"
             + "".join(f"import {n}\n" for n in names)
             + "heavy = [m for m in ('torch', 'nequip', 'ase', 'matplotlib') if m in sys.modules]\n"

@@ -181,6 +181,21 @@ def test_onthefly_figures_are_those_of_the_onthefly_study():
     f.assert_ok()
 
 
+def test_vesin_figure_is_that_of_the_neighbour_list_benchmark():
+    """The README's speed-up of vesin over ASE's neighbour list: scripts/bench_neighbors.py's median ratio at the
+    smallest and the largest cell it names."""
+    source = "bench_neighbors.json"
+    rows = {r["atoms"]: r for r in _json(source)["rows"]}
+    f = Figures(README, r"vesin \(neighbour lists:\s+([\d.]+)x \((\d+) atoms\) to ([\d.]+)x \(([\d,]+) atoms\)"
+                        r"\s+faster than ASE's")
+    for ratio, atoms in ((0, 1), (2, 3)):
+        n = int(f.match.group(atoms + 1).replace(",", ""))
+        f.require(n in rows, f"{n} atoms", source, "rows[].atoms")
+        if n in rows:
+            f.check(ratio, source, f"rows[atoms={n}].ase_per_vesin", rows[n]["ase_per_vesin"])
+    f.assert_ok()
+
+
 def test_tio2_data_figures_are_those_of_the_ranges_script():
     """The README's counts of the TiO2 sets: the subset, the full set and what its filter drops."""
     source = "tio2/ranges.json"
