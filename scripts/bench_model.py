@@ -3,10 +3,10 @@
 Periodic TiO2 cells of 24 to 3,000 atoms (the first frame of the bundled aenet subset, repeated and rattled)
 go through, in the same process and interleaved call by call:
 
-- **ours**: ``atoms_to_graph(atoms, type_names, r_max)`` (vesin neighbour list) followed by
-  ``predict_samples(posterior, graph)`` for a K = 1 posterior made with ``Posterior.from_state_dicts``;
-  the graph step (frame checks, ``from_ase``, type mapping, neighbour list) and the model step are timed
-  separately;
+- **ours**: ``collate([atoms_to_graph(atoms, type_names, r_max)])`` (vesin neighbour list; the batch of one
+  the calculator builds) followed by ``predict_samples(posterior, batch)`` for a K = 1 posterior made with
+  ``Posterior.from_state_dicts``; the graph step (frame checks, ``from_ase``, type mapping, neighbour list,
+  batch) and the model step are timed separately;
 - **nequip (vesin)**: ``nequip.integrations.ase.NequIPCalculator.calculate`` on the ``GraphModel`` that
   ``build_model`` returned, with the same vesin neighbour list; its model step (``call_model``) is timed too,
   the rest of the call is its data step;
@@ -97,6 +97,7 @@ class Runner:
         from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform
         from nequip.integrations.ase import NequIPCalculator
 
+        from mlip_uq.data import collate
         from mlip_uq.data.graph import atoms_to_graph
         from mlip_uq.model import build_model
         from mlip_uq.posterior import Posterior
@@ -106,7 +107,7 @@ class Runner:
         model = build_model(self.config).eval()
         self.posterior = Posterior.from_state_dicts(self.config, [model.state_dict()])
         self.posterior.model()  # built once, outside the timings
-        self._atoms_to_graph = atoms_to_graph
+        self._atoms_to_graph = lambda atoms, type_names, r_max: collate([atoms_to_graph(atoms, type_names, r_max)])
         self._predict_samples = predict_samples
         self._all_changes = all_changes
         self.last_ours = None
