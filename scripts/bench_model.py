@@ -575,7 +575,8 @@ def report(record: Dict, path: Path) -> str:
     return f"""{provenance(record, path)}
 
 Wall time of one energy + forces + stress call for periodic TiO2 cells: mlip_uq's path
-(`atoms_to_graph` with the vesin neighbour list, then `predict_samples` on a K = 1 posterior) side by side
+(`atoms_to_graph` with the vesin neighbour list, `collate` into a batch of one as the calculator does, then
+`predict_samples` on a K = 1 posterior) side by side
 with nequip's own `NequIPCalculator` wrapping the same `GraphModel`, in one process, calls interleaved.
 
 - **Machine**: {info["cpu"]}, {info["nproc"]} cores, torch {info["torch"]} (CPU, {threads} intra-op thread(s)),
@@ -596,8 +597,8 @@ with nequip's own `NequIPCalculator` wrapping the same `GraphModel`, in one proc
   returns it (parameters require gradients), *nequip frozen* on a copy with `requires_grad_(False)` (as
   ours, whose sample tensors are plain tensors, and as a compiled nequip model), *nequip matscipy* on the
   first with nequip's default neighbour-list backend. A *ratio* is the median over rounds of ours / that
-  path, with the interquartile range of the per-round ratios. *ours data* = `atoms_to_graph` (frame checks,
-  `from_ase`, type mapping, vesin neighbour list, dtype cast); *ours model* = `predict_samples`; *nequip
+  path, with the interquartile range of the per-round ratios. *ours data* = `atoms_to_graph` and `collate` (frame
+  checks, `from_ase`, type mapping, vesin neighbour list, dtype cast, batch); *ours model* = `predict_samples`; *nequip
   model* = the calculator's `call_model`, *nequip data* = the rest of its call. *float64 THP*: the same in
   a subprocess with `THP_MEM_ALLOC_ENABLE=1`.
 - **Memory**: peak ΔRSS = peak resident set during one call minus the resident set just before it, in a

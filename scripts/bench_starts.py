@@ -5,7 +5,13 @@ tested on the 300 K MD test frames (in distribution) and on the 650 frames of th
 distribution: the same molecule, larger distortions). ``--system ethanol`` (rMD17 ethanol-50, the data section of
 ``configs/ethanol_map.yaml``): tested on the official test split, out of distribution on the 100 highest-energy
 structures of the training file that were neither trained nor validated on. The architecture and training of
-``configs/acac_300K_ensemble.yaml`` / ``configs/acac_300K_sgmcmc.yaml`` for both. Rows:
+``configs/acac_300K_ensemble.yaml`` / ``configs/acac_300K_sgmcmc.yaml`` for both. ``--system tio2`` (the bundled
+TiO2 subset, random split): the runs of ``configs/tio2_compare.yaml``'s CPU budget (its ensemble; the recipe is its
+``sgmcmc_1chain`` entry with 5 starts of 8 draws, :data:`TIO2_RECIPE`), tested on the subset's test split, out
+of distribution on the full set's test structures outside the subset's range (``scripts/tio2_fullset.py``'s
+groups *outside in force only* and *outside in energy*); the compare study's finished ensemble run can be copied
+to ``<runs>/ensemble`` (it is then not trained again); the variants with short fits and the cyclical chain are
+not run for it (their CPU time). Rows:
 
 - **MAP**: member 0 of the ensemble alone;
 - **deep ensemble (5)**: ``configs/acac_300K_ensemble.yaml``;
@@ -30,7 +36,7 @@ minutes depend on what else ran on the 2 cores (the members' epochs took 0.6-3.3
 Run with one thread: on a busy 2-core machine two OpenMP threads per process made the chain's steps ~20x slower
 (measured).
 
-    OMP_NUM_THREADS=1 python scripts/bench_starts.py [--system acac|ethanol] [--runs DIR] [--out docs/benchmarks.md]
+    OMP_NUM_THREADS=1 python scripts/bench_starts.py [--system acac|ethanol|tio2] [--runs DIR] [--out docs/benchmarks.md]
         [--report]
 
 Finished runs are reused (an interrupted benchmark continues where it stopped). Numbers go with the date and code
@@ -65,17 +71,37 @@ SYSTEMS = {
     # that were neither trained nor validated on
     "ethanol": {"data": ROOT / "configs" / "ethanol_map.yaml", "ood": 100,
                 "words": "rMD17 ethanol-50", "ood_words": "100 highest-energy unused structures vs the test split"},
+    # the TiO2 subset's CPU study (configs/tio2_compare.yaml --budget cpu, random split); out of distribution: the
+    # full set's test structures outside the subset's range (scripts/tio2_fullset.py)
+    "tio2": {"compare": ROOT / "configs" / "tio2_compare.yaml", "ood": "outside the subset's range",
+             "words": "TiO2 subset, random split", "variants": False,
+             "ood_words": "the full set's test structures outside the subset's range vs the subset's test split"},
 }
+#: the TiO2 recipe: the compare study's one-chain SG-MCMC entry, from 5 starts (the ensemble's members) of 8 draws
+TIO2_RECIPE = {"n_starts": 5, "n_processes": 2, "n_samples": 8}
 
 
 def system_config(path: Path, system: str, store: Path):
-    """The configuration (a ``RunConfig``) at ``path`` with the system's data section and the frame store
-    ``store``."""
+    """The configuration (a ``RunConfig``) at ``path`` (:data:`ENSEMBLE` or :data:`RECIPE`) with the system's data
+    section and the frame store ``store``; for a system of a compare study, that study's ensemble run or its
+    one-chain SG-MCMC run as :data:`TIO2_RECIPE` changes it."""
     from mlip_uq.config import load_config
 
-    config = load_config(path)
-    if SYSTEMS[system]["data"] is not None:
-        config = config.with_values({"data": load_config(SYSTEMS[system]["data"]).to_dict()["data"]})
+    spec = SYSTEMS[system]
+    if "compare" in spec:
+        from mlip_uq.compare import load_compare_config, run_config
+
+        study = load_compare_config(spec["compare"], "cpu")
+        if path == ENSEMBLE:
+            config = run_config(study, "full", "random", "ensemble")
+        else:
+            config = run_config(study, "full", "random", "sgmcmc_1chain")
+            config["sgmcmc"].update(TIO2_RECIPE)
+        config = load_config(config)
+    else:
+        config = load_config(path)
+        if spec["data"] is not None:
+            config = config.with_values({"data": load_config(spec["data"]).to_dict()["data"]})
     return config.with_values({"data.store": str(store)})
 SHORT_MIN_LR = 1e-3
 SHORT_LABEL = f", fits to lr {SHORT_MIN_LR:g}"
@@ -199,7 +225,11 @@ def ood_set(system: str, config, data, posterior):
     from mlip_uq.data import atoms_to_graph, read_frames
 
     source = SYSTEMS[system]["ood"]
-    if isinstance(source, int):  # the highest-energy structures of the data file not trained or validated on
+    if "compare" in SYSTEMS[system]:
+        from tio2_fullset import outside_frames
+
+        frames = outside_frames()
+    elif isinstance(source, int):  # the highest-energy structures of the data file not trained or validated on
         frames = read_frames(config.data.path, type_names=posterior.config.type_names)
         used = set(data.indices["train"]) | set(data.indices["val"])
         pool = [i for i in range(len(frames)) if i not in used]
@@ -222,8 +252,9 @@ def rows(runs: Path, system: str) -> list:
     ensemble_dir = runs / "ensemble"
     run(system_config(ENSEMBLE, system, ensemble_dir / "data.h5"), ensemble_dir)
     recipe = recipe_run(runs, ensemble_dir, system)
-    cyclical = cyclical_run(runs, ensemble_dir, system)
-    short = short_fits_run(runs, ensemble_dir, system)
+    variants = SYSTEMS[system].get("variants", True)
+    cyclical = cyclical_run(runs, ensemble_dir, system) if variants else None
+    short = short_fits_run(runs, ensemble_dir, system) if variants else None
     config = load_config(recipe / "config.yaml")
     data = prepare_data(config, recipe)
     ensemble = load_posterior(ensemble_dir / "posterior.h5")
@@ -275,6 +306,8 @@ def rows(runs: Path, system: str) -> list:
         steps = sum(member_steps) + 5 * (local.burnin_steps + local.preheat_steps + d * local.thinning)
         row(f"SG-MCMC, 5 starts, first {d} draw{'s' * (d > 1)} of each", pooled, float("nan"), steps,
             {"n_starts": 5, "label": f", first {d} draws", "draws_per_start": d})
+    if not variants:
+        return out
     start_rows(short, short / "starts" / "members", SHORT_LABEL, (4, 5))
     cyc = load_posterior(cyclical / "posterior.h5")
     cycle_config = load_config(cyclical / "config.yaml")
@@ -430,8 +463,9 @@ def main() -> None:
         runs = args.runs or ROOT / "runs" / "bench_starts" / args.system
         results = rows(runs, args.system)
         # how every MAP fit's validation curve ended (the ensemble's members are also the recipe's starts)
-        fits = {"ensemble members": plateaus(runs / "ensemble"),
-                f"starts{SHORT_LABEL}": plateaus(runs / "sgmcmc_starts_short_fits")}
+        fits = {"ensemble members": plateaus(runs / "ensemble")}
+        if system.get("variants", True):
+            fits[f"starts{SHORT_LABEL}"] = plateaus(runs / "sgmcmc_starts_short_fits")
         record = stamped({"version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "command": f"OMP_NUM_THREADS=1 python scripts/bench_starts.py --system {args.system}",
                           "system": system["words"], "ood": system["ood_words"], "fits": fits,

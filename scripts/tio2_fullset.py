@@ -95,6 +95,25 @@ def _groups(test_frames, config, subset_frames) -> tuple[dict, dict]:
     return groups, counts
 
 
+def _subset_frames():
+    """The bundled subset's structures, as the study reads them."""
+    from mlip_uq.compare import load_compare_config, run_config
+    from mlip_uq.config import load_config
+    from mlip_uq.data import read_frames
+
+    config = load_config(run_config(load_compare_config(COMPARE, "cpu"), REGIME, SPLIT, "map"))
+    return read_frames(config.data.path, keys=config.data.keys)
+
+
+def outside_frames() -> list:
+    """The full set's test structures outside the subset's range (the groups *outside in force only*, then
+    *outside in energy*), as ``ase.Atoms``: the out-of-distribution set of ``scripts/bench_starts.py --system
+    tio2``."""
+    test_frames, config, _ = _test_frames()
+    groups, _ = _groups(test_frames, config, _subset_frames())
+    return [test_frames[i] for name in OUTSIDE for i in groups[name]]
+
+
 def _mean_atom_std(pred, signal: str) -> float:
     return float(np.mean(pred.mean_atom_force_std(signal)))
 
@@ -118,17 +137,14 @@ def measure(runs: Path) -> dict:
     from nequip.utils.global_state import set_global_state
 
     from mlip_uq.compare import load_compare_config, method_of, ood_scores, run_config
-    from mlip_uq.config import load_config
-    from mlip_uq.data import atoms_to_graph, read_frames
+    from mlip_uq.data import atoms_to_graph
     from mlip_uq.evaluate import predict_graphs
     from mlip_uq.posterior import load_posterior
 
     set_global_state()
     test_frames, config, test_indices = _test_frames()
     study = load_compare_config(COMPARE, "cpu")
-    subset_config = load_config(run_config(study, REGIME, SPLIT, "map"))
-    subset_frames = read_frames(subset_config.data.path, keys=subset_config.data.keys)
-    groups, counts = _groups(test_frames, config, subset_frames)
+    groups, counts = _groups(test_frames, config, _subset_frames())
     models, graphs = {}, {}
     for method in METHODS:
         run_dir = runs / REGIME / SPLIT / method

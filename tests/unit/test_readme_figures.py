@@ -1,6 +1,7 @@
 """Every figure the README quotes from a benchmark or a study equals the committed JSON it was measured into
-(``docs/*.json``), and the TiO2 page's data ranges and published rows equal ``docs/tio2/ranges.json``: a rerun
-that changes a number fails here until the text is updated.
+(``docs/*.json``), and the TiO2 page's data ranges and published rows equal ``docs/tio2/ranges.json`` and its
+summary of the full-set evaluation ``docs/tio2/fullset.json``: a rerun that changes a number fails here until the
+text is updated.
 
 A quoted figure matches when the JSON's value, in the text's unit and rounded to the text's decimals, reads the
 same (``34`` for 34.2, ``−1.5`` for −1.52); a failure names the text's line, the JSON file and its key.
@@ -256,3 +257,23 @@ def test_tio2_page_ranges_and_published_rows_are_those_of_the_ranges_script():
             f.check(index, source, f"published.means[{key}].{field}", value)
         failures += f.failures
     assert not failures, "\n".join(failures)
+
+
+def test_tio2_page_fullset_summary_is_that_of_the_fullset_script():
+    """docs/tio2_results.md's summary of the subset-trained models on the full set's test split: the ranges over
+    the models of scripts/tio2_fullset.py's numbers, and the full-set MAP model's figure."""
+    source = "tio2/fullset.json"
+    record = _json(source)
+    inside = [1000 * m["inside"]["energy_mae"] for m in record["models"].values()]
+    together = [1000 * m["all"]["energy_mae"] for m in record["models"].values()]
+    f = Figures(TIO2_PAGE, r"have an energy MAE of ([\d.]+)–([\d.]+) meV/atom inside the subset's range and "
+                           r"(\d+)–(\d+) meV/atom over its (\d+) structures\s+not in the subset[\s\S]*?not converged "
+                           r"has ([\d.]+) meV/atom on that split")
+    f.check(0, source, "min over models of inside.energy_mae", min(inside))
+    f.check(1, source, "max over models of inside.energy_mae", max(inside))
+    f.check(2, source, "min over models of all.energy_mae", min(together))
+    f.check(3, source, "max over models of all.energy_mae", max(together))
+    f.check(4, source, "groups.all", record["groups"]["all"])
+    f.check(5, "map_accuracy.json", "tio2_full.energy_mae_mev_per_atom",
+            _json("map_accuracy.json")["tio2_full"]["energy_mae_mev_per_atom"])
+    f.assert_ok()
