@@ -422,12 +422,13 @@ def plot(results: list, path: Path, ood_words: str) -> None:
     k = [r["n_starts"] for r in chains]
     fig = Figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 3)
-    for ax, (label, get) in zip(axes, [("force NLL, 300 K (raw)", lambda r: r["raw"]["forces_nll"]),
+    for ax, (label, get) in zip(axes, [("force NLL, in distribution (raw)", lambda r: r["raw"]["forces_nll"]),
                                        ("OOD AUROC (epistemic)", lambda r: r["ood_auroc_epistemic"]),
                                        ("OOD force NLL (recalibrated)", lambda r: r["ood_recalibrated"]["forces_nll"])]):
         ax.plot(k, [get(r) for r in chains], "o-", label="SG-MCMC, k starts")
-        ax.plot([r["n_starts"] for r in short], [get(r) for r in short], "x", color="C2", ms=9,
-                label=f"k starts{SHORT_LABEL}")
+        if short:
+            ax.plot([r["n_starts"] for r in short], [get(r) for r in short], "x", color="C2", ms=9,
+                    label=f"k starts{SHORT_LABEL}")
         ax.axhline(get(ens), color="C3", ls="--", label="deep ensemble (5)")
         ax.set_xlabel("starts")
         ax.set_title(label, fontsize=9)

@@ -33,11 +33,13 @@ unphysical structure (two atoms closer than 0.6 Å, or a fragment split off the 
 Reported: learning curves (test force and energy MAE against reference calls, seed mean and range;
 ``docs/active_learning_<system>_<method>.png``), the calls each uncertainty rule needs to reach the test force MAE that random
 selection reaches at its final budget (the call ratio: rule calls / random's calls, from the seed-mean curves and
-per seed), wall-clock per call and the loop's own overhead; written to ``docs/active_learning.md``. Finished runs
-are reused and unfinished ones resumed, so an interrupted study continues where it stopped.
+per seed), wall-clock per call and the loop's own overhead. The numbers go with the date and code version to
+``docs/study_active.json`` (one record per system and method) and the section of ``docs/active_learning.md`` is
+written from that record (``--report``: from the file alone). Finished runs are reused and unfinished ones
+resumed, so an interrupted study continues where it stopped.
 
     OMP_NUM_THREADS=1 python scripts/study_active.py [--system acac|acac_mixed|acac_torsion|ethanol] [--method sgmcmc|ensemble]
-        [--calls 40] [--seeds 0 1 2] [--divergence 10] [--runs runs/study_active]
+        [--calls 40] [--seeds 0 1 2] [--divergence 10] [--runs runs/study_active] [--report]
 """
 
 import argparse
@@ -51,7 +53,7 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
-from _harness import update_section
+from _harness import stamped, update_section
 from nequip.utils.global_state import set_global_state
 
 from mlip_uq.active import ActiveLoop, load_active_config, run_active
@@ -68,6 +70,7 @@ from mlip_uq.uq.signals import atom_signal
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 HEADING = "## Study: reference calls vs test force error, {system}, {method} (scripts/study_active.py)"
+RECORDS = ROOT / "docs" / "study_active.json"  # one record per system/method
 SYSTEMS = {
     "acac": {"config": ROOT / "configs" / "active_acac_xtb.yaml", "pool": DATA / "botnet_acac" / "train_600K.xyz",
              "words": "acetylacetone: 20 initial configurations from 300 K MD, MD exploration at 600 K, test and "
@@ -348,28 +351,66 @@ def spread(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}" if values else "–"
 
 
-def table(results, args, checkpoints, thresholds):
+def table_rows(results, args, checkpoints, thresholds) -> list:
+    """Per arm, the numbers of its table row: per-seed force MAE at each checkpoint, energy MAE at the last,
+    MD steps and seconds per exploration call per seed, mean reference-call seconds and bookkeeping per decision."""
+    rules = {"md_force_std": "force std > " + ", ".join(f"{t:.3f}" for t in thresholds.values()) + " eV/Å",
+             "md_calibrated": f"P(err > {args.tolerance} eV/Å) > 0.5",
+             "md_random": f"random, p = {args.probability}/step", "pool_top_k": f"top {args.batch} of the pool",
+             "pool_random": f"random {args.batch}"}
+    rows = []
+    for name, per_seed in results.items():
+        summaries = list(per_seed.values())
+        rows.append({
+            "run": name, "rule": rules[name], "seeds": len(summaries),
+            "forces_mae": [[value_at(s["history"], c) for s in summaries] for c in checkpoints],
+            "energy_mae": [value_at(s["history"], checkpoints[-1], "energy_mae") for s in summaries],
+            "md_steps": [s["md_steps"] for s in summaries if s["md_steps"]],
+            "seconds_per_call": [s["timings_s"]["total"] / s["history"][-1]["calls_explore"] for s in summaries
+                                 if s["history"][-1]["calls_explore"]],  # an arm whose rule never fired: "–"
+            "reference_call_s": statistics.mean(s["timings_s"]["oracle"] / max(1, s["history"][-1]["calls_initial"]
+                                                                                + s["history"][-1]["calls_explore"])
+                                                for s in summaries),
+            "bookkeeping_ms": statistics.mean(1000 * s["bookkeeping_per_decision_s"] for s in summaries)})
+    return rows
+
+
+def table(record) -> str:
+    checkpoints = record["checkpoints"]
     head = ("| run | rule | seeds | " + " | ".join(f"force MAE @ +{c}" for c in checkpoints)
             + " | energy MAE @ +{0} | MD steps | s per call (total / calls) | reference call (s) | bookkeeping / "
               "decision (ms) |".format(checkpoints[-1]))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    rules = {"md_force_std": "force std > " + ", ".join(f"{t:.3f}" for t in thresholds.values()) + " eV/Å", "md_calibrated": f"P(err > {args.tolerance} eV/Å) > 0.5",
-             "md_random": f"random, p = {args.probability}/step", "pool_top_k": f"top {args.batch} of the pool",
-             "pool_random": f"random {args.batch}"}
-    for name, per_seed in results.items():
-        summaries = list(per_seed.values())
-        maes = " | ".join(spread([value_at(s["history"], c) for s in summaries]) for c in checkpoints)
-        energy = spread([value_at(s["history"], checkpoints[-1], "energy_mae") for s in summaries])
-        steps = [s["md_steps"] for s in summaries if s["md_steps"]]
-        per_call = spread([s["timings_s"]["total"] / s["history"][-1]["calls_explore"] for s in summaries
-                           if s["history"][-1]["calls_explore"]])  # an arm whose rule never fired: "–"
-        oracle = statistics.mean(s["timings_s"]["oracle"] / max(1, s["history"][-1]["calls_initial"]
-                                                                 + s["history"][-1]["calls_explore"]) for s in summaries)
-        book = statistics.mean(1000 * s["bookkeeping_per_decision_s"] for s in summaries)
-        md_steps = f"{statistics.mean(steps):.0f}" if steps else "—"
-        lines.append(f"| {name} | {rules[name]} | {len(summaries)} | {maes} | {energy} | {md_steps} | {per_call} "
-                     f"| {oracle:.3f} | {book:.0f} |")
+    for r in record["rows"]:
+        maes = " | ".join(spread(values) for values in r["forces_mae"])
+        md_steps = f"{statistics.mean(r['md_steps']):.0f}" if r["md_steps"] else "—"
+        lines.append(f"| {r['run']} | {r['rule']} | {r['seeds']} | {maes} | {spread(r['energy_mae'])} | {md_steps} | "
+                     f"{spread(r['seconds_per_call'])} | {r['reference_call_s']:.3f} | {r['bookkeeping_ms']:.0f} |")
     return "\n".join(lines)
+
+
+def report(record: dict, key: str) -> str:
+    """The section's body from the record alone (``docs/study_active.json`` under ``key``)."""
+    body = [record["setup"], "", f"![test MAE vs reference calls]({record['plot']})", "", table(record)]
+    if record["call_ratios"]:
+        body += ["", "**Call ratio** (calls an uncertainty rule needs to reach the test force MAE its random "
+                 "baseline reaches with all its calls, / that number of calls; target <= 0.5):", ""]
+        for name, r in record["call_ratios"].items():
+            seeds = ", ".join(fraction(x) for x in r["per_seed"])
+            body.append(f"- {name} vs {r['baseline']} (target {r['target_mev_per_a']:.1f} meV/Å): "
+                        f"{fraction(r['ratio'])} from the seed-mean curves; per seed {seeds}.")
+    if record["control"] is not None:
+        body += ["", "Control (no new data, seed 0): the first fit, then the same number of SG-MCMC updates on the "
+                 "initial set only: test force MAE " + ", ".join(f"{v:.1f}" for v in record["control"])
+                 + " meV/Å after " + ", ".join(str(c) for c in record["checkpoints"]) + " updates."]
+    for hot in record["divergence"]:
+        rule = (f"with the stop rule (force std > {hot['threshold']:.3f} eV/Å)" if hot["rule"] else
+                "without a stop rule")
+        body += ["", f"High-temperature MD ({hot['temperature_K']:.0f} K, {hot['steps']} steps of 0.5 fs, initial "
+                 f"model), {rule}: {hot['unphysical']} of {hot['runs']} trajectories reached an unphysical structure"
+                 + (f", {hot['stopped']} stopped by the rule" if hot["rule"] else "") + "."]
+    body += ["", f"Code version: {record['code_version']}. Numbers: [{RECORDS.name}]({RECORDS.name}) (`{key}`)."]
+    return "\n".join(body)
 
 
 def main() -> None:
@@ -401,7 +442,15 @@ def main() -> None:
     parser.add_argument("--hot-steps", type=int, default=2000, help="MD steps of each divergence trajectory")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study_active")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "active_learning.md")
+    parser.add_argument("--report", action="store_true",
+                        help="rewrite the sections of the records this script wrote from docs/study_active.json alone")
     args = parser.parse_args()
+    if args.report:
+        for key, record in json.loads(RECORDS.read_text()).items():
+            if "source" not in record:  # transcribed records (``source``) have no section of this script's form
+                system, method = key.split("/")
+                update_section(args.doc, HEADING.format(system=system, method=method), report(record, key))
+        return
     if not 0.0 < args.threshold_quantile < 1.0:
         parser.error(f"--threshold-quantile must be between 0 and 1, got {args.threshold_quantile}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -430,13 +479,13 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     write_json({"ratios": ratios, "divergence": hot}, runs / "study.json")
     only = f" --only {' '.join(args.only)}" if args.only else ""
-    body = [
-        f"Measured {date.today().isoformat()} with `OMP_NUM_THREADS={threads} python scripts/study_active.py "
-        f"--system {args.system} --method {args.method} --calls {args.calls} --seeds {' '.join(map(str, args.seeds))}"
-        f"{f' --divergence {args.divergence}' if args.divergence else ''}"
-        f"{f' --batch {args.batch}' if args.batch != parser.get_default('batch') else ''}"
-        f"{' --retrain' if args.retrain else ''}{only}` on the 2-core "
-        "CPU machine "
+    command = (f"OMP_NUM_THREADS={threads} python scripts/study_active.py --system {args.system} --method "
+               f"{args.method} --calls {args.calls} --seeds {' '.join(map(str, args.seeds))}"
+               f"{f' --divergence {args.divergence}' if args.divergence else ''}"
+               f"{f' --batch {args.batch}' if args.batch != parser.get_default('batch') else ''}"
+               f"{' --retrain' if args.retrain else ''}{only}")
+    setup = (
+        f"Measured {date.today().isoformat()} with `{command}` on the 2-core CPU machine "
         f"({minutes:.0f} min of runs). {SYSTEMS[args.system]['words']}; every label GFN2-xTB. Test set: "
         f"{test_size(args)} structures. "
         + ("SG-MCMC (one chain, 800 burn-in steps, 4 samples; each update 40 re-equilibration steps and 4 new "
@@ -449,36 +498,25 @@ def main() -> None:
               f"each update fine-tunes every member for {args.update_epochs} epochs, starting at a learning rate of "
               f"{args.update_lr or ENSEMBLE_TRAINING['lr'] / 10})"))
         + f"; {args.calls} reference calls during exploration per run. Force "
-        "MAE in meV/Å, energy MAE in meV/atom: seed mean ± standard deviation after +N exploration calls.",
-        "",
-        f"![test MAE vs reference calls]({png.name})",
-        "",
-        table(results, args, checkpoints, thresholds),
-    ]
-    if ratios:
-        body += ["", "**Call ratio** (calls an uncertainty rule needs to reach the test force MAE its random "
-                 "baseline reaches with all its calls, / that number of calls; target <= 0.5):", ""]
-        for name, r in ratios.items():
-            seeds = ", ".join(fraction(x) for x in r["per_seed"])
-            body.append(f"- {name} vs {r['baseline']} (target {r['target_mev_per_a']:.1f} meV/Å): "
-                        f"{fraction(r['ratio'])} from the seed-mean curves; per seed {seeds}.")
-    if no_new_data is not None:
-        body += ["", "Control (no new data, seed 0): the first fit, then the same number of SG-MCMC updates on the "
-                 "initial set only: test force MAE " + ", ".join(f"{value_at(no_new_data['history'], c):.1f}"
-                                                               for c in checkpoints)
-                 + " meV/Å after " + ", ".join(str(c) for c in checkpoints) + " updates."]
-    if hot is not None:
-        for with_rule in (False, True):
-            rows = [r for r in hot["runs"] if r["rule"] == with_rule]
-            bad = sum(r["unphysical_frame"] is not None for r in rows)
-            stopped = sum(r["stopped"] for r in rows)
-            rule = f"with the stop rule (force std > {hot['threshold']:.3f} eV/Å)" if with_rule else "without a stop rule"
-            body += ["", f"High-temperature MD ({hot['temperature_K']:.0f} K, {hot['steps']} steps of 0.5 fs, initial "
-                     f"model), {rule}: "
-                     f"{bad} of {len(rows)} trajectories reached an unphysical structure"
-                     + (f", {stopped} stopped by the rule" if with_rule else "") + "."]
-    update_section(args.doc, HEADING.format(system=args.system, method=args.method), "\n".join(body))
-    print("\n".join(body))
+        "MAE in meV/Å, energy MAE in meV/atom: seed mean ± standard deviation after +N exploration calls.")
+    divergence_rows = [] if hot is None else [
+        {"rule": with_rule, "threshold": hot["threshold"], "temperature_K": hot["temperature_K"],
+         "steps": hot["steps"], "runs": sum(r["rule"] == with_rule for r in hot["runs"]),
+         "unphysical": sum(r["unphysical_frame"] is not None for r in hot["runs"] if r["rule"] == with_rule),
+         "stopped": sum(r["stopped"] for r in hot["runs"] if r["rule"] == with_rule)}
+        for with_rule in (False, True)]
+    record = stamped({
+        "command": command, "minutes": minutes, "setup": setup, "plot": png.name, "checkpoints": checkpoints,
+        "thresholds_eV_per_A": {str(k): v for k, v in thresholds.items()},
+        "rows": table_rows(results, args, checkpoints, thresholds), "call_ratios": ratios,
+        "control": None if no_new_data is None else [value_at(no_new_data["history"], c) for c in checkpoints],
+        "divergence": divergence_rows})
+    key = f"{args.system}/{args.method}"
+    records = json.loads(RECORDS.read_text()) if RECORDS.is_file() else {}
+    records[key] = record
+    write_json(records, RECORDS)
+    update_section(args.doc, HEADING.format(system=args.system, method=args.method), report(record, key))
+    print(report(record, key))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,14 @@ def test_onthefly_figures_are_those_of_the_onthefly_study():
     f.assert_ok()
 
 
+def test_demo_time_is_that_of_the_demo_benchmark():
+    """The README's wall time of ``make demo``: scripts/bench_demo.py's run of it."""
+    source = "bench_demo.json"
+    f = Figures(README, r"`make demo` \(([\d.]+) minutes on 2 CPU cores, docs/benchmarks.md\)")
+    f.check(0, source, "minutes", _json(source)["minutes"])
+    f.assert_ok()
+
+
 def test_vesin_figure_is_that_of_the_neighbour_list_benchmark():
     """The README's speed-up of vesin over ASE's neighbour list: scripts/bench_neighbors.py's median ratio at the
     smallest and the largest cell it names."""
