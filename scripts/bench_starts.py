@@ -73,7 +73,7 @@ SYSTEMS = {
                 "words": "rMD17 ethanol-50", "ood_words": "100 highest-energy unused structures vs the test split"},
     # the TiO2 subset's CPU study (configs/tio2_compare.yaml --budget cpu, random split); out of distribution: the
     # full set's test structures outside the subset's range (scripts/tio2_fullset.py)
-    "tio2": {"compare": ROOT / "configs" / "tio2_compare.yaml", "ood": "outside the subset's range",
+    "tio2": {"compare": ROOT / "configs" / "tio2_compare.yaml", "ood": "tio2_fullset.outside_frames",
              "words": "TiO2 subset, random split", "variants": False,
              "ood_words": "the full set's test structures outside the subset's range vs the subset's test split"},
 }
@@ -225,7 +225,7 @@ def ood_set(system: str, config, data, posterior):
     from mlip_uq.data import atoms_to_graph, read_frames
 
     source = SYSTEMS[system]["ood"]
-    if "compare" in SYSTEMS[system]:
+    if source == "tio2_fullset.outside_frames":  # the full set's test structures outside the subset's range
         from tio2_fullset import outside_frames
 
         frames = outside_frames()

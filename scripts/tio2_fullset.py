@@ -65,19 +65,16 @@ def _test_frames():
 
 
 def _groups(test_frames, config, subset_frames) -> tuple[dict, dict]:
-    """Test-frame indices per group (``inside``, ``outside`` the subset's range; copies of subset structures left
-    out) and the counts that say how the groups were formed."""
-    from tio2_ranges import outside, ranges
+    """Test-frame indices per group (``inside``, ``outside_force``, ``outside_energy`` of the subset's range, and
+    ``all`` three; copies of subset structures left out of every group) and the counts that say how the groups
+    were formed."""
+    from tio2_ranges import energy_and_force, outside, ranges
 
-    from mlip_uq.data import referenced_energy_per_atom
     from mlip_uq.data.fingerprints import NEAR_COPY_A, nearest_distances
 
     refs = config.data.energy_references
-    sub_energy = referenced_energy_per_atom(subset_frames, refs)
-    sub_force = np.array([np.abs(a.get_forces()).max() for a in subset_frames])
-    subset = ranges(sub_energy, sub_force)
-    energy = referenced_energy_per_atom(test_frames, refs)
-    force = np.array([np.abs(a.get_forces()).max() for a in test_frames])
+    subset = ranges(*energy_and_force(subset_frames, refs))
+    energy, force = energy_and_force(test_frames, refs)
     copies = nearest_distances(test_frames, subset_frames) < NEAR_COPY_A
     low, high = subset["energy_per_atom_eV"]
     energy_out = (energy < low) | (energy > high)

@@ -46,9 +46,14 @@ def per_structure(config):
     force components (eV/Å)."""
     data = config.data
     frames = read_frames(data.path, keys=data.keys, min_distance=data.min_distance)
-    energy = referenced_energy_per_atom(frames, data.energy_references)
-    force = np.array([np.abs(atoms.get_forces()).max() for atoms in frames])
-    return frames, energy, force
+    return (frames, *energy_and_force(frames, data.energy_references))
+
+
+def energy_and_force(frames, references) -> tuple:
+    """Per frame: the referenced energy per atom (eV/atom; ``references``: element energies in eV) and the largest
+    absolute force component (eV/Å)."""
+    energy = referenced_energy_per_atom(frames, references)
+    return energy, np.array([np.abs(atoms.get_forces()).max() for atoms in frames])
 
 
 def ranges(energy, force) -> dict:
