@@ -40,13 +40,15 @@ minutes depend on what else ran on the 2 cores (the members' epochs took 0.6-3.3
 Run with one thread: on a busy 2-core machine two OpenMP threads per process made the chain's steps ~20x slower
 (measured).
 
-    OMP_NUM_THREADS=1 python scripts/bench_starts.py [--system acac|ethanol|tio2|tio2_composition] [--runs DIR] [--out docs/benchmarks.md]
-        [--report]
+    OMP_NUM_THREADS=1 python scripts/bench_starts.py [--system acac|ethanol|tio2|tio2_composition] [--runs DIR]
+        [--out docs/benchmarks.md] [--report]
+    python scripts/bench_starts.py --summary
 
 Finished runs are reused (an interrupted benchmark continues where it stopped). Numbers go with the date and code
 version to ``docs/bench_starts_<system>.json``, and from that file the table to a section of
 ``docs/benchmarks.md`` and the plot to ``docs/bench_starts_<system>.png``; ``--report`` rewrites both from the JSON
-alone.
+alone. ``--summary`` sets issue 34's targets on every system side by side in one more section, from the
+systems' JSON files.
 """
 
 import argparse

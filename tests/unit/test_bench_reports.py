@@ -95,6 +95,16 @@ def test_study_active_sections_are_their_reports(scripts):
         assert harness.page_section(page, heading) == harness.render_section(heading, script.report(record, key)), key
 
 
+def test_bench_starts_summary_is_its_report(scripts):
+    """docs/benchmarks.md's section of issue 34's targets on every system is what ``python
+    scripts/bench_starts.py --summary`` writes from the systems' committed records, and it covers every one."""
+    script, harness = scripts("bench_starts"), scripts("_harness")
+    records = script.summary_records()
+    assert set(records) == set(script.SYSTEMS)
+    rendered = harness.render_section(script.SUMMARY_HEADING, script.summary(records))
+    assert harness.page_section(PAGE.read_text(), script.SUMMARY_HEADING) == rendered
+
+
 def test_tio2_fullset_section_is_its_report(scripts):
     """docs/tio2_results.md's full-set section is what ``python scripts/tio2_fullset.py --report`` writes."""
     script, harness = scripts("tio2_fullset"), scripts("_harness")
