@@ -35,6 +35,8 @@ SECTIONS = [
      lambda m, record, path: (m.HEADING.format(words=record["system"]), m.report(record, path))),
     ("bench_starts", "bench_starts_tio2.json",
      lambda m, record, path: (m.HEADING.format(words=record["system"]), m.report(record, path))),
+    ("bench_starts", "bench_starts_tio2_composition.json",
+     lambda m, record, path: (m.HEADING.format(words=record["system"]), m.report(record, path))),
     ("bench_training", "bench_training.json", lambda m, record, path: (m.HEADING, m.report(record, path))),
 ]
 
