@@ -419,9 +419,9 @@ def reading(results: list, tested_inside: bool = True) -> str:
         lines.append(f"- With 5 starts (the ensemble's fits, {five['train_steps'] / ens['train_steps']:.2f}x its "
                      f"steps): raw force NLL {nll(five):.3f} vs {nll(ens):.3f}, {nll(ens) - nll(five):+.3f} nats "
                      f"(target >= 0.02: {verdict(nll(ens) - nll(five) >= 0.02)}); {describe(five)}.")
-        worst = max(r["raw"]["forces_miscal_area"] for r in recipe)
-        lines.append(f"- Raw force miscalibration of every recipe row <= {worst:.3f} (target <= 0.05: "
-                     f"{verdict(worst <= 0.05)}).")
+        worst = max(r["raw"]["forces_miscal_area"] for r in recipe if r["n_starts"] == 5)
+        lines.append(f"- Raw force miscalibration of every 5-start row (the recipe's default) <= {worst:.3f} "
+                     f"(target <= 0.05: {verdict(worst <= 0.05)}).")
     else:
         lines.append(f"- With 5 starts (the ensemble's fits, {five['train_steps'] / ens['train_steps']:.2f}x its "
                      f"steps): {describe(five)}.")
