@@ -10,10 +10,11 @@ TiO2 subset, random split): the runs of ``configs/tio2_compare.yaml``'s CPU budg
 ``sgmcmc_1chain`` entry with 5 starts of 8 draws, :data:`TIO2_RECIPE`), tested on the subset's test split, out
 of distribution on the full set's test structures outside the subset's range (``scripts/tio2_fullset.py``'s
 groups *outside in force only* and *outside in energy*); the compare study's finished ensemble run can be copied
-to ``<runs>/ensemble`` (it is then not trained again). ``--system tio2_composition``: the same study's composition split, trained on
-the stoichiometric cells; its test split, the oxygen-deficient cells, is all out of distribution and is told
-from the validation cells (as ``mlip-uq compare`` scores the split), so its in-distribution columns are on the
-validation set the noise and the recalibration are fitted on (no test; the reading leaves them out). Rows:
+to ``<runs>/ensemble`` (it is then not trained again). ``--system tio2_composition``: the same study's
+composition split, trained on the stoichiometric cells; its test split, the oxygen-deficient cells, is all out of
+distribution and is told from the validation cells (as ``mlip-uq compare`` scores the split), so its
+in-distribution columns are on the validation set the noise and the recalibration are fitted on (no test; the
+reading leaves them out). Rows:
 
 - **MAP**: member 0 of the ensemble alone;
 - **deep ensemble (5)**: ``configs/acac_300K_ensemble.yaml``;
