@@ -98,8 +98,8 @@ TIO2_RECIPE = {"n_starts": 5, "n_processes": 2, "n_samples": 8}
 
 def system_config(path: Path, system: str, store: Path):
     """The configuration (a ``RunConfig``) at ``path`` (:data:`ENSEMBLE` or :data:`RECIPE`) with the system's data
-    section and the frame store ``store``; for a system of a compare study, that study's ensemble run or its
-    one-chain SG-MCMC run as :data:`TIO2_RECIPE` changes it."""
+    section and the frame store ``store``; for a system of a compare study, that study's ensemble run (members two
+    at a time) or its one-chain SG-MCMC run as :data:`TIO2_RECIPE` changes it, on the system's split."""
     from mlip_uq.config import load_config
 
     spec = SYSTEMS[system]
@@ -379,6 +379,22 @@ def convergence(fits: dict) -> str:
             "floor): " + "; ".join(parts) + ".")
 
 
+def target_rows(results: list) -> dict:
+    """The rows issue 34's targets read (the reading's and the summary's one definition): ``ensemble``;
+    ``recipe`` (every row of the recipe); ``ood`` (those of 3 or more starts at no more than the ensemble's steps);
+    ``best_cheap`` (the lowest raw force NLL at <= 0.8x its steps, None where no row is that cheap); ``five``
+    (5 starts on the ensemble's fits); ``worst_five_miscal`` (the largest raw force miscalibration of a 5-start
+    row: the recipe's default)."""
+    ens = next(r for r in results if r["name"].startswith("deep ensemble"))
+    recipe = [r for r in results if r.get("n_starts")]
+    cheap = [r for r in recipe if r["train_steps"] <= 0.8 * ens["train_steps"]]
+    return {"ensemble": ens, "recipe": recipe,
+            "ood": [r for r in recipe if r["train_steps"] <= ens["train_steps"] and r["n_starts"] >= 3],
+            "best_cheap": min(cheap, key=lambda r: r["raw"]["forces_nll"]) if cheap else None,
+            "five": next(r for r in recipe if r["n_starts"] == 5 and not r.get("label")),
+            "worst_five_miscal": max(r["raw"]["forces_miscal_area"] for r in recipe if r["n_starts"] == 5)}
+
+
 def ood_checks(r: dict, ens: dict) -> dict:
     """Issue 34's three out-of-distribution targets for the row ``r`` against the ensemble's row: met or not."""
     return {"AUROC": r["ood_auroc_epistemic"] >= ens["ood_auroc_epistemic"],
@@ -389,11 +405,8 @@ def ood_checks(r: dict, ens: dict) -> dict:
 def reading(results: list, tested_inside: bool = True) -> str:
     """The rows against issue 34's targets, in words (every number from ``results``); the in-distribution ones
     only where the in-distribution frames are a test set (``tested_inside``)."""
-    ens = next(r for r in results if r["name"].startswith("deep ensemble"))
-    recipe = [r for r in results if r.get("n_starts")]
-    within = [r for r in recipe if r["train_steps"] <= ens["train_steps"]]
-    cheap = [r for r in recipe if r["train_steps"] <= 0.8 * ens["train_steps"]]
-    five = next(r for r in recipe if r["n_starts"] == 5 and not r.get("label"))
+    chosen = target_rows(results)
+    ens, recipe, five = chosen["ensemble"], chosen["recipe"], chosen["five"]
 
     def nll(r, key="raw"):
         return r[key]["forces_nll"]
@@ -408,10 +421,10 @@ def reading(results: list, tested_inside: bool = True) -> str:
                 f"{nll(r, 'ood_recalibrated'):.3f} vs {nll(ens, 'ood_recalibrated'):.3f}")
 
     lines = ["**Against the targets (issue 34)**, the 5-member ensemble as the anchor:", ""]
-    for r in [r for r in within if r["n_starts"] >= 3]:
+    for r in chosen["ood"]:
         lines.append(f"- Out of distribution at no more than the ensemble's compute, {describe(r)}: "
                      + ", ".join(f"{name} {verdict(ok)}" for name, ok in ood_checks(r, ens).items()) + ".")
-    best = min(cheap, key=nll) if cheap and tested_inside else None
+    best = chosen["best_cheap"] if tested_inside else None
     if best is not None:
         lines.append(f"- In distribution at <= 0.8x its compute, the best raw force NLL is {best['name']}'s "
                      f"{nll(best):.3f} ({best['train_steps'] / ens['train_steps']:.2f}x) vs {nll(ens):.3f}: "
@@ -420,7 +433,7 @@ def reading(results: list, tested_inside: bool = True) -> str:
         lines.append(f"- With 5 starts (the ensemble's fits, {five['train_steps'] / ens['train_steps']:.2f}x its "
                      f"steps): raw force NLL {nll(five):.3f} vs {nll(ens):.3f}, {nll(ens) - nll(five):+.3f} nats "
                      f"(target >= 0.02: {verdict(nll(ens) - nll(five) >= 0.02)}); {describe(five)}.")
-        worst = max(r["raw"]["forces_miscal_area"] for r in recipe if r["n_starts"] == 5)
+        worst = chosen["worst_five_miscal"]
         lines.append(f"- Raw force miscalibration of every 5-start row (the recipe's default) <= {worst:.3f} "
                      f"(target <= 0.05: {verdict(worst <= 0.05)}).")
     else:
@@ -496,10 +509,9 @@ def summary(records: dict) -> str:
               "on the ensemble's fits (compute): raw force NLL, gain | raw force miscal. of the 5-start rows |",
               "|---" * 5 + "|"]
     for system, record in records.items():
-        rows = record["rows"]
-        ens = next(r for r in rows if r["name"].startswith("deep ensemble"))
-        recipe = [r for r in rows if r.get("n_starts")]
-        for r in [r for r in recipe if r["train_steps"] <= ens["train_steps"] and r["n_starts"] >= 3]:
+        chosen = target_rows(record["rows"])
+        ens = chosen["ensemble"]
+        for r in chosen["ood"]:
             met = [name for name, ok in ood_checks(r, ens).items() if ok]
             ood.append(f"| {system} | {r['name']} | {r['train_steps'] / ens['train_steps']:.2f}x | "
                        f"{fmt(r['ood_auroc_epistemic'])} ({fmt(ens['ood_auroc_epistemic'])}) | "
@@ -508,15 +520,13 @@ def summary(records: dict) -> str:
                        f"{', '.join(met) if met else 'none'}{' (all three)' if len(met) == 3 else ''} |")
         if "in_distribution" in record:  # no in-distribution test set
             continue
-        cheap = [r for r in recipe if r["train_steps"] <= 0.8 * ens["train_steps"]]
-        best = min(cheap, key=lambda r: r["raw"]["forces_nll"])
-        five = next(r for r in recipe if r["n_starts"] == 5 and not r.get("label"))
-        fives = [r for r in recipe if r["n_starts"] == 5]
-        inside.append(f"| {system} | {fmt(ens['raw']['forces_nll'])} | {best['name']} "
-                      f"({best['train_steps'] / ens['train_steps']:.2f}x): {fmt(best['raw']['forces_nll'])} | "
+        best, five = chosen["best_cheap"], chosen["five"]
+        cheapest = "none that cheap" if best is None else \
+            f"{best['name']} ({best['train_steps'] / ens['train_steps']:.2f}x): {fmt(best['raw']['forces_nll'])}"
+        inside.append(f"| {system} | {fmt(ens['raw']['forces_nll'])} | {cheapest} | "
                       f"{five['train_steps'] / ens['train_steps']:.2f}x: {fmt(five['raw']['forces_nll'])}, "
                       f"{ens['raw']['forces_nll'] - five['raw']['forces_nll']:+.3f} nats | "
-                      f"<= {max(r['raw']['forces_miscal_area'] for r in fives):.3f} |")
+                      f"<= {chosen['worst_five_miscal']:.3f} |")
     dates = ", ".join(f"{system} {record['date']} ({record['code_version']})" for system, record in records.items())
     return ("Issue 34's targets, from the records of the sections above (measured: " + dates + "). The anchor is "
             "each system's own 5-member deep ensemble; compute is minibatch gradient steps, fits and chains. The "
